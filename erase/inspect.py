@@ -1,0 +1,71 @@
+"""`erase inspect`: what a checkpoint (or an erase delta / LoRA) holds, as a plain dict."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from erase.checkpoint.families import detect_family
+from erase.checkpoint.formats import open_checkpoint
+from erase.checkpoint.keymap import is_attn2
+from erase.checkpoint.model_config import config_source
+from erase.checkpoint.write import sha256_file
+
+EMA_POLICY = (
+    "the non-EMA weights (model.diffusion_model.*) are loaded, trained and written, as A1111, ComfyUI and "
+    "diffusers use them; the un-erased model_ema.* copy is dropped from erased outputs"
+)
+
+
+def _provenance(metadata: dict[str, str]) -> dict:
+    out = {}
+    for k, v in metadata.items():
+        if k.startswith("erase.") and not k.startswith("erase.model."):
+            try:
+                out[k[len("erase."):]] = json.loads(v)
+            except json.JSONDecodeError:
+                out[k[len("erase."):]] = v
+    return out
+
+
+def describe(path: str | os.PathLike, *, with_hash: bool = False, prediction_type: str | None = None) -> dict:
+    ckpt = open_checkpoint(path)
+    path = Path(path)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    info: dict = {
+        "path": str(path),
+        "format": ckpt.format,
+        "size_bytes": size,
+        "tensor_count": len(ckpt.tensors),
+        "dtypes": ckpt.dtypes(),
+    }
+    kind = ckpt.metadata.get("erase.kind")
+    if kind in ("delta", "lora"):
+        info["kind"] = kind
+        info["parameters"] = sum(t.numel for t in ckpt.tensors.values())
+    else:
+        family = detect_family(ckpt, prediction_type)
+        unet = [n for n in ckpt.tensors if n.startswith(family.unet_prefix)]
+        attn2 = [n for n in unet if is_attn2(n)]
+        info.update(
+            kind="checkpoint",
+            family=family.name,
+            family_label=family.label,
+            prediction_type=family.prediction_type,
+            prediction_source=family.prediction_source,
+            default_resolution=family.default_resolution,
+            config_source=config_source(ckpt),
+            unet_parameters=sum(ckpt.tensors[n].numel for n in unet),
+            attn2_tensors=len(attn2),
+            attn2_parameters=sum(ckpt.tensors[n].numel for n in attn2),
+            ema=family.has_ema,
+        )
+        if family.has_ema:
+            info["ema_policy"] = EMA_POLICY
+    prov = _provenance(ckpt.metadata)
+    if prov:
+        info["provenance"] = prov
+    if with_hash:
+        info["sha256"] = sha256_file(path)
+    return info

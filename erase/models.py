@@ -1,0 +1,259 @@
+"""Build diffusers components from a checkpoint, lazily: only what a command asks for.
+
+    model = open_model("v1-5.safetensors")
+    unet = model.load_unet()                 # reads only model.diffusion_model.* tensors
+    text = model.load_text_encoder()         # tokenizers + encoders; call .encode([...])
+    vae = model.load_vae()                   # never needed for training
+
+Tensor names are converted with diffusers' own LDM -> diffusers converters; configs come from
+`checkpoint.model_config`; tokenizers from the files the project carries (never downloaded).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from erase.checkpoint.families import LDM_UNET, Family, detect_family
+from erase.checkpoint.formats import Checkpoint, open_checkpoint
+from erase.checkpoint.keymap import diffusers_to_ldm
+from erase.checkpoint.model_config import (
+    TEXT_ENCODER_PREFIXES,
+    VAE_PREFIX,
+    family_config_dir,
+    scheduler_config,
+    text_encoder_config,
+    text_encoder_names,
+    unet_config,
+    vae_config,
+)
+from erase.errors import EraseError
+
+VOCAB_SIZE = 49408
+MAX_TOKENS = 77
+
+
+def _quiet_diffusers() -> None:
+    # The converters warn about EMA extraction etc. in ways that do not apply to us.
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass
+class Conditioning:
+    """Prompt embeddings as the UNet takes them."""
+
+    embeds: torch.Tensor  # (B, 77, D) encoder_hidden_states
+    pooled: torch.Tensor | None = None  # (B, P) SDXL pooled text embeddings
+
+    def __getitem__(self, idx) -> "Conditioning":
+        return Conditioning(self.embeds[idx], None if self.pooled is None else self.pooled[idx])
+
+    def to(self, device=None, dtype=None) -> "Conditioning":
+        return Conditioning(self.embeds.to(device, dtype), None if self.pooled is None else self.pooled.to(device, dtype))
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return Conditioning(torch.cat([p.embeds for p in parts]), pooled)
+
+
+def unet_kwargs(cond: Conditioning, resolution: int) -> dict:
+    """Keyword arguments for `unet(sample, t, **kwargs)`: SDXL also needs pooled text and size ids."""
+    kwargs: dict = {"encoder_hidden_states": cond.embeds}
+    if cond.pooled is not None:
+        b = cond.embeds.shape[0]
+        # (original h, w, crop top, left, target h, w): an uncropped square image at `resolution`
+        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=cond.embeds.dtype)
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids.to(cond.embeds.device).repeat(b, 1)}
+    return kwargs
+
+
+@dataclass
+class TextEncoder:
+    """Tokenizer(s) + text encoder(s) of one family; `encode` returns what the UNet takes."""
+
+    family: Family
+    tokenizers: list
+    encoders: list
+    zeros_for_empty: bool = False  # SDXL: the empty prompt is all zeros, as SDXL was trained
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], device: str | torch.device = "cpu") -> Conditioning:
+        hidden, pooled = [], None
+        for tok, enc in zip(self.tokenizers, self.encoders):
+            ids = tok(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+            enc.to(device)
+            out = enc(ids.to(device), output_hidden_states=True)
+            if self.family.name == "sdxl":
+                hidden.append(out.hidden_states[-2])  # SDXL: penultimate layer, no final norm
+                if hasattr(out, "text_embeds"):
+                    pooled = out.text_embeds
+            else:
+                hidden.append(out.last_hidden_state)  # SD2's penultimate layer is built into the config
+        cond = Conditioning(torch.cat(hidden, dim=-1).float(), None if pooled is None else pooled.float())
+        if self.zeros_for_empty:
+            empty = torch.tensor([p == "" for p in prompts], device=cond.embeds.device)
+            cond.embeds[empty] = 0
+            cond.pooled[empty] = 0
+        return cond
+
+
+def load_tokenizer(family: str, component: str = "tokenizer"):
+    """A CLIP tokenizer from the files the project carries, checked (a missing folder loads as 2 tokens)."""
+    from transformers import CLIPTokenizer
+
+    folder = family_config_dir(family) / component
+    tok = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    if len(tok) != VOCAB_SIZE or tok.model_max_length != MAX_TOKENS:
+        raise EraseError(f"tokenizer at {folder} is broken ({len(tok)} tokens, max length {tok.model_max_length}); reinstall erase")
+    return tok
+
+
+def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, *, ignore=()) -> None:
+    result = module.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    unexpected = [k for k in result.unexpected_keys if not any(k.endswith(i) for i in ignore)]
+    if missing or unexpected:
+        raise EraseError(
+            f"{what}: weights do not match the inferred config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "the file may be a variant erase does not know"
+        )
+
+
+def _match_prefix(state: dict[str, torch.Tensor], module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """Add or drop `prefix` so names match the module (transformers 5 dropped CLIP's "text_model.")."""
+    expected = set(module.state_dict())
+    out = {}
+    for k, v in state.items():
+        if k not in expected:
+            k = k.removeprefix(prefix) if k.removeprefix(prefix) in expected else prefix + k if prefix + k in expected else k
+        out[k] = v
+    return out
+
+
+@dataclass
+class Model:
+    """One checkpoint, opened: family, configs, and loaders for each component."""
+
+    ckpt: Checkpoint
+    family: Family
+    _unet_config: dict | None = field(default=None, repr=False)
+
+    @property
+    def path(self) -> Path:
+        return self.ckpt.path
+
+    @property
+    def unet_config(self) -> dict:
+        if self._unet_config is None:
+            self._unet_config = unet_config(self.ckpt, self.family)
+        return self._unet_config
+
+    def unet_file_key(self, diffusers_name: str) -> str:
+        """The name under which a diffusers UNet parameter is stored in this checkpoint."""
+        if self.ckpt.format == "diffusers":
+            return "unet/" + diffusers_name
+        return LDM_UNET + diffusers_to_ldm(diffusers_name, self.unet_config)
+
+    def unet_state_dict(self) -> dict[str, torch.Tensor]:
+        """The UNet's tensors with diffusers names, in the file's dtype."""
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+        _quiet_diffusers()
+        if self.ckpt.format == "diffusers":
+            names = [k for k in self.ckpt.tensors if k.startswith("unet/")]
+            return {k[len("unet/") :]: v for k, v in self.ckpt.get_many(names).items()}
+        raw = self.ckpt.get_many([k for k in self.ckpt.tensors if k.startswith(LDM_UNET)])
+        return convert_ldm_unet_checkpoint(raw, self.unet_config)
+
+    def load_unet(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        from diffusers import UNet2DConditionModel
+
+        _quiet_diffusers()
+        with torch.device("meta"):  # no random init: every weight comes from the file
+            unet = UNet2DConditionModel.from_config(self.unet_config)
+        _assign(unet, self.unet_state_dict(), "UNet")
+        return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    def load_text_encoder(self) -> TextEncoder:
+        from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        _quiet_diffusers()
+        tokenizers, encoders = [], []
+        for i, comp in enumerate(text_encoder_names(self.family)):
+            cfg = CLIPTextConfig(**{k: v for k, v in text_encoder_config(self.ckpt, self.family, comp).items() if k != "architectures"})
+            cls = CLIPTextModelWithProjection if comp == "text_encoder_2" else CLIPTextModel
+            model = cls(cfg)
+            if self.ckpt.format == "diffusers":
+                names = [k for k in self.ckpt.tensors if k.startswith(comp + "/")]
+                state = {k[len(comp) + 1 :]: v for k, v in self.ckpt.get_many(names).items()}
+            else:
+                prefix, layout = TEXT_ENCODER_PREFIXES[(self.family.name, comp)]
+                names = [k for k in self.ckpt.tensors if k.startswith(prefix)]
+                if layout == "hf":
+                    state = convert_ldm_clip_checkpoint(self.ckpt.get_many(names))
+                else:
+                    if self.family.name == "sd2":  # penultimate layer: drop the last block
+                        last = f"{prefix}transformer.resblocks.{cfg.num_hidden_layers}."
+                        names = [k for k in names if not k.startswith(last)]
+                    state = convert_open_clip_checkpoint(model, self.ckpt.get_many(names), prefix=prefix)
+            _assign(model, _match_prefix(state, model, "text_model."), comp, ignore=("text_projection.weight", "logit_scale"))
+            tokenizers.append(load_tokenizer(self.family.name, "tokenizer" if i == 0 else "tokenizer_2"))
+            encoders.append(model.eval().requires_grad_(False))
+        return TextEncoder(self.family, tokenizers, encoders, zeros_for_empty=self.family.name == "sdxl")
+
+    def load_vae(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        from diffusers import AutoencoderKL
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        _quiet_diffusers()
+        cfg = vae_config(self.ckpt, self.family)
+        if cfg is None:
+            raise EraseError(f"{self.path}: the file carries no VAE (first_stage_model.*), which generating images needs")
+        with torch.device("meta"):
+            vae = AutoencoderKL.from_config(cfg)
+        if self.ckpt.format == "diffusers":
+            names = [k for k in self.ckpt.tensors if k.startswith("vae/")]
+            state = {k[4:]: v for k, v in self.ckpt.get_many(names).items()}
+        else:
+            raw = self.ckpt.get_many([k for k in self.ckpt.tensors if k.startswith(VAE_PREFIX)])
+            state = convert_ldm_vae_checkpoint(raw, cfg)
+        _assign(vae, state, "VAE")
+        return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    def scheduler(self, cls_name: str = "DDIMScheduler"):
+        import diffusers
+
+        cfg = {k: v for k, v in scheduler_config(self.ckpt, self.family).items() if not k.startswith("_")}
+        return getattr(diffusers, cls_name).from_config(cfg)
+
+
+def open_model(path: str | os.PathLike, prediction_type: str | None = None) -> Model:
+    ckpt = open_checkpoint(path)
+    return Model(ckpt=ckpt, family=detect_family(ckpt, prediction_type))
+
+
+def write_config_folder(model: Model, folder: str | os.PathLike) -> Path:
+    """Write a diffusers config folder (no weights) matching `model`, for
+    `from_single_file(path, config=folder, local_files_only=True)` in other tools."""
+    import json
+    import shutil
+
+    folder = Path(folder)
+    src = family_config_dir(model.family.name)
+    shutil.copytree(src, folder, dirs_exist_ok=True)  # model_index.json and tokenizers
+    configs = {"unet": model.unet_config, "vae": vae_config(model.ckpt, model.family)}
+    for comp in text_encoder_names(model.family):
+        configs[comp] = text_encoder_config(model.ckpt, model.family, comp)
+    for comp, cfg in configs.items():
+        if cfg is not None:
+            (folder / comp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    sched = scheduler_config(model.ckpt, model.family)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+    return folder

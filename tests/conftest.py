@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny single-file checkpoints of each family, built in code, offline."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from erase.tiny import write_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tiny_dir):
+    return write_tiny_checkpoint(tiny_dir / "sd1.safetensors", "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_fp16_ema(tiny_dir):
+    return write_tiny_checkpoint(tiny_dir / "sd1_fp16_ema.safetensors", "sd1", dtype=torch.float16, with_ema=True,
+                                 metadata={"modelspec.title": "tiny"})
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tiny_dir):
+    return write_tiny_checkpoint(tiny_dir / "sd2.safetensors", "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_dir):
+    return write_tiny_checkpoint(tiny_dir / "sdxl.safetensors", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tiny_sd1, tiny_sd2, tiny_sdxl):
+    return {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl}

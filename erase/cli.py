@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -141,6 +142,109 @@ def inspect(
     for k, v in rows:
         table.add_row(k, str(v))
     console.print(table)
+
+
+def _config_callback(ctx: typer.Context, param, value: Optional[Path]):
+    """Eager --config: its values become the defaults of every other option, so flags still win."""
+    if value is not None:
+        from erase.config import load_toml
+
+        allowed = {p.name for p in ctx.command.params if p.name not in ("config",)}
+        try:
+            ctx.default_map = {**(ctx.default_map or {}), **load_toml(value, allowed)}
+        except EraseError as e:
+            raise typer.BadParameter(str(e).split(": ", 1)[-1]) from None
+    return value
+
+
+class Method(str, Enum):
+    sdd = "sdd"
+
+
+class TrainSet(str, Enum):
+    xattn = "xattn"
+    xattn_kv = "xattn-kv"
+    full = "full"
+
+
+class ConceptMode(str, Enum):
+    iterative = "iterative"
+    composite = "composite"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+ALGO = "Algorithm (SDD)"
+ENGINE = "Engine"
+FILES = "Files"
+
+
+@app.command()
+def run(
+    model: ModelPath,
+    concepts: Annotated[str, typer.Option("--concepts", "-c", help="Concepts to erase, comma-separated: \"nudity, violence\".", show_default=False)] = "",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output path (default: <stem>-erased.safetensors beside the input).", rich_help_panel=FILES)] = None,
+    method: Annotated[Method, typer.Option(help="Erasure method.", rich_help_panel=ALGO)] = Method.sdd,
+    steps: Annotated[int, typer.Option(help="Optimizer steps (reference 1500).", rich_help_panel=ALGO)] = 1500,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate, constant (reference 1e-5).", rich_help_panel=ALGO)] = 1e-5,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay after every step; the EMA weights are written (reference 0.999).", rich_help_panel=ALGO)] = 0.999,
+    guidance: Annotated[float, typer.Option(help="CFG scale of the teacher's sampling trajectory (reference 3.0).", rich_help_panel=ALGO)] = 3.0,
+    sample_steps: Annotated[int, typer.Option(help="DDIM steps of the teacher trajectory, K (reference 50).", rich_help_panel=ALGO)] = 50,
+    concept_mode: Annotated[ConceptMode, typer.Option(help="iterative: one concept per step (reference); composite: all joined.", rich_help_panel=ALGO)] = ConceptMode.iterative,
+    reuse: Annotated[int, typer.Option(help="Training latents harvested per teacher trajectory (1 = reference; more is cheaper).", rich_help_panel=ALGO)] = 1,
+    train: Annotated[TrainSet, typer.Option("--train", help="Trainable set: xattn (all attn2), xattn-kv (attn2 k/v), full.", rich_help_panel=ALGO)] = TrainSet.xattn,
+    seed: Annotated[int, typer.Option(help="Seed for every random draw (reference 42).", rich_help_panel=ALGO)] = 42,
+    resolution: Annotated[Optional[int], typer.Option(help="Image size in pixels (default by family: 512 SD1, 768 SD2-v, 1024 SDXL).", rich_help_panel=ALGO)] = None,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA when available.", rich_help_panel=ENGINE)] = Device.auto,
+    precision: Annotated[Precision, typer.Option(help="auto = bf16 autocast on CUDA, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory in the UNet backward.", rich_help_panel=ENGINE)] = False,
+    xformers: Annotated[bool, typer.Option("--xformers", help="Use xformers attention (CUDA, when installed; SDPA otherwise).", rich_help_panel=ENGINE)] = False,
+    prediction_type: PredictionType = None,
+    delta: Annotated[Optional[Path], typer.Option(help="Also write only the changed tensors (fp32 differences) here, for `erase merge`.", rich_help_panel=FILES)] = None,
+    save_every: Annotated[int, typer.Option(help="Save a resumable state every N steps (0: only on Ctrl-C).", rich_help_panel=FILES)] = 0,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its state folder.", rich_help_panel=FILES)] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with any of these options (flags win).", is_eager=True, callback=_config_callback, rich_help_panel=FILES)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the final report as JSON on stdout.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.", rich_help_panel=FILES)] = False,
+) -> None:
+    """Erase concepts from a checkpoint by fine-tuning its UNet cross-attention with SDD.
+
+    Writes <stem>-erased.safetensors: the input with only the trained tensors replaced, plus
+    <stem>-erased.report.json. Example: erase run model.safetensors --concepts "nudity, violence"
+    """
+    from erase.engine.trainer import TrainConfig
+    from erase.run import RunOptions, erase_concepts, parse_concepts
+
+    opts = RunOptions(
+        model=model, concepts=parse_concepts(concepts), out=out, method=method.value,
+        train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay, seed=seed, save_every=save_every),
+        method_config={"guidance": guidance, "sample_steps": sample_steps, "concept_mode": concept_mode.value, "reuse": reuse},
+        resolution=resolution, train_set=train.value, device=device.value, precision=precision.value,
+        gradient_checkpointing=gradient_checkpointing, xformers=xformers, delta=delta, resume=resume, force=force,
+        prediction_type=prediction_type,
+    )
+    ui = err_console if as_json else console
+    report = erase_concepts(opts, ui)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    console.print(f"[bold green]wrote[/] {report['output']}  ({report['trainable']['tensors']} tensors changed, "
+                  f"final loss {report['final_loss']:.4g}, {report['unet_evals_per_step']:.1f} UNet evals/step, "
+                  f"{report['wall_seconds']:.0f}s)")
+    console.print(f"[bold green]report[/] {report['report']}")
+    if report["delta"]:
+        console.print(f"[bold green]delta[/] {report['delta']}")
 
 
 def entry() -> None:

@@ -136,7 +136,10 @@ def unet_config(ckpt: Checkpoint, family: Family) -> dict:
     if shape(p + "time_embed.0.weight")[0] != 4 * model_channels:
         cfg["time_embedding_dim"] = shape(p + "time_embed.0.weight")[0]
     if family.name == "sdxl":
-        cfg["projection_class_embeddings_input_dim"] = shape(p + "label_emb.0.0.weight")[1]
+        # label_emb input = pooled text (text_projection width) + 6 size/crop ids x the time-id embedding width
+        total = shape(p + "label_emb.0.0.weight")[1]
+        pooled = shape("conditioner.embedders.1.model.text_projection")[1]
+        cfg.update(projection_class_embeddings_input_dim=total, addition_time_embed_dim=(total - pooled) // 6)
     if family.name == "sd2" and family.prediction_type == "epsilon":
         cfg["sample_size"] = 64
     cfg.update(_from_metadata(ckpt, "unet"))

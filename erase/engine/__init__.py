@@ -1,0 +1,1 @@
+"""The compact training engine shared by all erasure methods."""

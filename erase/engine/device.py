@@ -1,0 +1,60 @@
+"""Device and precision choices, shared by `run` and `generate`."""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+
+from erase.errors import UsageError
+
+DEVICES = ("auto", "cuda", "cpu")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise UsageError(f"--device must be one of {', '.join(DEVICES)}, not '{name}'")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available to PyTorch here (use --device cpu)")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None, str]:
+    """(dtype of the frozen weights, autocast dtype or None, label).
+
+    `auto` = bf16 autocast with bf16 frozen weights on CUDA (fp16 where bf16 is unsupported),
+    fp32 on the CPU. Trainable parameters always keep fp32 master weights.
+    """
+    if name not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{name}'")
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32, None, "fp32"
+        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if name == "fp32":
+        return torch.float32, None, "fp32"
+    if name == "fp16" and device.type == "cpu":
+        raise UsageError("--precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
+    dtype = torch.bfloat16 if name == "bf16" else torch.float16
+    return dtype, dtype, f"{name} autocast, fp32 master weights for trainable parameters"
+
+
+def enable_fast_math(device: torch.device) -> None:
+    """TF32 matmuls on Ampere and newer (no effect elsewhere)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated(device))}
+    return {"kind": "process_max_rss", "bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)

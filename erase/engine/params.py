@@ -1,0 +1,36 @@
+"""Which UNet parameters train. The choice is explicit, named, and printed before step 0."""
+
+from __future__ import annotations
+
+import torch
+
+from erase.errors import UsageError
+
+TRAIN_SETS = {
+    "xattn": "every cross-attention parameter (attn2: to_q, to_k, to_v, to_out.0), the SDD reference",
+    "xattn-kv": "cross-attention keys and values only (attn2.to_k, attn2.to_v): the text-facing projections",
+    "full": "every UNet parameter (largest change, most memory)",
+}
+
+
+def _selected(name: str, which: str) -> bool:
+    if which == "full":
+        return True
+    if ".attn2." not in name:
+        return False
+    return which == "xattn" or ".attn2.to_k." in name or ".attn2.to_v." in name
+
+
+def select_trainable(unet: torch.nn.Module, which: str) -> dict[str, torch.nn.Parameter]:
+    """Mark the chosen parameters trainable (all others frozen); return them by diffusers name."""
+    if which not in TRAIN_SETS:
+        raise UsageError(f"--train must be one of {', '.join(TRAIN_SETS)}, not '{which}'")
+    chosen = {}
+    for name, p in unet.named_parameters():
+        keep = _selected(name, which)
+        p.requires_grad_(keep)
+        if keep:
+            chosen[name] = p
+    if not chosen:
+        raise UsageError(f"--train {which} selects no parameters in this UNet")
+    return chosen

@@ -1,0 +1,67 @@
+"""No-grad DDIM trajectories with classifier-free guidance (the SDD teacher's sampler).
+
+Notation (DDIM, Song et al. 2021; CFG, Ho & Salimans 2022):
+  z_T      `z` at the first timestep, pure noise N(0, I)
+  t_i      `timesteps[i]`, i = 0 .. K-1, descending (981, 961, ... for K = 50)
+  eps~     `guided` = eps(z, "") + w * (eps(z, c) - eps(z, ""))   (or v, for v-prediction models)
+  z_{i+1}  `scheduler.step(guided, t_i, z).prev_sample` with eta = 0 (deterministic)
+After i steps the latent sits at timestep t_i, which is where SDD trains on it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from erase.models import Conditioning, unet_kwargs
+
+
+class EvalCounter:
+    """Counts UNet forward-equivalents: one per sample per forward, two per sample per backward."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def forward(self, batch: int) -> None:
+        self.total += batch
+
+    def backward(self, batch: int) -> None:
+        self.total += 2 * batch
+
+
+def predict(unet, z: torch.Tensor, t, cond: Conditioning, resolution: int, counter: EvalCounter | None = None) -> torch.Tensor:
+    """The UNet's raw output (eps or v) for latents `z` (B, C, h, w) at timestep `t`."""
+    if counter is not None:
+        counter.forward(z.shape[0])
+    return unet(z, t, **unet_kwargs(cond, resolution)).sample
+
+
+def guided(unet, z: torch.Tensor, t, uncond: Conditioning, cond: Conditioning, scale: float, resolution: int,
+           counter: EvalCounter | None = None) -> torch.Tensor:
+    """Classifier-free guidance, unconditional and conditional in one batch: (B, C, h, w)."""
+    b = z.shape[0]
+    both = Conditioning.cat([uncond, cond])
+    out = predict(unet, torch.cat([z, z]), t, both, resolution, counter)
+    out_uncond, out_cond = out[:b], out[b:]
+    return out_uncond + scale * (out_cond - out_uncond)
+
+
+@torch.no_grad()
+def ddim_trajectory(unet, scheduler, z: torch.Tensor, uncond: Conditioning, cond: Conditioning, *, scale: float,
+                    num_steps: int, keep: list[int], resolution: int, counter: EvalCounter | None = None) -> dict[int, torch.Tensor]:
+    """Run DDIM (eta 0) from z_T and return {i: z after i steps} for each i in `keep`.
+
+    Stops as soon as the last wanted latent is reached: index k costs k guided steps
+    (0 for z_T itself), never the full trajectory.
+    """
+    scheduler.set_timesteps(num_steps)
+    timesteps = scheduler.timesteps
+    wanted, last = set(keep), max(keep)
+    out: dict[int, torch.Tensor] = {}
+    for i, t in enumerate(timesteps):
+        if i in wanted:
+            out[i] = z.clone()
+        if i == last:
+            break
+        eps = guided(unet, z, t, uncond, cond, scale, resolution, counter)
+        z = scheduler.step(eps.float(), t, z.float()).prev_sample.to(z.dtype)
+    return out

@@ -1,0 +1,181 @@
+"""The training loop shared by every erasure method, in the spirit of nanoGPT's train.py.
+
+One loop, read top to bottom: forward and backward -> NaN guard -> clip and update ->
+EMA -> logging -> checkpoint -> termination. A method supplies `loss(step, teacher)`;
+`teacher()` is a context manager that swaps the EMA weights into the UNet (the SDD
+teacher) so that only one UNet ever sits in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from erase.errors import EraseError
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1500  # optimizer steps (reference 1500)
+    lr: float = 1e-5  # AdamW learning rate, constant (reference)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (reference)
+    adam_eps: float = 1e-8  # AdamW epsilon (reference)
+    weight_decay: float = 1e-4  # AdamW weight decay (reference)
+    grad_clip: float = 1.0  # max global grad norm, applied after unscaling (reference)
+    ema_decay: float = 0.999  # EMA <- decay * EMA + (1 - decay) * student after every step (reference); the EMA is written
+    seed: int = 42  # seeds every random draw of the run (reference 42)
+    log_every: int = 10  # loss-curve sampling interval for the report
+    save_every: int = 0  # save a resumable state every N steps (0: only on Ctrl-C)
+
+
+class Interrupted(EraseError):
+    exit_code = 130
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters, kept in fp32."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float) -> None:
+        self.decay = decay
+        self.shadow = {n: p.detach().clone().float() for n, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.nn.Parameter]) -> None:
+        for n, p in params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)  # s = d*s + (1-d)*p
+
+    @contextlib.contextmanager
+    def swapped_in(self, params: dict[str, torch.nn.Parameter]):
+        """Temporarily give the UNet the EMA weights (zero-copy storage swap)."""
+        for n, p in params.items():
+            p.data, self.shadow[n] = self.shadow[n], p.data
+        try:
+            yield
+        finally:
+            for n, p in params.items():
+                p.data, self.shadow[n] = self.shadow[n], p.data
+
+
+@dataclass
+class Progress:
+    step: int
+    loss: float
+    ema_loss: float
+    elapsed: float
+
+
+def save_state(path: Path, state: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path / STATE_FILE)
+
+
+def load_state(path: Path) -> dict:
+    file = path / STATE_FILE
+    if not file.exists():
+        raise EraseError(f"--resume {path}: no {STATE_FILE} there (it is written on Ctrl-C or with --save-every)")
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, method, params: dict[str, torch.nn.Parameter], *, generator: torch.Generator,
+                 device: torch.device, autocast_dtype: torch.dtype | None, run_config: dict, state_dir: Path) -> None:
+        self.cfg, self.method, self.params = cfg, method, params
+        self.generator, self.device, self.autocast_dtype = generator, device, autocast_dtype
+        self.run_config, self.state_dir = run_config, state_dir
+        self.optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+        self.ema = EMA(params, cfg.ema_decay)
+        self.step = 0
+        self.curve: list[list[float]] = []  # [step, loss, ema_loss] every log_every steps
+        self.ema_loss: float | None = None
+
+    # -- resumable state ------------------------------------------------------------
+    def state(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "step": self.step,
+            "params": {n: p.detach().cpu() for n, p in self.params.items()},
+            "ema": {n: s.cpu() for n, s in self.ema.shadow.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "method": self.method.state_dict(),
+            "curve": self.curve,
+            "ema_loss": self.ema_loss,
+            "train_config": asdict(self.cfg),
+            "run_config": self.run_config,
+        }
+
+    def load(self, state: dict) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(state["params"][n])
+                self.ema.shadow[n].copy_(state["ema"][n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.generator.set_state(state["rng"]["generator"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.method.load_state_dict(state["method"])
+        self.step, self.curve, self.ema_loss = state["step"], state["curve"], state["ema_loss"]
+
+    # -- the loop -------------------------------------------------------------------
+    def train(self, on_step: Callable[[Progress], None] | None = None) -> None:
+        cfg = self.cfg
+        teacher = lambda: self.ema.swapped_in(self.params)  # noqa: E731
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        t0 = time.perf_counter()
+        snapshot = None
+        try:
+            while self.step < cfg.steps:
+                # what an interrupted step must roll back to, so that a resumed run stays bit-exact
+                snapshot = (torch.get_rng_state(), self.generator.get_state(), self.method.state_dict())
+                # forward and backward
+                with autocast:
+                    loss, _ = self.method.loss(self.step, teacher)
+                if not torch.isfinite(loss):
+                    raise EraseError(f"loss became {loss.item()} at step {self.step}: stopping without writing an output "
+                                     "(try a lower --lr, or --precision fp32)")
+                self.scaler.scale(loss).backward()
+                # clip (after unscaling) and update
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.params.values(), cfg.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                # EMA of the trainable subset: this is what gets written
+                self.ema.update(self.params)
+                # logging
+                value = loss.item()
+                self.ema_loss = value if self.ema_loss is None else 0.95 * self.ema_loss + 0.05 * value
+                self.step += 1
+                snapshot = None  # the step is complete: an interrupt from here on saves it as it is
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or self.step == 1:
+                    self.curve.append([self.step, value, self.ema_loss])
+                if on_step:
+                    on_step(Progress(self.step, value, self.ema_loss, time.perf_counter() - t0))
+                # checkpoint
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    save_state(self.state_dir, self.state())
+        except KeyboardInterrupt:
+            self.optimizer.zero_grad(set_to_none=True)
+            if snapshot is not None:
+                torch.set_rng_state(snapshot[0])
+                self.generator.set_state(snapshot[1])
+                self.method.load_state_dict(snapshot[2])
+            save_state(self.state_dir, self.state())
+            raise Interrupted(f"interrupted at step {self.step}/{cfg.steps}; state saved: resume with --resume {self.state_dir}") from None

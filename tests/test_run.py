@@ -1,0 +1,205 @@
+"""`erase run` and the SDD engine on tiny models (CPU, seconds)."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from erase.checkpoint.formats import open_checkpoint
+from erase.cli import app
+from erase.engine.trainer import EMA, TrainConfig
+from erase.errors import EraseError, UsageError
+from erase.methods.sdd import SDD, SDDConfig
+from erase.run import RunOptions, erase_concepts, parse_concepts
+
+FAST = dict(method_config={"sample_steps": 4}, resolution=32, device="cpu")
+
+
+def _run(model, out, concepts=("nudity", "violence"), steps=2, quiet_console=None, **kw):
+    from rich.console import Console
+
+    opts = dict(FAST)
+    opts.update(kw)
+    train = opts.pop("train", TrainConfig(steps=steps))
+    return erase_concepts(RunOptions(model=model, concepts=list(concepts), out=out, train=train, **opts),
+                          quiet_console or Console(quiet=True), progress=False)
+
+
+def _bytes(ckpt, name):
+    info = ckpt.tensors[name]
+    with open(info.file, "rb") as f:
+        f.seek(info.start)
+        return f.read(info.nbytes)
+
+
+def test_write_changes_only_attn2_tensors(tiny_sd1_fp16_ema, tmp_path):
+    before = tiny_sd1_fp16_ema.read_bytes()
+    report = _run(tiny_sd1_fp16_ema, tmp_path / "o.safetensors", steps=3, train=TrainConfig(steps=3, lr=1e-3))
+    assert tiny_sd1_fp16_ema.read_bytes() == before  # input untouched
+    src, out = open_checkpoint(tiny_sd1_fp16_ema), open_checkpoint(tmp_path / "o.safetensors")
+    assert set(out.keys()) == {k for k in src.keys() if not k.startswith("model_ema.")}  # un-erased EMA copy dropped
+    changed = {k for k in out.keys() if _bytes(src, k) != _bytes(out, k)}
+    assert changed and all(".attn2." in k and k.startswith("model.diffusion_model.") for k in changed)
+    assert json.loads(out.metadata["erase.concepts"]) == ["nudity", "violence"]
+    assert out.metadata["erase.input_sha256"] == report["input_sha256"]
+    assert out.metadata["modelspec.title"] == "tiny"
+
+
+def test_report_has_documented_fields(tiny_sd1, tmp_path):
+    report = _run(tiny_sd1, tmp_path / "o.safetensors")
+    saved = json.loads((tmp_path / "o.report.json").read_text())
+    for key in ("config", "versions", "device" if False else "family", "loss_curve", "wall_seconds", "unet_evals_per_step",
+                "peak_memory", "input_sha256", "output_sha256", "trainable"):
+        assert key in saved, key
+    assert saved["config"]["device"] == "cpu" and saved["peak_memory"]["bytes"] > 0
+    assert saved["output_sha256"] == report["output_sha256"]
+    # K = 4: teacher k ~ U{0..3} guided steps (2 evals each) + student cond, uncond, backward (4)
+    assert 4 <= saved["unet_evals_per_step"] <= 4 + 2 * 3
+
+
+def test_ema_update_matches_formula():
+    p = {"w": torch.nn.Parameter(torch.tensor([1.0, 2.0]))}
+    ema = EMA(p, 0.9)
+    with torch.no_grad():
+        p["w"].copy_(torch.tensor([3.0, 4.0]))
+    ema.update(p)
+    assert torch.allclose(ema.shadow["w"], 0.9 * torch.tensor([1.0, 2.0]) + 0.1 * torch.tensor([3.0, 4.0]))
+    with ema.swapped_in(p):
+        assert torch.allclose(p["w"].data, torch.tensor([1.2, 2.2]))
+    assert torch.equal(p["w"].data, torch.tensor([3.0, 4.0]))
+
+
+def test_iterative_mode_cycles_student_prompt():
+    sdd = SDD.__new__(SDD)
+    sdd.cfg, sdd.concepts, sdd.target_prompt = SDDConfig(), ["a", "b", "c"], "a, b, c"
+    assert [sdd.student_prompt(s) for s in range(5)] == ["a", "b", "c", "a", "b"]
+    sdd.cfg = SDDConfig(concept_mode="composite")
+    assert sdd.student_prompt(1) == "a, b, c"
+
+
+def test_concepts_are_validated():
+    assert parse_concepts(" nudity , violence ") == ["nudity", "violence"]
+    for bad in ["", "  ", "a,,b", "a, "]:
+        with pytest.raises(UsageError):
+            parse_concepts(bad)
+
+
+def test_loss_on_a_fixed_batch_decreases(tiny_sd1):
+    from erase.engine.sampling import EvalCounter
+    from erase.engine.trainer import Trainer
+    from erase.models import open_model
+
+    model = open_model(tiny_sd1)
+    unet = model.load_unet()
+    from erase.engine.params import select_trainable
+
+    params = select_trainable(unet, "xattn")
+    gen = torch.Generator().manual_seed(0)
+    sdd = SDD(SDDConfig(sample_steps=4), ["cat"], unet=unet, scheduler=model.scheduler(), latent_shape=(1, 4, 8, 8),
+              resolution=16, generator=gen, device=torch.device("cpu"), counter=EvalCounter())
+    text = model.load_text_encoder()
+    sdd.embeddings = {p: text.encode([p]) for p in sdd.prompts()}
+    z = torch.randn(1, 4, 8, 8, generator=gen)
+    sdd._harvest = lambda teacher: setattr(sdd, "pending", [(z.clone(), 1)])  # always the same latent
+    first = sdd.loss(0, None)[0].item()
+    sdd.pending = []
+    trainer = Trainer(TrainConfig(steps=30, lr=1e-3), sdd, params, generator=gen, device=torch.device("cpu"),
+                      autocast_dtype=None, run_config={}, state_dir=None)
+    trainer.train()
+    last = sdd.loss(0, None)[0].item()
+    assert last < 0.5 * first
+
+
+def test_resume_is_bit_exact(tiny_sd1, tmp_path, monkeypatch):
+    cfg = dict(method_config={"sample_steps": 4, "reuse": 2})
+    full = _run(tiny_sd1, tmp_path / "full.safetensors", train=TrainConfig(steps=6, lr=1e-3), **cfg)
+
+    # interrupt after step 3 (Ctrl-C), then resume to step 6
+    import erase.engine.trainer as trainer_mod
+
+    real_train = trainer_mod.Trainer.train
+
+    def interrupted(self, on_step=None):
+        def hook(p):
+            if p.step == 3:
+                raise KeyboardInterrupt
+        return real_train(self, hook)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train", interrupted)
+    with pytest.raises(EraseError, match="resume"):
+        _run(tiny_sd1, tmp_path / "part.safetensors", train=TrainConfig(steps=6, lr=1e-3), **cfg)
+    assert not (tmp_path / "part.safetensors").exists()
+    monkeypatch.setattr(trainer_mod.Trainer, "train", real_train)
+    resumed = _run(tiny_sd1, tmp_path / "part.safetensors", train=TrainConfig(steps=6), resume=tmp_path / "part.resume")
+    assert resumed["resumed_from_step"] == 3
+    a, b = open_checkpoint(tmp_path / "full.safetensors"), open_checkpoint(tmp_path / "part.safetensors")
+    for k in a.keys():
+        assert torch.equal(a.get(k), b.get(k)), k
+
+
+def test_nan_loss_stops_without_output(tiny_sd1, tmp_path, monkeypatch):
+    real = SDD.loss
+    monkeypatch.setattr(SDD, "loss", lambda self, step, teacher: (real(self, step, teacher)[0] * float("nan"), {}))
+    with pytest.raises(EraseError, match="nan"):
+        _run(tiny_sd1, tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_other_families_run_two_steps(tiny_files, family, tmp_path):
+    report = _run(tiny_files[family], tmp_path / "o.safetensors", concepts=["cat"])
+    assert report["steps"] == 2 and report["family"] == family
+    out, src = open_checkpoint(tmp_path / "o.safetensors"), open_checkpoint(tiny_files[family])
+    changed = [k for k in src.keys() if _bytes(src, k) != _bytes(out, k)]
+    assert changed and all(".attn2." in k for k in changed)
+
+
+def test_delta_holds_only_changed_tensors(tiny_sd1, tmp_path):
+    _run(tiny_sd1, tmp_path / "o.safetensors", delta=tmp_path / "d.safetensors", train=TrainConfig(steps=2, lr=1e-3))
+    delta, src, out = open_checkpoint(tmp_path / "d.safetensors"), open_checkpoint(tiny_sd1), open_checkpoint(tmp_path / "o.safetensors")
+    assert delta.metadata["erase.kind"] == "delta"
+    assert all(".attn2." in k for k in delta.keys())
+    k = next(iter(delta.keys()))
+    assert torch.allclose(src.get(k) + delta.get(k), out.get(k), atol=1e-6)
+
+
+runner = CliRunner()
+
+
+def test_cli_run_end_to_end_with_config_file(tiny_sd1, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('concepts = ["nudity", "violence"]\nsteps = 2\nsample-steps = 3\nresolution = 32\ndevice = "cpu"\n')
+    out = tmp_path / "o.safetensors"
+    r = runner.invoke(app, ["run", str(tiny_sd1), "--config", str(cfg), "--steps", "1", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["steps"] == 1  # the flag wins over the file
+    assert report["config"]["method_config"]["sample_steps"] == 3
+    assert (tmp_path / "o.report.json").exists()
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--concepts", " , "], 2, "non-empty"),
+    (["--concepts", "x", "--steps", "0"], 2, "--steps"),
+    (["--concepts", "x", "--resolution", "30"], 2, "multiple of 8"),
+])
+def test_cli_run_usage_errors(tiny_sd1, args, code, message):
+    r = runner.invoke(app, ["run", str(tiny_sd1), *args])
+    assert r.exit_code == code and message in r.output
+
+
+def test_cli_run_refuses_to_overwrite(tiny_sd1, tmp_path):
+    r = runner.invoke(app, ["run", str(tiny_sd1), "--concepts", "x", "--out", str(tiny_sd1)])
+    assert r.exit_code == 2 and "input" in r.output
+    existing = tmp_path / "e.safetensors"
+    existing.write_bytes(b"keep")
+    r = runner.invoke(app, ["run", str(tiny_sd1), "--concepts", "x", "--out", str(existing)])
+    assert r.exit_code == 2 and "--force" in r.output and existing.read_bytes() == b"keep"
+
+
+def test_cli_unknown_config_key_is_an_error(tiny_sd1, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("stepz = 3\n")
+    r = runner.invoke(app, ["run", str(tiny_sd1), "--config", str(cfg)])
+    assert r.exit_code == 2 and "stepz" in r.output

@@ -247,6 +247,87 @@ def run(
         console.print(f"[bold green]delta[/] {report['delta']}")
 
 
+class Scheduler(str, Enum):
+    ddim = "ddim"
+    dpm = "dpm"
+    euler = "euler"
+    euler_a = "euler-a"
+    pndm = "pndm"
+    unipc = "unipc"
+
+
+class Safety(str, Enum):
+    weak = "sld-weak"
+    medium = "sld-medium"
+    strong = "sld-strong"
+    max = "sld-max"
+
+
+SAMPLING = "Sampling"
+PROMPTS = "Prompts"
+
+
+def _gen_settings(steps, guidance, size, scheduler, negative, batch, device, precision, safety=None, safety_concept=None):
+    from erase.generate import SLD_CONCEPT, GenSettings
+
+    return GenSettings(steps=steps, guidance=guidance, size=size, scheduler=scheduler.value, negative=negative, batch=batch,
+                       device=device.value, precision=precision.value, safety=safety.value if safety else None,
+                       safety_concept=safety_concept or SLD_CONCEPT)
+
+
+def _prompt_specs(prompt: list[str] | None, prompts: Optional[str], category: Optional[str] = None, limit: Optional[int] = None):
+    from erase.errors import UsageError
+    from erase.prompts import PromptSpec, load_prompts
+
+    if prompt and prompts:
+        raise UsageError("give --prompt or --prompts, not both")
+    if prompts:
+        return load_prompts(prompts, category=category, limit=limit)
+    if not prompt or any(not p.strip() for p in prompt):
+        raise UsageError("give at least one non-empty --prompt, or --prompts FILE")
+    return [PromptSpec(p.strip()) for p in prompt][:limit]
+
+
+@app.command()
+def generate(
+    model: ModelPath,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).", rich_help_panel=PROMPTS)] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompt file: text (one per line), CSV with a prompt column, or builtin:NAME.", rich_help_panel=PROMPTS)] = None,
+    negative: Annotated[str, typer.Option(help="Negative prompt.", rich_help_panel=PROMPTS)] = "",
+    n: Annotated[int, typer.Option("--n", help="Images per prompt (seeds seed, seed+1, ...).", rich_help_panel=SAMPLING)] = 1,
+    seed: Annotated[int, typer.Option(help="First seed (a CSV's evaluation_seed/sd_seed column wins).", rich_help_panel=SAMPLING)] = 0,
+    steps: Annotated[int, typer.Option(help="Denoising steps.", rich_help_panel=SAMPLING)] = 25,
+    guidance: Annotated[float, typer.Option(help="CFG scale (a CSV's guidance column wins).", rich_help_panel=SAMPLING)] = 7.5,
+    size: Annotated[Optional[int], typer.Option(help="Image size in pixels, multiple of 8 (default by family).", rich_help_panel=SAMPLING)] = None,
+    scheduler: Annotated[Scheduler, typer.Option(help="Sampler.", rich_help_panel=SAMPLING)] = Scheduler.ddim,
+    batch: Annotated[int, typer.Option(help="Images per UNet batch.", rich_help_panel=SAMPLING)] = 4,
+    safety: Annotated[Optional[Safety], typer.Option(help="SLD safety guidance preset (inference-time, no training).", rich_help_panel=SAMPLING)] = None,
+    safety_concept: Annotated[Optional[str], typer.Option(help="Concept SLD steers away from (default: the SLD paper's list).", rich_help_panel=SAMPLING)] = None,
+    compare: Annotated[Optional[list[Path]], typer.Option("--compare", help="Another checkpoint, same prompts and seeds; writes grids (repeatable).")] = None,
+    delta: Annotated[Optional[Path], typer.Option(help="Apply an erase delta file to MODEL in memory (MODEL is then the base).")] = None,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA when available.", rich_help_panel=ENGINE)] = Device.auto,
+    precision: Annotated[Precision, typer.Option(help="auto = bf16 on CUDA, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
+    prediction_type: PredictionType = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("erase-images"),
+) -> None:
+    """Generate reproducible images (PNG with A1111-style parameters), optionally side by side with other models."""
+    from rich.progress import Progress
+
+    from erase.generate import jobs_for, run_generate
+
+    specs = _prompt_specs(prompt, prompts)
+    settings = _gen_settings(steps, guidance, size, scheduler, negative, batch, device, precision, safety, safety_concept)
+    settings.validate()
+    models = [model, *(compare or [])]
+    total = len(jobs_for(specs, settings, n=n, seed=seed)) * len(models)
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("generating", total=total)
+        summary = run_generate(models, specs, settings, out=out, n=n, seed=seed, delta=delta,
+                               prediction_type=prediction_type, progress=lambda: bar.advance(task))
+    console.print(f"[bold green]wrote[/] {summary['images']} images to {summary['out']}"
+                  + (f" and {len(summary['grids'])} grids (index.html)" if summary["grids"] else ""))
+
+
 def entry() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,341 @@
+"""Images for spot checks and evaluation: seeded, reproducible, with optional SLD safety guidance.
+
+Our own denoising loop over diffusers' schedulers (rather than a diffusers pipeline) because
+SLD needs a third guidance branch inside the loop, and because `run`, `generate` and
+`evaluate` then share one code path for SD1, SD2 and SDXL.
+
+SLD (Safe Latent Diffusion, Schramowski et al., CVPR 2023, arXiv 2211.05105), notation:
+  e_u, e_p, e_S   unconditional, prompt and safety-concept predictions (one batched UNet call)
+  s_S             `sld.scale`      guidance scale of the safety term
+  lambda          `sld.threshold`  where the prompt already differs from the concept enough
+  s_m, beta_m     `sld.momentum`, `sld.beta`
+  delta_S = min(1, s_S |e_p - e_S|) where e_p - e_S < lambda, else 0        (eq. 6)
+  g_S     = delta_S * (e_S - e_u) + s_m * nu;  nu <- beta_m nu + (1 - beta_m) g_S   (eqs. 4, 7, 8)
+  e~      = e_u + s_g * ((e_p - e_u) - g_S)   once step >= warm-up, else plain CFG  (eq. 3)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from erase.engine.device import resolve_device, resolve_precision
+from erase.errors import EraseError, UsageError
+from erase.models import Conditioning, Model, unet_kwargs
+from erase.run import latent_factor
+
+SCHEDULERS = {  # name -> (diffusers class, extra config, A1111 sampler name)
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "dpm": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PLMS"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+}
+SLD_CONCEPT = ("hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, bodily fluids, blood, "
+               "obscene gestures, illegal activity, drug use, theft, vandalism, weapons, child abuse, brutality, cruelty")
+
+
+@dataclass(frozen=True)
+class SLDConfig:
+    warmup: int  # steps of plain CFG before the safety term applies
+    scale: float  # s_S
+    threshold: float  # lambda
+    momentum: float  # s_m
+    beta: float  # beta_m
+
+
+SLD_PRESETS = {  # the paper's hyper-parameter sets (diffusers' WEAK scale is wrong: 200 here, as in the paper)
+    "sld-weak": SLDConfig(15, 200.0, 0.0, 0.0, 0.0),
+    "sld-medium": SLDConfig(10, 1000.0, 0.01, 0.3, 0.4),
+    "sld-strong": SLDConfig(7, 2000.0, 0.025, 0.5, 0.7),
+    "sld-max": SLDConfig(0, 5000.0, 1.0, 0.5, 0.7),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image: everything that decides its pixels."""
+
+    prompt: str
+    seed: int
+    guidance: float
+    negative: str = ""
+
+
+@dataclass
+class GenSettings:
+    steps: int = 25
+    guidance: float = 7.5
+    size: int | None = None  # None: the family default
+    scheduler: str = "ddim"
+    negative: str = ""
+    batch: int = 4
+    device: str = "auto"
+    precision: str = "auto"
+    safety: str | None = None  # an SLD preset name
+    safety_concept: str = SLD_CONCEPT
+    sld: SLDConfig | None = field(default=None, repr=False)  # explicit SLD settings (tests); overrides `safety`
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise UsageError("--steps must be >= 1")
+        if self.batch < 1:
+            raise UsageError("--batch must be >= 1")
+        if self.size is not None and (self.size < 8 or self.size % 8):
+            raise UsageError(f"--size must be a positive multiple of 8, not {self.size}")
+        if self.scheduler not in SCHEDULERS:
+            raise UsageError(f"--scheduler must be one of {', '.join(SCHEDULERS)}")
+        if self.safety is not None and self.safety not in SLD_PRESETS:
+            raise UsageError(f"--safety must be one of {', '.join(SLD_PRESETS)}")
+        if (self.safety or self.sld) and not self.safety_concept.strip():
+            raise UsageError("--safety-concept must not be empty")
+
+    @property
+    def sld_config(self) -> SLDConfig | None:
+        return self.sld or (SLD_PRESETS[self.safety] if self.safety else None)
+
+
+def sld_guidance(e_u, e_p, e_s, scale_g: torch.Tensor, step: int, sld: SLDConfig | None, state: dict) -> torch.Tensor:
+    """Combine predictions into the guided one (plain CFG when `sld` is None)."""
+    guidance = e_p - e_u
+    if sld is not None:
+        diff = e_p - e_s
+        delta = torch.where(diff >= sld.threshold, torch.zeros_like(diff), torch.clamp(diff.abs() * sld.scale, max=1.0))  # eq. 6
+        g_s = delta * (e_s - e_u)  # eq. 4
+        nu = state.get("momentum", torch.zeros_like(g_s))
+        g_s = g_s + sld.momentum * nu  # eq. 7
+        state["momentum"] = sld.beta * nu + (1 - sld.beta) * g_s  # eq. 8
+        if step >= sld.warmup:
+            guidance = guidance - g_s  # eq. 3
+    return e_u + scale_g * guidance
+
+
+class ImageGenerator:
+    """A model loaded for generation (UNet, VAE, text encoder on one device)."""
+
+    def __init__(self, model: Model, settings: GenSettings, *, delta: Path | None = None) -> None:
+        settings.validate()
+        self.model, self.settings = model, settings
+        self.device = resolve_device(settings.device)
+        dtype, _, _ = resolve_precision(settings.precision, self.device)
+        self.dtype = dtype
+        self.unet = model.load_unet(dtype=dtype, device=self.device)
+        if delta is not None:
+            apply_delta(self.unet, model, delta)
+        self.vae = model.load_vae(dtype=torch.float32, device=self.device)  # fp32 decode: SDXL's VAE overflows in fp16
+        self.text = model.load_text_encoder()
+        self.factor = latent_factor(model)
+        self.size = settings.size or model.family.default_resolution
+        if self.size % self.factor:
+            raise UsageError(f"--size must be a multiple of {self.factor} for this model")
+        self.scaling = self.vae.config.scaling_factor
+        cls_name, extra, self.sampler_name = SCHEDULERS[settings.scheduler]
+        import diffusers
+
+        base = model.scheduler("DDIMScheduler").config
+        self.scheduler = getattr(diffusers, cls_name).from_config({**base, **extra})
+        self._cache: dict[str, Conditioning] = {}
+
+    def _encode(self, prompts: list[str]) -> Conditioning:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            cond = self.text.encode(missing)
+            for i, p in enumerate(missing):
+                self._cache[p] = cond[i : i + 1]
+        return Conditioning.cat([self._cache[p] for p in prompts]).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def latents(self, jobs: list[Job]) -> torch.Tensor:
+        """Denoise one batch of jobs; returns final latents (B, C, h, w)."""
+        s, sched, sld = self.settings, self.scheduler, self.settings.sld_config
+        h = self.size // self.factor
+        shape = (self.unet.config.in_channels, h, h)
+        # each image's noise comes from its own seed, so batching never changes an image
+        x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(j.seed)) for j in jobs])
+        sched.set_timesteps(s.steps)
+        x = (x * sched.init_noise_sigma).to(self.device, self.dtype)
+        b = len(jobs)
+        conds = [self._encode([j.negative for j in jobs]), self._encode([j.prompt for j in jobs])]
+        if sld is not None:
+            conds.append(self._encode([s.safety_concept] * b))
+        cond = Conditioning.cat(conds)
+        scale_g = torch.tensor([j.guidance for j in jobs], device=self.device, dtype=torch.float32).view(b, 1, 1, 1)
+        state: dict = {}
+        gen = torch.Generator().manual_seed(jobs[0].seed)  # only ancestral samplers draw from it
+        for i, t in enumerate(sched.timesteps):
+            x_in = sched.scale_model_input(x, t)
+            out = self.unet(torch.cat([x_in] * len(conds)), t, **unet_kwargs(cond, self.size)).sample.float()
+            parts = out.chunk(len(conds))
+            e_s = parts[2] if sld is not None else None
+            pred = sld_guidance(parts[0], parts[1], e_s, scale_g, i, sld, state)
+            extra = {"generator": gen} if "generator" in sched.step.__code__.co_varnames else {}
+            x = sched.step(pred, t, x.float(), **extra).prev_sample.to(self.dtype)
+        return x
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        img = self.vae.decode(latents.float() / self.scaling).sample
+        arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in arr]
+
+    def generate(self, jobs: list[Job], on_image=None) -> list[Image.Image]:
+        images = []
+        for i in range(0, len(jobs), self.settings.batch):
+            chunk = jobs[i : i + self.settings.batch]
+            for job, im in zip(chunk, self.decode(self.latents(chunk))):
+                images.append(im)
+                if on_image:
+                    on_image(job, im)
+        return images
+
+    def parameters_text(self, job: Job, model_hash: str) -> str:
+        """A1111-style 'parameters' text, which A1111, ComfyUI and image browsers read."""
+        s = self.settings
+        lines = [job.prompt]
+        if job.negative:
+            lines.append(f"Negative prompt: {job.negative}")
+        fields = [f"Steps: {s.steps}", f"Sampler: {self.sampler_name}", f"CFG scale: {job.guidance:g}", f"Seed: {job.seed}",
+                  f"Size: {self.size}x{self.size}", f"Model hash: {model_hash[:10]}", f"Model: {self.model.path.stem}"]
+        if s.sld_config is not None:
+            fields.append(f"Safety: {s.safety or 'sld-custom'} ({s.safety_concept[:60]})")
+        lines.append(", ".join(fields))
+        return "\n".join(lines)
+
+
+def apply_delta(unet, model: Model, delta_path: Path) -> None:
+    """Add an `erase run --delta` file to the UNet in memory (no file written)."""
+    from erase.checkpoint.formats import open_checkpoint
+
+    delta = open_checkpoint(delta_path)
+    if delta.metadata.get("erase.kind") != "delta":
+        raise EraseError(f"{delta_path}: not an erase delta file (no erase.kind=delta metadata)")
+    if delta.metadata.get("erase.family") not in (None, model.family.name):
+        raise EraseError(f"{delta_path}: a {delta.metadata['erase.family']} delta cannot apply to a {model.family.name} model")
+    by_file_key = {model.unet_file_key(n): p for n, p in unet.named_parameters()}
+    with torch.no_grad():
+        for key in delta.keys():
+            if key not in by_file_key:
+                raise EraseError(f"{delta_path}: tensor {key} has no counterpart in {model.path.name}")
+            p = by_file_key[key]
+            d = delta.get(key)
+            if tuple(d.shape) != tuple(p.shape):
+                raise EraseError(f"{delta_path}: {key} has shape {list(d.shape)}, the model {list(p.shape)}")
+            p.copy_((p.float() + d.float().to(p.device)).to(p.dtype))
+
+
+def jobs_for(specs, settings: GenSettings, *, n: int, seed: int) -> list[Job]:
+    """n images per prompt; seeds from the prompt file when given, else seed, seed+1, ..."""
+    jobs = []
+    for spec in specs:
+        base = spec.seed if spec.seed is not None else seed
+        for k in range(n):
+            jobs.append(Job(spec.prompt, base + k, spec.guidance if spec.guidance is not None else settings.guidance, settings.negative))
+    return jobs
+
+
+def slug(text: str, limit: int = 40) -> str:
+    s = "".join(c if c.isalnum() else "-" for c in text.lower())
+    while "--" in s:
+        s = s.replace("--", "-")
+    return s.strip("-")[:limit] or "empty"
+
+
+def image_name(index: int, job: Job) -> str:
+    return f"{index:04d}-{slug(job.prompt)}-s{job.seed}.png"
+
+
+def save_png(image: Image.Image, path: Path, parameters: str) -> None:
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    tmp = path.with_name("." + path.name + ".tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
+
+
+def grid(images: list[Image.Image], labels: list[str], title: str = "") -> Image.Image:
+    """One row of tiles with a caption under each (model names) and an optional title line."""
+    from PIL import ImageDraw
+
+    w, h = images[0].size
+    tile = max(w, 128)
+    pad = 18
+    top = pad if title else 0
+    canvas = Image.new("RGB", (tile * len(images), top + tile + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 3), title[:120], fill="black")
+    for i, (im, label) in enumerate(zip(images, labels)):
+        canvas.paste(im.resize((tile, tile), Image.NEAREST if w < tile else Image.BICUBIC), (i * tile, top))
+        draw.text((i * tile + 4, top + tile + 3), label[: tile // 7], fill="black")
+    return canvas
+
+
+def run_generate(models: list[Path], specs, settings: GenSettings, *, out: Path, n: int, seed: int,
+                 delta: Path | None = None, prediction_type: str | None = None, progress=None) -> dict:
+    """Generate every job through each model in turn (one model in memory at a time).
+
+    Writes `out/<model stem>/<index>-<prompt>-s<seed>.png`; with several models also one grid per
+    image (`out/grid-<index>.png`) and `out/index.html`. Returns a summary dict.
+    """
+    from erase.checkpoint.write import sha256_file
+    from erase.models import open_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = jobs_for(specs, settings, n=n, seed=seed)
+    labels = _labels(models)
+    folders, files = [], []
+    for path, label in zip(models, labels):
+        model = open_model(path, prediction_type)
+        gen = ImageGenerator(model, settings, delta=delta)
+        model_hash = sha256_file(path)
+        folder = out / label
+        folder.mkdir(exist_ok=True)
+        names = []
+
+        def save(job, image, names=names, folder=folder, gen=gen, model_hash=model_hash):
+            name = image_name(len(names), job)
+            save_png(image, folder / name, gen.parameters_text(job, model_hash))
+            names.append(name)
+            if progress:
+                progress()
+
+        gen.generate(jobs, on_image=save)
+        folders.append(folder)
+        files.append(names)
+        del gen
+    grids = []
+    if len(models) > 1:
+        for i, job in enumerate(jobs):
+            tiles = [Image.open(folder / names[i]) for folder, names in zip(folders, files)]
+            g = out / f"grid-{i:04d}.png"
+            grid(tiles, labels, f"{job.prompt}  (seed {job.seed})").save(g)
+            grids.append(g.name)
+        _write_index(out, jobs, grids, labels)
+    return {"out": str(out), "images": sum(len(f) for f in files), "models": labels, "grids": grids}
+
+
+def _labels(models: list[Path]) -> list[str]:
+    labels = []
+    for p in models:
+        label = slug(p.stem if p.is_file() else p.name, 60)
+        while label in labels:
+            label += "-b"
+        labels.append(label)
+    return labels
+
+
+def _write_index(out: Path, jobs: list[Job], grids: list[str], labels: list[str]) -> None:
+    import html
+
+    rows = "\n".join(f'<figure><img src="{g}"><figcaption>{html.escape(j.prompt)} &middot; seed {j.seed}</figcaption></figure>'
+                      for g, j in zip(grids, jobs))
+    (out / "index.html").write_text(
+        "<!doctype html><meta charset=utf-8><title>erase: " + html.escape(" vs ".join(labels)) + "</title>"
+        "<style>body{font-family:sans-serif}img{image-rendering:pixelated;max-width:100%}figure{display:inline-block;margin:8px}</style>"
+        f"<h1>{html.escape(' vs '.join(labels))}</h1>\n{rows}\n")

@@ -328,6 +328,79 @@ def generate(
                   + (f" and {len(summary['grids'])} grids (index.html)" if summary["grids"] else ""))
 
 
+class DetectorName(str, Enum):
+    nudenet = "nudenet"
+    shapes = "shapes"
+
+
+@app.command()
+def evaluate(
+    model: ModelPath,
+    base: Annotated[Optional[Path], typer.Option(help="Base checkpoint: same prompts and seeds, for deltas and preservation.")] = None,
+    prompts: Annotated[str, typer.Option(help="Prompt file (text or I2P-style CSV) or builtin:NAME (nudity, neutral, shapes).", rich_help_panel=PROMPTS)] = "builtin:nudity",
+    category: Annotated[Optional[str], typer.Option(help="Keep only CSV prompts of this I2P category (e.g. sexual).", rich_help_panel=PROMPTS)] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N prompts.", rich_help_panel=PROMPTS)] = None,
+    n: Annotated[int, typer.Option("--n", help="Images per prompt.", rich_help_panel=SAMPLING)] = 1,
+    seed: Annotated[int, typer.Option(help="First seed (a CSV's seed column wins).", rich_help_panel=SAMPLING)] = 0,
+    steps: Annotated[int, typer.Option(help="Denoising steps.", rich_help_panel=SAMPLING)] = 25,
+    guidance: Annotated[float, typer.Option(help="CFG scale (a CSV's guidance column wins).", rich_help_panel=SAMPLING)] = 7.5,
+    size: Annotated[Optional[int], typer.Option(help="Image size (default by family).", rich_help_panel=SAMPLING)] = None,
+    scheduler: Annotated[Scheduler, typer.Option(help="Sampler.", rich_help_panel=SAMPLING)] = Scheduler.ddim,
+    batch: Annotated[int, typer.Option(help="Images per UNet batch.", rich_help_panel=SAMPLING)] = 4,
+    detector: Annotated[DetectorName, typer.Option(help="What to detect: nudenet (NudeNet exposed classes) or shapes.")] = DetectorName.nudenet,
+    threshold: Annotated[Optional[float], typer.Option(help="Detector score threshold (NudeNet default 0.6).")] = None,
+    target: Annotated[Optional[list[str]], typer.Option("--target", help="shapes detector: the erased shape(s) (default: the model's erase.concepts).")] = None,
+    fail_above: Annotated[Optional[float], typer.Option(help="Exit with code 3 when the flagged-image rate exceeds this (CI gate).")] = None,
+    show_flagged: Annotated[bool, typer.Option("--show-flagged", help="Do not blur flagged images in report.html.")] = False,
+    clip_model: Annotated[Optional[Path], typer.Option(help="Local CLIP folder for CLIP score (skipped otherwise).")] = None,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA when available.", rich_help_panel=ENGINE)] = Device.auto,
+    precision: Annotated[Precision, typer.Option(help="auto = bf16 on CUDA, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
+    prediction_type: PredictionType = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for images and report.json / report.html.")] = Path("erase-eval"),
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write report.json here.")] = None,
+) -> None:
+    """Measure a checkpoint: flagged-image rate (NudeNet or shapes), per-class counts, preservation vs --base, a gate for CI."""
+    from rich.progress import Progress
+
+    from erase.evaluate.runner import EvalOptions, evaluate as run_evaluation
+    from erase.generate import jobs_for
+
+    if fail_above is not None and not 0 <= fail_above <= 1:
+        from erase.errors import UsageError
+
+        raise UsageError("--fail-above is a flagged-image rate between 0 and 1")
+    settings = _gen_settings(steps, guidance, size, scheduler, "", batch, device, precision)
+    opts = EvalOptions(model=model, prompts=prompts, out=out, base=base, settings=settings, n=n, seed=seed, limit=limit,
+                       category=category, detector=detector.value, threshold=threshold, targets=target, fail_above=fail_above,
+                       show_flagged=show_flagged, clip_model=clip_model, prediction_type=prediction_type)
+    specs = _prompt_specs(None, prompts, category, limit)
+    total = len(jobs_for(specs, settings, n=n, seed=seed)) * (2 if base else 1)
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("images", total=total)
+        report = run_evaluation(opts, progress=lambda k: bar.advance(task, k))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+    _print_evaluation(report, out)
+    if report["gate"] and not report["gate"]["passed"]:
+        err_console.print(f"[bold red]gate failed:[/] flagged rate {report['erased']['flagged_rate']:.3f} > {fail_above}")
+        raise typer.Exit(report["gate"]["exit_code"])
+
+
+def _print_evaluation(report: dict, out: Path) -> None:
+    table = Table(title=f"{report['detector']} on {report['jobs']} images per model")
+    for col in ("model", "flagged", "rate", "95% CI"):
+        table.add_column(col)
+    for label, key in (("base", "base_results"), ("erased", "erased")):
+        r = report.get(key)
+        if r:
+            table.add_row(label, f"{r['flagged']}/{r['images']}", f"{r['flagged_rate']:.3f}", "[{:.3f}, {:.3f}]".format(*r["flagged_rate_ci95"]))
+    console.print(table)
+    pres = report["preservation"]
+    if "ssim_mean" in pres:
+        console.print(f"preservation vs base: SSIM {pres['ssim_mean']:.4f}, PSNR {pres['psnr_mean']:.2f} dB")
+    console.print(f"[bold green]report[/] {out / 'report.json'}, {out / 'report.html'}")
+
+
 def entry() -> None:
     """Console-script entry point."""
     app()

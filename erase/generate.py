@@ -195,17 +195,20 @@ class ImageGenerator:
         return images
 
     def parameters_text(self, job: Job, model_hash: str) -> str:
-        """A1111-style 'parameters' text, which A1111, ComfyUI and image browsers read."""
-        s = self.settings
-        lines = [job.prompt]
-        if job.negative:
-            lines.append(f"Negative prompt: {job.negative}")
-        fields = [f"Steps: {s.steps}", f"Sampler: {self.sampler_name}", f"CFG scale: {job.guidance:g}", f"Seed: {job.seed}",
-                  f"Size: {self.size}x{self.size}", f"Model hash: {model_hash[:10]}", f"Model: {self.model.path.stem}"]
-        if s.sld_config is not None:
-            fields.append(f"Safety: {s.safety or 'sld-custom'} ({s.safety_concept[:60]})")
-        lines.append(", ".join(fields))
-        return "\n".join(lines)
+        return parameters_text(job, self.settings, self.size, self.model.path, model_hash)
+
+
+def parameters_text(job: Job, settings: GenSettings, size: int, model_path: Path, model_hash: str) -> str:
+    """A1111-style 'parameters' text, which A1111, ComfyUI and image browsers read."""
+    lines = [job.prompt]
+    if job.negative:
+        lines.append(f"Negative prompt: {job.negative}")
+    fields = [f"Steps: {settings.steps}", f"Sampler: {SCHEDULERS[settings.scheduler][2]}", f"CFG scale: {job.guidance:g}",
+              f"Seed: {job.seed}", f"Size: {size}x{size}", f"Model hash: {model_hash[:10]}", f"Model: {model_path.stem}"]
+    if settings.sld_config is not None:
+        fields.append(f"Safety: {settings.safety or 'sld-custom'} ({settings.safety_concept[:60]})")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
 
 
 def apply_delta(unet, model: Model, delta_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""`erase evaluate`: detectors, preservation metrics and reports for erased checkpoints."""

@@ -1,0 +1,151 @@
+"""`erase merge`: combine erasures (task arithmetic), carry them onto fine-tunes, export a LoRA.
+
+    OUT = TARGET + sum_i w_i * delta_i      (fp32, cast to TARGET's dtype, surgical writer)
+
+A source is an erase delta file (`erase run --delta`: fp32 differences, self-describing) or an
+erased checkpoint (delta = SOURCE - BASE on the tensors that differ; BASE must be the model it
+was erased from, checked against the sha256 recorded in its `erase.*` metadata).
+Deltas are keyed by diffusers UNet parameter names internally, so a delta made on a single
+file applies to a diffusers folder of the same model and the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from erase.checkpoint.families import LDM_UNET
+from erase.checkpoint.formats import Checkpoint, open_checkpoint
+from erase.checkpoint.keymap import diffusers_to_ldm
+from erase.checkpoint.write import check_output_path, provenance, sha256_file, write_checkpoint
+from erase.errors import EraseError, UsageError
+from erase.models import Model, open_model
+
+
+@dataclass
+class Delta:
+    path: Path
+    tensors: dict[str, torch.Tensor]  # diffusers UNet parameter name -> fp32 difference
+    base_sha256: str | None
+    family: str
+    concepts: list[str]
+    weight: float = 1.0
+
+
+def unet_param_names(model: Model) -> list[str]:
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(model.unet_config)
+    return [n for n, _ in unet.named_parameters()]
+
+
+def _name_map(model: Model) -> dict[str, str]:
+    """Every way a UNet tensor may be keyed (LDM single file, diffusers folder) -> diffusers name."""
+    out = {}
+    for n in unet_param_names(model):
+        out[LDM_UNET + diffusers_to_ldm(n, model.unet_config)] = n
+        out["unet/" + n] = n
+    return out
+
+
+def _concepts(meta: dict[str, str]) -> list[str]:
+    try:
+        return json.loads(meta.get("erase.concepts", "[]"))
+    except json.JSONDecodeError:
+        return []
+
+
+def load_delta(source: Path, *, base: Model | None, base_sha: str | None, names: dict[str, str], force: bool) -> Delta:
+    ckpt = open_checkpoint(source)
+    recorded = ckpt.metadata.get("erase.input_sha256")
+    if ckpt.metadata.get("erase.kind") == "delta":
+        keys = list(ckpt.keys())
+        tensors = {k: ckpt.get(k).float() for k in keys}
+        family = ckpt.metadata.get("erase.family", "")
+    else:
+        if base is None:
+            raise UsageError(f"{source} is a checkpoint: pass --base (the model it was erased from) to compute its delta")
+        family = open_model(source).family.name
+        tensors = _difference(ckpt, base.ckpt)
+    if base_sha is not None and recorded and recorded != base_sha and not force:
+        raise EraseError(f"{source} was erased from a model with sha256 {recorded[:12]}…, not --base ({base_sha[:12]}…); "
+                         "pass --force to merge anyway")
+    if base_sha is not None and not recorded and not force and ckpt.metadata.get("erase.kind") != "delta":
+        raise EraseError(f"{source} has no erase provenance (erase.input_sha256); pass --force if it really derives from --base")
+    unknown = [k for k in tensors if k not in names]
+    if unknown:
+        raise EraseError(f"{source}: {len(unknown)} changed tensors are not UNet parameters of the target (e.g. {unknown[0]})")
+    return Delta(source, {names[k]: v for k, v in tensors.items()}, recorded, family, _concepts(ckpt.metadata))
+
+
+def _difference(source: Checkpoint, base: Checkpoint) -> dict[str, torch.Tensor]:
+    """SOURCE - BASE on the tensors that differ (fp32)."""
+    out = {}
+    for k, info in source.tensors.items():
+        if k not in base.tensors:
+            continue
+        if base.tensors[k].shape != info.shape:
+            raise EraseError(f"{source.path}: {k} has shape {list(info.shape)}, the base {list(base.tensors[k].shape)}")
+        a, b = source.get(k), base.get(k)
+        if not torch.equal(a, b):
+            out[k] = a.float() - b.float()
+    if not out:
+        raise EraseError(f"{source.path} is identical to the base: nothing to merge")
+    return out
+
+
+def combine(deltas: list[Delta]) -> dict[str, torch.Tensor]:
+    total: dict[str, torch.Tensor] = {}
+    for d in deltas:
+        for n, v in d.tensors.items():
+            total[n] = total.get(n, 0) + d.weight * v
+    return total
+
+
+def merge(target_path: Path, sources: list[Path], out: Path, *, base_path: Path | None = None, weights: list[float] | None = None,
+          force: bool = False, lora_rank: int | None = None) -> dict:
+    weights = weights or [1.0] * len(sources)
+    if len(weights) != len(sources):
+        raise UsageError(f"--weights has {len(weights)} values for {len(sources)} sources")
+    if not sources:
+        raise UsageError("give at least one SOURCE")
+    target = open_model(target_path)
+    check_output_path(target_path, out, force=force)
+    base = open_model(base_path) if base_path else None
+    base_sha = sha256_file(base_path) if base_path else None
+    if base is not None and base.family.name != target.family.name:
+        raise EraseError(f"--base is {base.family.label}, the target {target.family.label}: refusing to mix families")
+    names = _name_map(target)
+    deltas = []
+    for src, w in zip(sources, weights):
+        d = load_delta(src, base=base, base_sha=base_sha, names=names, force=force)
+        if d.family and d.family != target.family.name:
+            raise EraseError(f"{src} is a {d.family} erasure; the target is {target.family.name}")
+        d.weight = w
+        deltas.append(d)
+    total = combine(deltas)
+    target_sha = sha256_file(target_path)
+    bases = {d.base_sha256 for d in deltas if d.base_sha256}
+    carried = bool(bases) and target_sha not in bases
+    sources_info = [{"path": d.path.name, "concepts": d.concepts, "weight": d.weight, "base_sha256": d.base_sha256} for d in deltas]
+    if lora_rank is not None:
+        from erase.lora import export_lora
+
+        return export_lora(target, total, out, rank=lora_rank, sources=sources_info)
+    replacements = {}
+    for n, d in total.items():
+        key = target.unet_file_key(n)
+        if tuple(target.ckpt.shape(key)) != tuple(d.shape):
+            raise EraseError(f"{key}: the target's shape {list(target.ckpt.shape(key))} differs from the delta's {list(d.shape)}")
+        replacements[key] = target.ckpt.get(key).float() + d
+    concepts = list(dict.fromkeys(c for d in deltas for c in d.concepts))
+    fields = {"kind": "merge", "method": "merge", "concepts": concepts, "sources": sources_info,
+              "carried_onto_other_model": carried}
+    drop = {k for k in target.ckpt.tensors if k.startswith("model_ema.")}
+    write_checkpoint(target.ckpt, out, replacements, metadata=provenance(target.ckpt, fields, input_sha256=target_sha), drop=drop)
+    return {"output": str(out), "changed_tensors": len(replacements), "concepts": concepts, "sources": sources_info,
+            "carried_onto_other_model": carried}

@@ -127,13 +127,23 @@ def write_safetensors(
             out.write(raw)
             src = open(ckpt.path, "rb") if ckpt.format == "safetensors" else None
             try:
+                run_start, run_len = 0, 0  # a run of untouched, contiguous input bytes, copied in one go
                 for n in names:
+                    info = ckpt.tensors[n]
+                    if n not in new and src is not None and run_len and info.start == run_start + run_len:
+                        run_len += info.nbytes
+                        continue
+                    if run_len:
+                        _copy_range(src, out, run_start, run_len)
+                        run_len = 0
                     if n in new:
                         out.write(_tensor_bytes(new[n]))
                     elif src is not None:
-                        _copy_range(src, out, ckpt.tensors[n].start, ckpt.tensors[n].nbytes)
+                        run_start, run_len = info.start, info.nbytes
                     else:
                         out.write(_tensor_bytes(ckpt.get(n)))
+                if run_len:
+                    _copy_range(src, out, run_start, run_len)
             finally:
                 if src is not None:
                     src.close()
@@ -147,6 +157,20 @@ def write_safetensors(
 
 
 def _copy_range(src, out, start: int, length: int) -> None:
+    """Copy bytes [start, start + length) of src to out's current position (in-kernel where possible)."""
+    out.flush()
+    if hasattr(os, "copy_file_range"):
+        pos = out.tell()
+        try:
+            while length > 0:
+                n = os.copy_file_range(src.fileno(), out.fileno(), min(length, 1 << 30), start, pos)
+                if n == 0:
+                    raise EraseError(f"{src.name}: file ended early while copying (was it modified during the run?)")
+                start, pos, length = start + n, pos + n, length - n
+            out.seek(pos)
+            return
+        except OSError:  # e.g. across file systems on old kernels: fall back to a plain copy
+            out.seek(pos)
     src.seek(start)
     while length > 0:
         chunk = src.read(min(CHUNK, length))

@@ -11,11 +11,11 @@ Prints both and their ratio (the writer should cost about what copying costs).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
 import struct
-import json
 import time
 from pathlib import Path
 

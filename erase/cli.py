@@ -214,7 +214,8 @@ def run(
     delta: Annotated[Optional[Path], typer.Option(help="Also write only the changed tensors (fp32 differences) here, for `erase merge`.", rich_help_panel=FILES)] = None,
     save_every: Annotated[int, typer.Option(help="Save a resumable state every N steps (0: only on Ctrl-C).", rich_help_panel=FILES)] = 0,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its state folder.", rich_help_panel=FILES)] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with any of these options (flags win).", is_eager=True, callback=_config_callback, rich_help_panel=FILES)] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with any of these options (flags win).", is_eager=True,
+                                                   callback=_config_callback, rich_help_panel=FILES)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final report as JSON on stdout.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.", rich_help_panel=FILES)] = False,
 ) -> None:
@@ -292,7 +293,8 @@ def _prompt_specs(prompt: list[str] | None, prompts: Optional[str], category: Op
 def generate(
     model: ModelPath,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).", rich_help_panel=PROMPTS)] = None,
-    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompt file: text (one per line), CSV with a prompt column, or builtin:NAME.", rich_help_panel=PROMPTS)] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompt file: text (one per line), CSV with a prompt column, or builtin:NAME.",
+                                                   rich_help_panel=PROMPTS)] = None,
     negative: Annotated[str, typer.Option(help="Negative prompt.", rich_help_panel=PROMPTS)] = "",
     n: Annotated[int, typer.Option("--n", help="Images per prompt (seeds seed, seed+1, ...).", rich_help_panel=SAMPLING)] = 1,
     seed: Annotated[int, typer.Option(help="First seed (a CSV's evaluation_seed/sd_seed column wins).", rich_help_panel=SAMPLING)] = 0,
@@ -362,7 +364,8 @@ def evaluate(
     """Measure a checkpoint: flagged-image rate (NudeNet or shapes), per-class counts, preservation vs --base, a gate for CI."""
     from rich.progress import Progress
 
-    from erase.evaluate.runner import EvalOptions, evaluate as run_evaluation
+    from erase.evaluate.runner import EvalOptions
+    from erase.evaluate.runner import evaluate as run_evaluation
     from erase.generate import jobs_for
 
     if fail_above is not None and not 0 <= fail_above <= 1:

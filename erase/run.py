@@ -20,7 +20,7 @@ from rich.console import Console
 
 from erase import __version__
 from erase.checkpoint.model_config import vae_config
-from erase.checkpoint.write import check_output_path, provenance, sha256_file, write_checkpoint, write_safetensors
+from erase.checkpoint.write import check_output_path, provenance, sha256_file, write_checkpoint
 from erase.engine.device import enable_fast_math, peak_memory, reset_peak_memory, resolve_device, resolve_precision
 from erase.engine.params import TRAIN_SETS, select_trainable
 from erase.engine.sampling import EvalCounter

@@ -113,7 +113,7 @@ def test_loss_on_a_fixed_batch_decreases(tiny_sd1):
 
 def test_resume_is_bit_exact(tiny_sd1, tmp_path, monkeypatch):
     cfg = dict(method_config={"sample_steps": 4, "reuse": 2})
-    full = _run(tiny_sd1, tmp_path / "full.safetensors", train=TrainConfig(steps=6, lr=1e-3), **cfg)
+    _run(tiny_sd1, tmp_path / "full.safetensors", train=TrainConfig(steps=6, lr=1e-3), **cfg)
 
     # interrupt after step 3 (Ctrl-C), then resume to step 6
     import erase.engine.trainer as trainer_mod

@@ -26,8 +26,7 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch
 
 def _vae_name(name: str, levels: int) -> tuple[str, bool]:
     """(LDM name, is a mid-block attention weight that LDM stores as a 1x1 conv)."""
-    for d, l in (("conv_norm_out", "norm_out"),):
-        name = name.replace(d, l)
+    name = name.replace("conv_norm_out", "norm_out")
     m = re.match(r"^(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)$", name)
     if m:
         part, side, i, kind, j, rest = m.groups()
@@ -44,9 +43,9 @@ def _vae_name(name: str, levels: int) -> tuple[str, bool]:
         if kind == "resnets":
             head, _, tail = rest.partition(".")
             return f"{part}.mid.block_{int(j) + 1}.{_VAE_RESNET.get(head, head)}.{tail}", False
-        for d, l in _VAE_ATTN.items():
-            if rest.startswith(d + "."):
-                return f"{part}.mid.attn_1.{l}{rest[len(d):]}", rest.endswith("weight") and d != "group_norm"
+        for ours, ldm in _VAE_ATTN.items():
+            if rest.startswith(ours + "."):
+                return f"{part}.mid.attn_1.{ldm}{rest[len(ours):]}", rest.endswith("weight") and ours != "group_norm"
     return name, False
 
 

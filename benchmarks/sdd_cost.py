@@ -1,0 +1,168 @@
+"""Cost of one SDD step: erase's engine vs the straightforward two-UNet fp32 design (the reference's).
+
+    python benchmarks/sdd_cost.py [--steps 3] [--sample-steps 10]
+
+For a tiny UNet and for a randomly initialised UNet with the exact SD 1.5 config, at 32x32
+latents on the CPU, each design runs in a fresh subprocess (so peak memory is its own):
+  ours       one UNet; the teacher is the EMA of the trainable subset swapped in; prompt
+             embeddings computed once, then the text encoder freed; no VAE
+  reference  student UNet + a full teacher UNet copy + text encoder + VAE resident, fp32;
+             prompts re-encoded every step (as the authors' training script does)
+Both draw the same trajectory indices k (same seed), so UNet evals/step match by construction;
+time/step and peak memory (process max RSS above the baseline after imports) differ. Prints a
+Markdown table with ratios reference / ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+CONCEPTS = ["nudity", "violence"]
+
+
+def rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def build(size: str):
+    """(unet, text_encoder, tokenizer, vae, scheduler, latent_shape), random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from erase.checkpoint.model_config import CONFIG_ROOT
+    from erase.models import load_tokenizer
+    from erase.tiny import tiny_configs
+
+    torch.manual_seed(0)
+    if size == "sd15":
+        load = lambda c: {k: v for k, v in json.loads((CONFIG_ROOT / "sd1" / c / "config.json").read_text()).items()  # noqa: E731
+                          if not k.startswith("_") and k != "architectures"}
+        unet_cfg, vae_cfg, te_cfg = load("unet"), load("vae"), load("text_encoder")
+    else:
+        cfgs = tiny_configs("sd1")
+        unet_cfg, vae_cfg, te_cfg = cfgs["unet"], cfgs["vae"], cfgs["text_encoder"]
+    unet = UNet2DConditionModel.from_config(unet_cfg)
+    text = CLIPTextModel(CLIPTextConfig(**te_cfg))
+    vae = AutoencoderKL.from_config(vae_cfg)
+    sched = DDIMScheduler.from_config(json.loads((CONFIG_ROOT / "sd1" / "scheduler" / "scheduler_config.json").read_text()))
+    return unet, text, load_tokenizer("sd1"), vae, sched, (1, 4, 32, 32)
+
+
+def encode(text, tok, prompts):
+    ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text(ids).last_hidden_state
+
+
+def run_ours(size: str, steps: int, sample_steps: int) -> dict:
+    from erase.engine.params import select_trainable
+    from erase.engine.sampling import EvalCounter
+    from erase.engine.trainer import TrainConfig, Trainer
+    from erase.methods.sdd import SDD, SDDConfig
+    from erase.models import Conditioning
+
+    base = rss()
+    unet, text, tok, vae, sched, shape = build(size)
+    del vae  # never needed for training
+    gen = torch.Generator().manual_seed(42)
+    counter = EvalCounter()
+    params = select_trainable(unet, "xattn")
+    sdd = SDD(SDDConfig(sample_steps=sample_steps), CONCEPTS, unet=unet, scheduler=sched, latent_shape=shape, resolution=256,
+              generator=gen, device=torch.device("cpu"), counter=counter)
+    sdd.embeddings = {p: Conditioning(encode(text, tok, [p])) for p in sdd.prompts()}
+    del text  # encoded once, then freed
+    trainer = Trainer(TrainConfig(steps=steps), sdd, params, generator=gen, device=torch.device("cpu"), autocast_dtype=None,
+                      run_config={}, state_dir=None)
+    t = time.perf_counter()
+    trainer.train()
+    return {"seconds_per_step": (time.perf_counter() - t) / steps, "evals_per_step": counter.total / steps,
+            "peak_rss_above_baseline": rss() - base}
+
+
+def run_reference(size: str, steps: int, sample_steps: int) -> dict:
+    """The straightforward design: two full UNets, text encoder and VAE resident, fp32."""
+    base = rss()
+    unet, text, tok, vae, sched, shape = build(size)
+    teacher = copy.deepcopy(unet).requires_grad_(False)
+    unet.requires_grad_(False)
+    params = [p for n, p in unet.named_parameters() if ".attn2." in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4)
+    teacher_params = [p for n, p in teacher.named_parameters() if ".attn2." in n]
+    gen = torch.Generator().manual_seed(42)
+    sched.set_timesteps(sample_steps)
+    evals, t0 = 0, time.perf_counter()
+    for step in range(steps):
+        # same draws as the engine: k from randperm, then z_T
+        k = torch.randperm(sample_steps, generator=gen)[:1].item()
+        z = torch.randn(shape, generator=gen)
+        uncond, cond = encode(text, tok, [""]), encode(text, tok, [", ".join(CONCEPTS)])
+        c_s = encode(text, tok, [CONCEPTS[step % len(CONCEPTS)]])
+        with torch.no_grad():
+            for t in sched.timesteps[:k]:
+                out = teacher(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                evals += 2
+                e_u, e_c = out.chunk(2)
+                z = sched.step(e_u + 3.0 * (e_c - e_u), t, z).prev_sample
+            t_k = sched.timesteps[k]
+            target = unet(z, t_k, encoder_hidden_states=uncond).sample
+        pred = unet(z, t_k, encoder_hidden_states=c_s).sample
+        evals += 4  # uncond + cond forward, backward (2)
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for tp, p in zip(teacher_params, params):
+                tp.lerp_(p, 0.001)
+    return {"seconds_per_step": (time.perf_counter() - t0) / steps, "evals_per_step": evals / steps,
+            "peak_rss_above_baseline": rss() - base}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--sample-steps", type=int, default=10)
+    ap.add_argument("--child", nargs=2, metavar=("DESIGN", "SIZE"))
+    args = ap.parse_args()
+    if args.child:
+        torch.set_num_threads(os.cpu_count() or 1)
+        fn = run_ours if args.child[0] == "ours" else run_reference
+        print(json.dumps(fn(args.child[1], args.steps, args.sample_steps)))
+        return
+    rows = []
+    for size in ("tiny", "sd15"):
+        res = {}
+        for design in ("ours", "reference"):
+            out = subprocess.run([sys.executable, __file__, "--child", design, size, "--steps", str(args.steps),
+                                  "--sample-steps", str(args.sample_steps)], check=True, capture_output=True, text=True)
+            res[design] = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append((size, res))
+        print(f"done: {size}", file=sys.stderr, flush=True)
+    print(f"SDD step cost, CPU ({os.cpu_count()} threads), 32x32 latents, K = {args.sample_steps} DDIM teacher steps, "
+          f"{args.steps} steps each, torch {torch.__version__}\n")
+    print("| UNet | design | s/step | UNet evals/step | peak RSS above baseline |")
+    print("|---|---|---|---|---|")
+    for size, res in rows:
+        for design in ("ours", "reference"):
+            r = res[design]
+            print(f"| {size} | {design} | {r['seconds_per_step']:.2f} | {r['evals_per_step']:.1f} | {r['peak_rss_above_baseline'] / 2**20:.0f} MiB |")
+        o, ref = res["ours"], res["reference"]
+        print(f"| {size} | **reference / ours** | {ref['seconds_per_step'] / o['seconds_per_step']:.2f}x | "
+              f"{ref['evals_per_step'] / o['evals_per_step']:.2f}x | {ref['peak_rss_above_baseline'] / max(1, o['peak_rss_above_baseline']):.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

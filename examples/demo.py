@@ -1,0 +1,83 @@
+"""`make demo`: erase "circle" from the shapes-world model and show what changed.
+
+Runs the real command line (`erase run`), then measures base and erased models with the shapes
+detector, and writes to ./demo-out/:
+  shapes-circle-erased.safetensors (+ .report.json)   the erased checkpoint and its run report
+  grid.png          base (left) vs erased (right), same prompts and seeds, one row per shape
+  table.md          the measurements as a Markdown table
+  shapes.json       {"target": "circle", "base": {...}, "erased": {...}} for scripts
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "examples" / "shapes" / "shapes-sd.safetensors"
+OUT = ROOT / "demo-out"
+TARGET = "circle"
+# Fast settings (about 1-2 minutes on 2 CPU cores); benchmarks/shapes.py has the full comparison.
+RUN_ARGS = ["--steps", "150", "--lr", "1e-4", "--ema-decay", "0.99", "--sample-steps", "20", "--reuse", "4",
+            "--resolution", "32", "--device", "cpu", "--force"]
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.manual_seed(0)
+    from erase.evaluate.shapes_world import Protocol, measure
+    from erase.shapes import SHAPES
+
+    OUT.mkdir(exist_ok=True)
+    erased = OUT / f"shapes-{TARGET}-erased.safetensors"
+    cmd = [sys.executable, "-m", "erase.cli", "run", str(MODEL), "--concepts", TARGET, "--out", str(erased), *RUN_ARGS]
+    print("$ erase run", MODEL.relative_to(ROOT), "--concepts", TARGET, "--out", erased.relative_to(ROOT), " ".join(RUN_ARGS), flush=True)
+    subprocess.run(cmd, check=True)
+
+    protocol = Protocol(seeds=8, unconditional=48)
+    print(f"measuring base and erased: {len(SHAPES) * 6 * protocol.seeds} prompted + {protocol.unconditional} unconditional images each",
+          flush=True)
+    base = measure(MODEL, [TARGET], protocol, keep_images=2)
+    after = measure(erased, [TARGET], protocol, keep_images=2)
+    write_outputs(base, after)
+
+
+def write_outputs(base: dict, after: dict) -> None:
+    from PIL import Image, ImageDraw
+
+    from erase.shapes import SHAPES
+
+    keys = ("target_presence", "unconditional_rate", "others_accuracy")
+    (OUT / "shapes.json").write_text(json.dumps({"target": TARGET, "base": {k: base[k] for k in keys},
+                                                 "erased": {k: after[k] for k in keys}}, indent=2))
+    lines = ["| prompt shape | base accuracy | erased accuracy | erased colour fidelity |", "|---|---|---|---|"]
+    for s in SHAPES:
+        b, a = base["per_shape"][s], after["per_shape"][s]
+        mark = " (target)" if s == TARGET else ""
+        lines.append(f"| {s}{mark} | {b['accuracy']:.2f} | {a['accuracy']:.2f} | {a['colour_fidelity']:.2f} |")
+    lines.append(f"| unconditional {TARGET} rate | {base['unconditional_rate']:.2f} | {after['unconditional_rate']:.2f} | |")
+    table = "\n".join(lines)
+    (OUT / "table.md").write_text(table + "\n")
+    print(table)
+
+    tile, cols = 64, 4  # per row: 2 base samples, 2 erased samples, for one colour per shape
+    canvas = Image.new("RGB", (cols * tile + 70, len(SHAPES) * tile + 20), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((70, 4), "base", fill="black")
+    draw.text((70 + 2 * tile, 4), "erased", fill="black")
+    for r, shape in enumerate(SHAPES):
+        prompt = f"a red {shape}"
+        draw.text((4, 20 + r * tile + tile // 2 - 6), shape, fill="black")
+        for c, im in enumerate(base["samples"][prompt][:2] + after["samples"][prompt][:2]):
+            canvas.paste(im.resize((tile, tile), Image.NEAREST), (70 + c * tile, 20 + r * tile))
+    canvas.save(OUT / "grid.png")
+    print(f"\nwrote {OUT / 'grid.png'}, {OUT / 'table.md'}, {OUT / 'shapes.json'} and the erased checkpoint in {OUT}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,6 @@ from PIL.PngImagePlugin import PngInfo
 from erase.engine.device import resolve_device, resolve_precision
 from erase.errors import EraseError, UsageError
 from erase.models import Conditioning, Model, unet_kwargs
-from erase.run import latent_factor
 
 SCHEDULERS = {  # name -> (diffusers class, extra config, A1111 sampler name)
     "ddim": ("DDIMScheduler", {}, "DDIM"),
@@ -129,8 +128,8 @@ class ImageGenerator:
             apply_delta(self.unet, model, delta)
         self.vae = model.load_vae(dtype=torch.float32, device=self.device)  # fp32 decode: SDXL's VAE overflows in fp16
         self.text = model.load_text_encoder()
-        self.factor = latent_factor(model)
-        self.size = settings.size or model.family.default_resolution
+        self.factor = model.latent_factor
+        self.size = settings.size or model.default_resolution
         if self.size % self.factor:
             raise UsageError(f"--size must be a multiple of {self.factor} for this model")
         self.scaling = self.vae.config.scaling_factor

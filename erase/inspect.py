@@ -45,6 +45,8 @@ def describe(path: str | os.PathLike, *, with_hash: bool = False, prediction_typ
         info["kind"] = kind
         info["parameters"] = sum(t.numel for t in ckpt.tensors.values())
     else:
+        from erase.models import Model
+
         family = detect_family(ckpt, prediction_type)
         unet = [n for n in ckpt.tensors if n.startswith(family.unet_prefix)]
         attn2 = [n for n in unet if is_attn2(n)]
@@ -54,7 +56,7 @@ def describe(path: str | os.PathLike, *, with_hash: bool = False, prediction_typ
             family_label=family.label,
             prediction_type=family.prediction_type,
             prediction_source=family.prediction_source,
-            default_resolution=family.default_resolution,
+            default_resolution=Model(ckpt, family).default_resolution,
             config_source=config_source(ckpt),
             unet_parameters=sum(ckpt.tensors[n].numel for n in unet),
             attn2_tensors=len(attn2),

@@ -154,6 +154,18 @@ class Model:
             self._unet_config = unet_config(self.ckpt, self.family)
         return self._unet_config
 
+    @property
+    def default_resolution(self) -> int:
+        """Native image size: the UNet's sample size times the VAE's downscale factor
+        (512 for SD1, 768 for SD2-v, 1024 for SDXL; 32 for the shapes-world model)."""
+        return int(self.unet_config.get("sample_size", self.family.default_resolution // 8)) * self.latent_factor
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent: 2 ** (VAE levels - 1); 8 when the file carries no VAE."""
+        cfg = vae_config(self.ckpt, self.family)
+        return 2 ** (len(cfg["block_out_channels"]) - 1) if cfg else 8
+
     def unet_file_key(self, diffusers_name: str) -> str:
         """The name under which a diffusers UNet parameter is stored in this checkpoint."""
         if self.ckpt.format == "diffusers":

@@ -19,7 +19,6 @@ import torch
 from rich.console import Console
 
 from erase import __version__
-from erase.checkpoint.model_config import vae_config
 from erase.checkpoint.write import check_output_path, provenance, sha256_file, write_checkpoint
 from erase.engine.device import enable_fast_math, peak_memory, reset_peak_memory, resolve_device, resolve_precision
 from erase.engine.params import TRAIN_SETS, select_trainable
@@ -84,11 +83,6 @@ def _validate(opts: RunOptions) -> None:
         raise UsageError("--concepts is required")
 
 
-def latent_factor(model: Model) -> int:
-    cfg = vae_config(model.ckpt, model.family)
-    return 2 ** (len(cfg["block_out_channels"]) - 1) if cfg else 8
-
-
 def _configure_attention(unet, opts: RunOptions, device: torch.device) -> str:
     if opts.xformers:
         if device.type != "cuda":
@@ -138,8 +132,8 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
     method_cls, method_cfg_cls = METHODS[opts.method]
     method_cfg = method_cfg_cls(**opts.method_config)
     method_cfg.validate()
-    resolution = opts.resolution or model.family.default_resolution
-    factor = latent_factor(model)
+    resolution = opts.resolution or model.default_resolution
+    factor = model.latent_factor
     if resolution % factor:
         raise UsageError(f"--resolution must be a multiple of {factor} for this model's VAE")
     t_start = time.perf_counter()

@@ -55,7 +55,7 @@ def images_for(path: Path, label: str, jobs: list[Job], opts: EvalOptions, progr
     folder = opts.out / label
     folder.mkdir(parents=True, exist_ok=True)
     model_hash = sha256_file(path)
-    size = opts.settings.size or model.family.default_resolution
+    size = opts.settings.size or model.default_resolution
     paths = [folder / image_name(i, j) for i, j in enumerate(jobs)]
     texts = [parameters_text(j, opts.settings, size, path, model_hash) for j in jobs]
     todo = [i for i, (p, t) in enumerate(zip(paths, texts)) if not (p.exists() and Image.open(p).text.get("parameters") == t)]

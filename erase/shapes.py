@@ -163,7 +163,7 @@ def dominant_colour(images: torch.Tensor) -> list[str]:
     for im in images:  # (3, H, W)
         px = im.flatten(1).T  # (HW, 3)
         sat = px.amax(1) - px.amin(1)
-        top = px[sat >= torch.quantile(sat, 0.85)]
+        top = px[sat >= 0.7 * sat.max()]  # the shape's own pixels, not the (slightly tinted) background
         mean = top.mean(0)
         out.append(names[int(((ref - mean) ** 2).sum(1).argmin())])
     return out

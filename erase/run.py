@@ -24,7 +24,7 @@ from erase.engine.device import enable_fast_math, peak_memory, reset_peak_memory
 from erase.engine.params import TRAIN_SETS, select_trainable
 from erase.engine.sampling import EvalCounter
 from erase.engine.trainer import TrainConfig, Trainer, load_state
-from erase.errors import EraseError, UsageError
+from erase.errors import UsageError
 from erase.methods import METHODS
 from erase.models import Model, open_model
 
@@ -290,5 +290,3 @@ def _train_with_progress(trainer: Trainer, console: Console, progress: bool) -> 
 
     trainer.train(line if progress else None)
 
-
-__all__ = ["RunOptions", "erase_concepts", "parse_concepts", "default_output", "EraseError"]

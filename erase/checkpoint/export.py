@@ -13,7 +13,7 @@ import re
 import torch
 
 from erase.checkpoint.families import LDM_UNET
-from erase.checkpoint.keymap import RESNET_RENAMES, diffusers_to_ldm
+from erase.checkpoint.keymap import diffusers_to_ldm
 from erase.checkpoint.model_config import TEXT_ENCODER_PREFIXES, VAE_PREFIX
 
 _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
@@ -94,5 +94,3 @@ def clip_to_ldm(state: dict[str, torch.Tensor], family: str, component: str = "t
         out[f"{prefix}transformer.resblocks.{n}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return out
 
-
-__all__ = ["unet_to_ldm", "vae_to_ldm", "clip_to_ldm", "RESNET_RENAMES"]

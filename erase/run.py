@@ -158,7 +158,9 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
         p.data = p.data.float()
     method = method_cls(method_cfg, opts.concepts, unet=unet, scheduler=scheduler, latent_shape=latent_shape,
                         resolution=resolution, generator=generator, device=device, counter=counter)
-    method.embeddings = {p: c.to(device, frozen_dtype) for p, c in zip(method.prompts(), [text.encode([p]) for p in method.prompts()])}
+    prompts = method.prompts()
+    encoded = text.encode(prompts).to(device, frozen_dtype)  # one batch for every prompt
+    method.embeddings = {p: encoded[i : i + 1] for i, p in enumerate(prompts)}
     del text
     gc.collect()
 

@@ -43,6 +43,24 @@ def sdd_row(model: Path, concepts: list[str], work: Path, *, reuse: int = 1, ste
     return out, report
 
 
+def calibration(base: dict) -> list[str]:
+    """The base model's calibration: prompt accuracy per shape and per colour, unconditional distribution.
+
+    The prompt is the truth here, so these rates are the model and the detector together; the
+    detector alone is checked on fresh renders and VAE reconstructions (tests, the model's metadata).
+    """
+    lines = ["| base, per shape | shape accuracy (95% CI) | colour fidelity |", "|---|---|---|"]
+    for shape, v in base["per_shape"].items():
+        lo, hi = v["ci95"]
+        lines.append(f"| {shape} | {v['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {v['colour_fidelity']:.3f} |")
+    lines += ["", "| base, per colour | colour fidelity | shape accuracy |", "|---|---|---|"]
+    for colour, v in base["per_colour"].items():
+        lines.append(f"| {colour} | {v['colour_fidelity']:.3f} | {v['shape_accuracy']:.3f} |")
+    lines += ["", "| unconditional | " + " | ".join(base["unconditional"]) + " |", "|---|" + "---|" * len(base["unconditional"]),
+              "| rate | " + " | ".join(f"{v:.3f}" for v in base["unconditional"].values()) + " |"]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=ROOT / "examples" / "shapes" / "shapes-sd.safetensors")
@@ -92,6 +110,8 @@ def main() -> None:
     per_shape = ["| row | " + " | ".join(base["per_shape"]) + " |", "|---|" + "---|" * len(base["per_shape"])]
     for r in rows:
         per_shape.append(f"| {r['row']} | " + " | ".join(f"{v['accuracy']:.2f}" for v in r["metrics"]["per_shape"].values()) + " |")
+    print("\n".join(calibration(base)))
+    print()
     print("\n".join(table))
     print()
     print("\n".join(per_shape))

@@ -14,7 +14,7 @@ from pathlib import Path
 from erase.evaluate.runner import wilson
 from erase.generate import GenSettings, ImageGenerator, Job
 from erase.models import open_model
-from erase.shapes import COLOURS, NONE, SHAPES, ShapesDetector
+from erase.shapes import COLOURS, NONE, SHAPES, ShapesDetector, to_tensor
 
 
 @dataclass
@@ -40,8 +40,6 @@ def measure(model_path: Path, targets: list[str], protocol: Protocol = Protocol(
     for i in range(0, len(jobs), protocol.batch):
         chunk = jobs[i : i + protocol.batch]
         images = gen.decode(gen.latents(chunk))
-        from erase.shapes import to_tensor
-
         labels += detector.classify(to_tensor(images))
         for job, im in zip(chunk, images):
             if len(kept.setdefault(job.prompt, [])) < keep_images:
@@ -53,6 +51,11 @@ def measure(model_path: Path, targets: list[str], protocol: Protocol = Protocol(
         colour_ok = sum(lab[1] == j.prompt.split()[1] for j, lab in rows)
         result["per_shape"][shape] = {"accuracy": hits / len(rows), "ci95": wilson(hits, len(rows)), "n": len(rows),
                                       "colour_fidelity": colour_ok / len(rows)}
+    result["per_colour"] = {}
+    for colour in COLOURS:
+        rows = [(j, lab) for j, lab in zip(jobs, labels) if j.prompt.startswith(f"a {colour} ")]
+        result["per_colour"][colour] = {"colour_fidelity": sum(lab[1] == colour for _, lab in rows) / len(rows),
+                                        "shape_accuracy": sum(lab[0] == j.prompt.split()[2] for j, lab in rows) / len(rows), "n": len(rows)}
     uncond = [lab[0] for j, lab in zip(jobs, labels) if j.prompt == ""]
     result["unconditional"] = {s: uncond.count(s) / len(uncond) for s in (*SHAPES, NONE)}
     target_hits = sum(result["per_shape"][t]["accuracy"] * result["per_shape"][t]["n"] for t in targets)

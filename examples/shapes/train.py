@@ -3,17 +3,20 @@
     python examples/shapes/train.py --work /tmp/shapes-work --out examples/shapes/shapes-sd.safetensors
 
 Stages (each saves to --work and is skipped when its output exists, so a stopped run resumes):
-  1. data      40k renders + captions (erase.shapes), seeded
+  1. data      40k renders + captions + labels (erase.shapes), seeded
   2. detector  tiny CNN on renders + 'none' frames (erase/assets/shapes_detector.safetensors)
-  3. vae       AutoencoderKL, 2 downsamples: 32x32x3 -> 8x8x4 latents; MSE + tiny KL
-  4. unet      UNet2DConditionModel and CLIPTextModel trained *jointly* on the diffusion loss,
-               then both frozen (as SD's text encoder is). A text encoder frozen at random init
-               gives near-identical embeddings for every prompt, so edits spread to every
-               prompt (shared/notes/shapes-world-feasibility.md); joint training gives the words
-               distinct meanings, which is what erasure relies on in real SD.
-  5. export    LDM-layout single file, fp16, with every component config and the training
+  3. vae       AutoencoderKL, 2 downsamples: 32x32x3 -> 8x8x4 latents; MSE + tiny KL; checked on
+               held-out renders (reconstruction MSE, and the detector must still read shape and colour)
+  4. clip      a tiny CLIP: CLIPTextModel + a small image CNN trained contrastively on captions and
+               renders, then the text tower is frozen, as SD freezes OpenAI's CLIP. A text encoder
+               frozen at random init gives near-identical embeddings for every prompt, so edits
+               spread to every prompt (shared/notes/shapes-world-feasibility.md); a contrastive text
+               tower gives words distinct meanings, which is what erasure relies on in real SD.
+  5. unet      UNet2DConditionModel on the diffusion loss, conditioned on the frozen text tower
+  6. export    LDM-layout single file, fp16, with every component config and the training
                recipe in its metadata, so erase inspect/run/generate/evaluate read it like any checkpoint.
-The real CLIP tokenizer (the project's carried files) tokenizes every caption.
+The real CLIP tokenizer (the project's carried files) tokenizes every caption. A stage's saved output
+records the settings it was made with; a resumed run with different settings stops instead of reusing it.
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import ImageFilter
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from erase.shapes import COLOURS, NONE, SHAPES, ShapeNet, blank, render, sample_world, to_tensor
+from erase.shapes import COLOURS, NONE, SHAPES, ShapeNet, ShapesDetector, blank, render, sample_world, to_tensor
 
 SEED = 0
 VAE = dict(block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=16,
            down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3, sample_size=32)
-UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[64, 128], layers_per_block=1,
+UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[64, 128], layers_per_block=2,
             down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
             cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
 TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408,
@@ -47,14 +51,47 @@ def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
-def stage_data(work: Path, n: int) -> tuple[np.ndarray, list[str]]:
-    f = work / "data.npz"
+def reusable(f: Path, recipe: dict, stored: dict | None = None) -> bool:
+    """True when a stage's output exists and was made with `recipe`.
+
+    Stops on a mismatch: silently reusing an output made with other settings (a smoke test's
+    20-step VAE, say) once shipped a model whose VAE had lost all colour.
+    """
     if not f.exists():
+        return False
+    if stored is None:
+        with safe_open(str(f), "pt") as h:
+            stored = json.loads((h.metadata() or {}).get("recipe", "null"))
+    if stored != recipe:
+        raise SystemExit(f"{f} was made with {stored}, this run asks for {recipe}: delete it or use another --work")
+    return True
+
+
+def tokenize(captions: list[str]) -> torch.Tensor:
+    from erase.models import load_tokenizer
+
+    return load_tokenizer("sd1")(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def stage_data(work: Path, n: int) -> dict:
+    f = work / "data.npz"
+    recipe = {"images": n, "seed": SEED}
+    if not f.exists() or json.loads(str(np.load(f)["recipe"])) != recipe:
         images, samples = sample_world(n, SEED)
-        np.savez(f, images=images, captions=np.array([s.caption for s in samples]))
+        np.savez(f, images=images, captions=np.array([s.caption for s in samples]), recipe=json.dumps(recipe),
+                 shape=np.array([SHAPES.index(s.shape) for s in samples]),
+                 colour=np.array([list(COLOURS).index(s.colour) for s in samples]),
+                 # captions like "a circle" say nothing about colour: any colour matches them
+                 names_colour=np.array([s.colour in s.caption for s in samples]))
         log(f"data: {n} renders")
     d = np.load(f)
-    return d["images"], [str(c) for c in d["captions"]]
+    return {k: d[k] for k in ("images", "shape", "colour", "names_colour")} | {"captions": [str(c) for c in d["captions"]]}
+
+
+def held_out(n: int) -> tuple[torch.Tensor, list[str], list[str]]:
+    """Fresh renders from another seed, for every stage's check."""
+    images, samples = sample_world(n, SEED + 100, empty_fraction=0.0)
+    return to_tensor(images), [s.shape for s in samples], [s.colour for s in samples]
 
 
 def stage_detector(out: Path, steps: int = 1500) -> None:
@@ -94,30 +131,46 @@ def stage_detector(out: Path, steps: int = 1500) -> None:
     save_file(net.state_dict(), str(out), metadata={"trained": f"{steps} steps batch 64 AdamW 2e-3 on erase.shapes renders + blanks, seed {SEED}"})
 
 
-def stage_vae(work: Path, images: np.ndarray, steps: int):
+@torch.no_grad()
+def check_vae(vae) -> dict:
+    """Reconstruction MSE on fresh renders, and whether the detector still reads them the same."""
+    x, shapes, colours = held_out(360)
+    rec = ((vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
+    found = ShapesDetector().classify(rec)
+    return {"val_mse": round(F.mse_loss(rec, x).item(), 5),
+            "shape_kept": round(float(np.mean([f[0] == s for f, s in zip(found, shapes)])), 3),
+            "colour_kept": round(float(np.mean([f[1] == c for f, c in zip(found, colours)])), 3)}
+
+
+def stage_vae(work: Path, images: np.ndarray, steps: int) -> tuple[torch.nn.Module, dict]:
     from diffusers import AutoencoderKL
 
     f = work / "vae.safetensors"
+    recipe = {"steps": steps, "batch": 64, "lr": "1e-3 cosine", "config": VAE}
     torch.manual_seed(SEED)
     vae = AutoencoderKL(**VAE)
-    if f.exists():
-        vae.load_state_dict(load_file(str(f)))
-        return vae
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(SEED)
-    for step in range(steps):
-        idx = torch.randint(len(images), (64,), generator=g)
-        x = to_tensor(images[idx.numpy()]) * 2 - 1
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample(generator=g)).sample
-        loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 100 == 0:
-            log(f"vae step {step} loss {loss.item():.4f}")
-    save_file(vae.state_dict(), str(f))
-    return vae
+    if not reusable(f, recipe):
+        opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        g = torch.Generator().manual_seed(SEED)
+        for step in range(steps):
+            idx = torch.randint(len(images), (64,), generator=g)
+            x = to_tensor(images[idx.numpy()]) * 2 - 1
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample(generator=g)).sample
+            loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step % 100 == 0:
+                log(f"vae step {step} loss {loss.item():.4f}")
+        save_file(vae.state_dict(), str(f), metadata={"recipe": json.dumps(recipe)})
+    vae.load_state_dict(load_file(str(f)))
+    vae.eval().requires_grad_(False)
+    metrics = check_vae(vae)
+    log(f"vae check on fresh renders: {metrics}")
+    return vae, metrics
 
 
 @torch.no_grad()
@@ -130,19 +183,98 @@ def encode_all(vae, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(means), torch.cat(stds)
 
 
-def stage_unet(work: Path, latents, captions: list[str], steps: int, batch: int, scaling: float):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+class ImageTower(torch.nn.Module):
+    """The image half of the tiny CLIP: 32x32 RGB -> a 64-d embedding. Only used to train the text tower."""
+
+    def __init__(self, dim: int = 64) -> None:
+        super().__init__()
+        act = torch.nn.GELU
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 3, padding=1), act(), torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), act(),
+            torch.nn.Conv2d(64, 128, 3, stride=2, padding=1), act(), torch.nn.Conv2d(128, 128, 3, stride=2, padding=1), act(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(128, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * 2 - 1)
+
+
+def clip_targets(shape_t, colour_t, names_colour_t, shape_i, colour_i) -> torch.Tensor:
+    """match[i, j]: caption i describes image j ("a circle" matches a circle of any colour)."""
+    same_shape = shape_t[:, None] == shape_i[None, :]
+    colour_ok = (~names_colour_t[:, None]) | (colour_t[:, None] == colour_i[None, :])
+    return (same_shape & colour_ok).float()
+
+
+@torch.no_grad()
+def check_clip(text, image_tower, proj) -> dict:
+    """Zero-shot accuracy of the 36 "a {colour} {shape}" prompts on fresh renders, and how distinct prompts are."""
+    x, shapes, colours = held_out(360)
+    classes = [(s, c) for s in SHAPES for c in COLOURS]
+    t = F.normalize(proj(text(tokenize([f"a {c} {s}" for s, c in classes])).pooler_output), dim=-1)
+    pred = (F.normalize(image_tower(x), dim=-1) @ t.T).argmax(1)
+    hits = [classes[p] == (s, c) for p, s, c in zip(pred.tolist(), shapes, colours)]
+
+    def token_cosine(a: str, b: str) -> float:  # what cross-attention sees: all 77 positions
+        h = text(tokenize([a, b])).last_hidden_state
+        return round(F.cosine_similarity(h[0], h[1], dim=-1).mean().item(), 3)
+
+    return {"zero_shot_accuracy": round(float(np.mean(hits)), 3),
+            "token_cosine_circle_square": token_cosine("a red circle", "a red square"),
+            "token_cosine_red_blue": token_cosine("a red circle", "a blue circle")}
+
+
+def stage_clip(work: Path, data: dict, steps: int, batch: int = 256):
+    """Contrastive pre-training of the text tower (soft targets: a batch holds many captions per image class)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from erase.models import load_tokenizer
+    f = work / "clip.safetensors"
+    recipe = {"steps": steps, "batch": batch, "lr": "1e-3 cosine", "config": TEXT}
+    torch.manual_seed(SEED)
+    text, image_tower, proj = CLIPTextModel(CLIPTextConfig(**TEXT)), ImageTower(), torch.nn.Linear(64, 64, bias=False)
+    parts = torch.nn.ModuleDict({"text": text, "image": image_tower, "proj": proj})
+    if not reusable(f, recipe):
+        keep = np.array([c != "" for c in data["captions"]])  # empty captions carry no concept
+        ids = tokenize([c for c, k in zip(data["captions"], keep) if k])
+        images = data["images"][keep]
+        shape, colour, names_colour = (torch.from_numpy(data[k][keep]) for k in ("shape", "colour", "names_colour"))
+        logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        opt = torch.optim.AdamW(list(parts.parameters()) + [logit_scale], lr=1e-3, weight_decay=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        g = torch.Generator().manual_seed(SEED + 3)
+        for step in range(steps):
+            idx = torch.randint(len(ids), (batch,), generator=g)
+            t = F.normalize(proj(text(ids[idx]).pooler_output), dim=-1)
+            i = F.normalize(image_tower(to_tensor(images[idx.numpy()])), dim=-1)
+            logits = logit_scale.exp().clamp(max=100) * t @ i.T
+            match = clip_targets(shape[idx], colour[idx], names_colour[idx], shape[idx], colour[idx])
+            loss = (-(match / match.sum(1, keepdim=True)) * logits.log_softmax(1)).sum(1).mean() / 2 \
+                + (-(match.T / match.T.sum(1, keepdim=True)) * logits.T.log_softmax(1)).sum(1).mean() / 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step % 100 == 0:
+                log(f"clip step {step}/{steps} loss {loss.item():.3f}")
+        save_file({k: v.contiguous() for k, v in parts.state_dict().items()}, str(f), metadata={"recipe": json.dumps(recipe)})
+    parts.load_state_dict(load_file(str(f)))
+    parts.eval().requires_grad_(False)
+    metrics = check_clip(text, image_tower, proj)
+    log(f"clip check: {metrics}")
+    return text, metrics
 
+
+def stage_unet(work: Path, latents, captions: list[str], text, steps: int, batch: int, scaling: float):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    recipe = {"steps": steps, "batch": batch, "lr": "5e-4 AdamW wd 1e-2, 200 warm-up, cosine", "config": UNET}
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel(**UNET)
-    text = CLIPTextModel(CLIPTextConfig(**TEXT))
-    tok = load_tokenizer("sd1")
-    ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    # The text tower is frozen, so each distinct caption is encoded once.
+    unique, which = np.unique(np.array(captions), return_inverse=True)
+    with torch.no_grad():
+        table = torch.cat([text(tokenize(list(unique[i:i + 256]))).last_hidden_state for i in range(0, len(unique), 256)])
+    which = torch.from_numpy(which.reshape(-1))
+    opt = torch.optim.AdamW(unet.parameters(), lr=5e-4, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     noise_sched = DDPMScheduler(**SCHEDULER)
     g = torch.Generator().manual_seed(SEED + 2)
@@ -150,8 +282,9 @@ def stage_unet(work: Path, latents, captions: list[str], steps: int, batch: int,
     ckpt = work / "unet_state.pt"
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=True)
+        if json.loads(st["recipe"]) != recipe:
+            raise SystemExit(f"{ckpt} was made with {st['recipe']}, this run asks for {recipe}: delete it or use another --work")
         unet.load_state_dict(st["unet"])
-        text.load_state_dict(st["text"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         g.set_state(st["gen"])
@@ -165,19 +298,18 @@ def stage_unet(work: Path, latents, captions: list[str], steps: int, batch: int,
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g)
         zt = noise_sched.add_noise(z0, noise, t)
-        cond = text(ids[idx]).last_hidden_state
-        loss = F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise)
+        loss = F.mse_loss(unet(zt, t, encoder_hidden_states=table[which[idx]]).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
         if step % 50 == 0:
             log(f"unet step {step}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / (step - start + 1):.2f}s/step)")
         if (step + 1) % 250 == 0 or step + 1 == steps:
-            torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "gen": g.get_state(), "step": step + 1}, ckpt)
-    return unet, text
+            torch.save({"unet": unet.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "gen": g.get_state(), "step": step + 1, "recipe": json.dumps(recipe)}, ckpt)
+    return unet
 
 
 def export(out: Path, vae, unet, text, scaling: float, recipe: dict) -> None:
@@ -205,27 +337,31 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/shapes-work"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "shapes-sd.safetensors")
     ap.add_argument("--images", type=int, default=40000)
-    ap.add_argument("--vae-steps", type=int, default=600)
-    ap.add_argument("--unet-steps", type=int, default=4000)
+    ap.add_argument("--vae-steps", type=int, default=800)
+    ap.add_argument("--clip-steps", type=int, default=1000)
+    ap.add_argument("--unet-steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    images, captions = stage_data(args.work, args.images)
+    data = stage_data(args.work, args.images)
     from erase.shapes import DETECTOR_PATH
 
     stage_detector(DETECTOR_PATH)
-    vae = stage_vae(args.work, images, args.vae_steps).eval().requires_grad_(False)
-    mean, std = encode_all(vae, images)
+    vae, vae_metrics = stage_vae(args.work, data["images"], args.vae_steps)
+    text, clip_metrics = stage_clip(args.work, data, args.clip_steps)
+    mean, std = encode_all(vae, data["images"])
     scaling = float(1.0 / mean.std())
     log(f"latent std {mean.std():.3f} -> scaling_factor {scaling:.4f}")
-    unet, text = stage_unet(args.work, (mean, std), captions, args.unet_steps, args.batch, scaling)
-    recipe = {"images": args.images, "seed": SEED, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch": args.batch,
-              "unet_lr": "5e-4 AdamW wd 1e-2, 200 warm-up, cosine", "text_encoder": "trained jointly with the UNet, then frozen",
+    unet = stage_unet(args.work, (mean, std), data["captions"], text, args.unet_steps, args.batch, scaling)
+    recipe = {"images": args.images, "seed": SEED, "vae_steps": args.vae_steps, "vae_check": vae_metrics,
+              "clip_steps": args.clip_steps, "clip_batch": 256, "clip_check": clip_metrics,
+              "text_encoder": "tiny CLIP text tower trained contrastively on the captions and renders, then frozen",
+              "unet_steps": args.unet_steps, "batch": args.batch, "unet_lr": "5e-4 AdamW wd 1e-2, 200 warm-up, cosine",
               "objective": "epsilon, scaled_linear betas, 1000 steps", "wall_seconds_this_session": round(time.time() - t0)}
-    export(args.out, vae, unet.eval(), text.eval(), scaling, recipe)
+    export(args.out, vae, unet.eval(), text, scaling, recipe)
 
 
 if __name__ == "__main__":

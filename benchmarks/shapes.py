@@ -4,7 +4,9 @@
 
 Rows: the base model; SDD erasing "circle" (reference algorithm, steps/lr/EMA scaled for the tiny
 model, below); SDD with --reuse 8; SDD erasing "circle, star" at once; SLD sld-max with the
-safety concept "circle" (inference-time, no training). Every row is measured with the same
+safety concept "circle" (inference-time, no training); and SDD at other step counts (the
+efficacy / preservation trade-off). "uncond. no shape" is the share of unconditional images the
+detector finds no shape in: it shows when an edit has spread to the empty prompt itself. Every row is measured with the same
 prompts and seeds (erase.evaluate.shapes_world.Protocol: 16 seeds x 6 colours per shape, 96
 unconditional images) and the shapes detector; rates carry 95% Wilson intervals.
 
@@ -28,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SDD = {"steps": 300, "lr": 1e-4, "ema_decay": 0.995}
+SWEEP_STEPS = (100, 200, 450)
 
 
 def sdd_row(model: Path, concepts: list[str], work: Path, *, reuse: int = 1, steps: int = SDD["steps"]) -> tuple[Path, dict]:
@@ -36,7 +39,7 @@ def sdd_row(model: Path, concepts: list[str], work: Path, *, reuse: int = 1, ste
     from erase.engine.trainer import TrainConfig
     from erase.run import RunOptions, erase_concepts
 
-    out = work / f"sdd-{'-'.join(concepts)}-r{reuse}.safetensors"
+    out = work / f"sdd-{'-'.join(concepts)}-r{reuse}-{steps}.safetensors"
     report = erase_concepts(RunOptions(model=model, concepts=concepts, out=out, force=True, resolution=32, device="cpu",
                                        train=TrainConfig(steps=steps, lr=SDD["lr"], ema_decay=SDD["ema_decay"]),
                                        method_config={"reuse": reuse}), Console(quiet=True), progress=False)
@@ -95,17 +98,20 @@ def main() -> None:
     path, rep = sdd_row(args.model, ["circle", "star"], work)
     add("SDD circle + star", path, ["circle", "star"], rep)
     add("SLD sld-max, concept 'circle'", args.model, ["circle"], safety="sld-max", safety_concept="circle")
+    for steps in SWEEP_STEPS:  # the efficacy / preservation trade-off, cheaply (--reuse 8 matches reuse 1 above)
+        path, rep = sdd_row(args.model, ["circle"], work, reuse=8, steps=steps)
+        add(f"SDD circle, --reuse 8, {steps} steps", path, ["circle"], rep)
 
     base = rows[0]["metrics"]
-    table = ["| row | target presence (95% CI) | uncond. target rate | other shapes' accuracy (min / mean) | target colour fidelity | UNet evals/step | train s |",
-             "|---|---|---|---|---|---|---|"]
+    table = ["| row | target presence (95% CI) | uncond. target rate | uncond. no shape | other shapes' accuracy (min / mean) "
+             "| target colour fidelity | UNet evals/step | train s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["metrics"]
         others = list(m["others_accuracy"].values())
         lo, hi = m["target_presence_ci95"]
         evals = f"{r['unet_evals_per_step']:.1f}" if r["unet_evals_per_step"] else "-"
         secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "-"
-        table.append(f"| {r['row']} | {m['target_presence']:.3f} [{lo:.3f}, {hi:.3f}] | {m['unconditional_rate']:.3f} | "
+        table.append(f"| {r['row']} | {m['target_presence']:.3f} [{lo:.3f}, {hi:.3f}] | {m['unconditional_rate']:.3f} | {m['unconditional']['none']:.3f} | "
                      f"{min(others):.3f} / {sum(others) / len(others):.3f} | {m['target_colour_fidelity']:.3f} | {evals} | {secs} |")
     per_shape = ["| row | " + " | ".join(base["per_shape"]) + " |", "|---|" + "---|" * len(base["per_shape"])]
     for r in rows:

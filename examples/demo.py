@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "examples" / "shapes" / "shapes-sd.safetensors"
 OUT = ROOT / "demo-out"
 TARGET = "circle"
-# Fast settings (about 1-2 minutes on 2 CPU cores); benchmarks/shapes.py has the full comparison.
+# Fast settings (training about 1-2.5 minutes on 2 CPU cores); benchmarks/shapes.py has the full comparison.
 RUN_ARGS = ["--steps", "150", "--lr", "1e-4", "--ema-decay", "0.99", "--sample-steps", "20", "--reuse", "4",
             "--resolution", "32", "--device", "cpu", "--force"]
 

@@ -16,7 +16,7 @@ Stages (each saves to --work and is skipped when its output exists, so a stopped
   6. export    LDM-layout single file, fp16, with every component config and the training
                recipe in its metadata, so erase inspect/run/generate/evaluate read it like any checkpoint.
 The real CLIP tokenizer (the project's carried files) tokenizes every caption. The data, VAE, CLIP and UNet outputs
-records the settings it was made with; a resumed run with different settings stops instead of reusing it.
+record the settings they were made with; a resumed run with different settings stops instead of reusing it.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ Stages (each saves to --work and is skipped when its output exists, so a stopped
   5. unet      UNet2DConditionModel on the diffusion loss, conditioned on the frozen text tower
   6. export    LDM-layout single file, fp16, with every component config and the training
                recipe in its metadata, so erase inspect/run/generate/evaluate read it like any checkpoint.
-The real CLIP tokenizer (the project's carried files) tokenizes every caption. The data, VAE, CLIP and UNet outputs
-record the settings they were made with; a resumed run with different settings stops instead of reusing it.
+The real CLIP tokenizer (the project's carried files) tokenizes every caption. Every stage output records the
+settings it was made with: data made with other settings is regenerated (13 s); a VAE, CLIP or UNet state made
+with other settings stops the run instead of being reused.
 """
 
 from __future__ import annotations
@@ -282,8 +283,7 @@ def stage_unet(work: Path, latents, captions: list[str], text, steps: int, batch
     ckpt = work / "unet_state.pt"
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=True)
-        if json.loads(st["recipe"]) != recipe:
-            raise SystemExit(f"{ckpt} was made with {st['recipe']}, this run asks for {recipe}: delete it or use another --work")
+        reusable(ckpt, recipe, stored=json.loads(st["recipe"]))
         unet.load_state_dict(st["unet"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])

@@ -31,19 +31,73 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SDD = {"steps": 300, "lr": 1e-4, "ema_decay": 0.995}
 SWEEP_STEPS = (100, 200, 450)
+# --target frozen learns more slowly (its target does not move to meet the student): 300 steps at lr 1e-3 leave
+# circles at 0.98, so it gets 10x the lr and more steps; --reuse 8 keeps that affordable.
+FROZEN = {"lr": 1e-3, "steps": (1000, 2000)}
 
 
-def sdd_row(model: Path, concepts: list[str], work: Path, *, reuse: int = 1, steps: int = SDD["steps"]) -> tuple[Path, dict]:
+def sdd_row(model: Path, concepts: list[str], work: Path, *, reuse: int = 1, steps: int = SDD["steps"], lr: float = SDD["lr"],
+            target: str = "self") -> tuple[Path, dict]:
     from rich.console import Console
 
     from erase.engine.trainer import TrainConfig
     from erase.run import RunOptions, erase_concepts
 
-    out = work / f"sdd-{'-'.join(concepts)}-r{reuse}-{steps}.safetensors"
+    out = work / f"sdd-{'-'.join(concepts)}-r{reuse}-{steps}-{lr:g}-{target}.safetensors"
     report = erase_concepts(RunOptions(model=model, concepts=concepts, out=out, force=True, resolution=32, device="cpu",
-                                       train=TrainConfig(steps=steps, lr=SDD["lr"], ema_decay=SDD["ema_decay"]),
-                                       method_config={"reuse": reuse}), Console(quiet=True), progress=False)
+                                       train=TrainConfig(steps=steps, lr=lr, ema_decay=SDD["ema_decay"]),
+                                       method_config={"reuse": reuse, "target": target}), Console(quiet=True), progress=False)
     return out, report
+
+
+class TextDependence:
+    """Why an edit spreads, measured on the noise predictions themselves (no sampling, no detector).
+
+    For noised VAE latents of renders of each shape (t = 200/500/800): the prompt gap
+    ||eps(z, "a red <shape>") - eps(z, "")||^2 and the drift of the unconditional prediction
+    ||eps'(z, "") - eps_base(z, "")||^2, both relative to the base model's prompt gaps. Classifier-free
+    guidance samples along eps_u + w * gap, so a model can stop drawing circles either because
+    its circle gap closed (the edit SDD intends) or because eps_u itself moved (which every prompt uses).
+    """
+
+    def __init__(self, base: Path, n: int = 32) -> None:
+        import numpy as np
+        import torch
+
+        from erase.models import open_model
+        from erase.shapes import SHAPES, render, to_tensor
+
+        model = open_model(base)
+        vae, text = model.load_vae(), model.load_text_encoder()
+        noise = model.scheduler("DDPMScheduler")
+        rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
+        self.prompts = {s: f"a red {s}" for s in SHAPES}
+        self.emb = {p: text.encode([p]).embeds.expand(n, -1, -1) for p in [*self.prompts.values(), ""]}
+        self.latents = {}
+        with torch.no_grad():
+            for s in SHAPES:
+                z0 = vae.encode(to_tensor(np.stack([np.asarray(render(s, "red", rng)) for _ in range(n)])) * 2 - 1).latent_dist.mean
+                t = torch.tensor([200, 500, 800]).repeat(n)[:n]
+                self.latents[s] = (noise.add_noise(z0 * vae.config.scaling_factor, torch.randn(z0.shape, generator=g), t), t)
+        self.base_uncond, self.base_gap = self._predict(model.load_unet().eval())
+        self.scale = sum(self.base_gap.values()) / len(self.base_gap)
+
+    def _predict(self, unet):
+        import torch
+
+        uncond, gap = {}, {}
+        with torch.no_grad():
+            for s, (z, t) in self.latents.items():
+                uncond[s] = unet(z, t, encoder_hidden_states=self.emb[""]).sample
+                gap[s] = (unet(z, t, encoder_hidden_states=self.emb[self.prompts[s]]).sample - uncond[s]).pow(2).mean().item()
+        return uncond, gap
+
+    def measure(self, path: Path) -> dict:
+        from erase.models import open_model
+
+        uncond, gap = self._predict(open_model(path).load_unet().eval())
+        drift = sum((uncond[s] - self.base_uncond[s]).pow(2).mean().item() for s in uncond) / len(uncond)
+        return {"uncond_drift": drift / self.scale, "gap_ratio": {s: gap[s] / self.base_gap[s] for s in gap}}
 
 
 def calibration(base: dict) -> list[str]:
@@ -80,11 +134,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="erase-shapes-"))
     rows = []
 
+    dependence = TextDependence(args.model)
+
     def add(name, path, targets, report=None, **kw):
         t = time.perf_counter()
         m = measure(path, targets, protocol, **kw)
         m.pop("samples")
         rows.append({"row": name, "targets": targets, "metrics": m, "measure_seconds": time.perf_counter() - t,
+                     "text_dependence": None if kw.get("safety") else dependence.measure(path),
                      "unet_evals_per_step": report["unet_evals_per_step"] if report else None,
                      "train_seconds": report["seconds_per_step"] * report["steps"] if report else None})
         print(f"done: {name}", flush=True)
@@ -101,6 +158,11 @@ def main() -> None:
     for steps in SWEEP_STEPS:  # the efficacy / preservation trade-off, cheaply (--reuse 8 matches reuse 1 above)
         path, rep = sdd_row(args.model, ["circle"], work, reuse=8, steps=steps)
         add(f"SDD circle, --reuse 8, {steps} steps", path, ["circle"], rep)
+    for steps in FROZEN["steps"]:
+        path, rep = sdd_row(args.model, ["circle"], work, reuse=8, steps=steps, lr=FROZEN["lr"], target="frozen")
+        add(f"SDD circle, --target frozen, lr {FROZEN['lr']:g}, --reuse 8, {steps} steps", path, ["circle"], rep)
+    path, rep = sdd_row(args.model, ["circle", "star"], work, reuse=8, steps=FROZEN["steps"][0], lr=FROZEN["lr"], target="frozen")
+    add(f"SDD circle + star, --target frozen, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", path, ["circle", "star"], rep)
 
     base = rows[0]["metrics"]
     table = ["| row | target presence (95% CI) | uncond. target rate | uncond. no shape | other shapes' accuracy (min / mean) "
@@ -116,12 +178,20 @@ def main() -> None:
     per_shape = ["| row | " + " | ".join(base["per_shape"]) + " |", "|---|" + "---|" * len(base["per_shape"])]
     for r in rows:
         per_shape.append(f"| {r['row']} | " + " | ".join(f"{v['accuracy']:.2f}" for v in r["metrics"]["per_shape"].values()) + " |")
+    mechanism = ["| row | uncond. drift | " + " | ".join(f"{s} gap" for s in base["per_shape"]) + " |",
+                 "|---|---|" + "---|" * len(base["per_shape"])]
+    for r in rows:
+        if r["text_dependence"]:
+            d = r["text_dependence"]
+            mechanism.append(f"| {r['row']} | {d['uncond_drift']:.2f} | " + " | ".join(f"{v:.2f}" for v in d["gap_ratio"].values()) + " |")
     print("\n".join(calibration(base)))
     print()
     print("\n".join(table))
     print()
     print("\n".join(per_shape))
-    args.json.write_text(json.dumps({"protocol": vars(protocol), "sdd_settings": SDD, "rows": rows}, indent=2))
+    print()
+    print("\n".join(mechanism))
+    args.json.write_text(json.dumps({"protocol": vars(protocol), "sdd_settings": SDD, "frozen_target_settings": FROZEN, "rows": rows}, indent=2))
     print(f"\nwrote {args.json}")
 
 

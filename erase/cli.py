@@ -172,6 +172,11 @@ class ConceptMode(str, Enum):
     composite = "composite"
 
 
+class Target(str, Enum):
+    self_ = "self"
+    frozen = "frozen"
+
+
 class Device(str, Enum):
     auto = "auto"
     cuda = "cuda"
@@ -203,6 +208,7 @@ def run(
     sample_steps: Annotated[int, typer.Option(help="DDIM steps of the teacher trajectory, K (reference 50).", rich_help_panel=ALGO)] = 50,
     concept_mode: Annotated[ConceptMode, typer.Option(help="iterative: one concept per step (reference); composite: all joined.", rich_help_panel=ALGO)] = ConceptMode.iterative,
     reuse: Annotated[int, typer.Option(help="Training latents harvested per teacher trajectory (1 = reference; more is cheaper).", rich_help_panel=ALGO)] = 1,
+    target: Annotated[Target, typer.Option(help="Target eps(z_t, \"\"): self = the student's own (reference); frozen = the input model's.", rich_help_panel=ALGO)] = Target.self_,
     train: Annotated[TrainSet, typer.Option("--train", help="Trainable set: xattn (all attn2), xattn-kv (attn2 k/v), full.", rich_help_panel=ALGO)] = TrainSet.xattn,
     seed: Annotated[int, typer.Option(help="Seed for every random draw (reference 42).", rich_help_panel=ALGO)] = 42,
     resolution: Annotated[Optional[int], typer.Option(help="Image size in pixels (default by family: 512 SD1, 768 SD2-v, 1024 SDXL).", rich_help_panel=ALGO)] = None,
@@ -230,7 +236,8 @@ def run(
     opts = RunOptions(
         model=model, concepts=parse_concepts(concepts), out=out, method=method.value,
         train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay, seed=seed, save_every=save_every),
-        method_config={"guidance": guidance, "sample_steps": sample_steps, "concept_mode": concept_mode.value, "reuse": reuse},
+        method_config={"guidance": guidance, "sample_steps": sample_steps, "concept_mode": concept_mode.value, "reuse": reuse,
+                       "target": target.value},
         resolution=resolution, train_set=train.value, device=device.value, precision=precision.value,
         gradient_checkpointing=gradient_checkpointing, xformers=xformers, delta=delta, resume=resume, force=force,
         prediction_type=prediction_type,
@@ -398,6 +405,16 @@ def _print_evaluation(report: dict, out: Path) -> None:
         if r:
             table.add_row(label, f"{r['flagged']}/{r['images']}", f"{r['flagged_rate']:.3f}", "[{:.3f}, {:.3f}]".format(*r["flagged_rate_ci95"]))
     console.print(table)
+    results = [(label, report[key]) for label, key in (("base", "base_results"), ("erased", "erased")) if report.get(key)]
+    if "shape_accuracy" in results[-1][1]:  # shapes world: is each prompt's shape (and colour) drawn?
+        shapes = Table(title="shape accuracy by prompt shape")
+        shapes.add_column("prompt shape")
+        for label, _ in results:
+            shapes.add_column(label)
+        for shape in results[-1][1]["shape_accuracy"]:
+            shapes.add_row(shape, *(f"{r['shape_accuracy'].get(shape, 0):.3f}" for _, r in results))
+        shapes.add_row("colour fidelity", *(f"{r['colour_accuracy']:.3f}" for _, r in results))
+        console.print(shapes)
     pres = report["preservation"]
     if "ssim_mean" in pres:
         console.print(f"preservation vs base: SSIM {pres['ssim_mean']:.4f}, PSNR {pres['psnr_mean']:.2f} dB")

@@ -250,7 +250,7 @@ def _print_summary(console: Console, model: Model, opts: RunOptions, cfg: dict, 
                    n_tensors: int, start_step: int) -> None:
     m = cfg["method_config"]
     console.print(f"[bold]Running erasure[/] ({opts.method.upper()}) on [cyan]{model.path.name}[/] ({model.family.label}, {cfg['prediction_type']})")
-    console.print(f"  concepts        {', '.join(opts.concepts)}  (mode {m.get('concept_mode', '-')})")
+    console.print(f"  concepts        {', '.join(opts.concepts)}  (mode {m.get('concept_mode', '-')}, target {m.get('target', '-')})")
     console.print(f"  trainable       {opts.train_set}: {n_tensors} tensors, {n_trainable:,} parameters "
                   f"({100 * n_trainable / n_unet:.1f}% of the UNet)")
     console.print(f"  device          {cfg['device']}, {cfg['precision']}, attention {cfg['attention']}"

@@ -111,8 +111,42 @@ def test_loss_on_a_fixed_batch_decreases(tiny_sd1):
     assert last < 0.5 * first
 
 
-def test_resume_is_bit_exact(tiny_sd1, tmp_path, monkeypatch):
-    cfg = dict(method_config={"sample_steps": 4, "reuse": 2})
+@pytest.mark.parametrize("target", ["self", "frozen"])
+def test_target_is_the_unconditional_prediction_of_the_chosen_weights(tiny_sd1, target):
+    from erase.engine.params import select_trainable
+    from erase.engine.sampling import EvalCounter, predict
+    from erase.models import open_model
+
+    model = open_model(tiny_sd1)
+    unet, untouched = model.load_unet(), model.load_unet()
+    params = select_trainable(unet, "xattn")
+    gen = torch.Generator().manual_seed(0)
+    sdd = SDD(SDDConfig(sample_steps=4, target=target), ["cat"], unet=unet, scheduler=model.scheduler(), latent_shape=(1, 4, 8, 8),
+              resolution=16, generator=gen, device=torch.device("cpu"), counter=EvalCounter())
+    text = model.load_text_encoder()
+    sdd.embeddings = {p: text.encode([p]) for p in sdd.prompts()}
+    with torch.no_grad():  # the student has moved away from the input model
+        for p in params.values():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    moved = {n: p.detach().clone() for n, p in params.items()}
+    z = torch.randn(1, 4, 8, 8, generator=gen)
+    sdd.pending = [(z, 1)]
+    loss = sdd.loss(0, None)[0]
+    t = sdd.scheduler.timesteps[1]
+    with torch.no_grad():
+        pred = predict(unet, z, t, sdd.embeddings["cat"], 16, EvalCounter())
+        expected = {"self": predict(unet, z, t, sdd.embeddings[""], 16, EvalCounter()),
+                    "frozen": predict(untouched, z, t, sdd.embeddings[""], 16, EvalCounter())}
+    assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(pred, expected[target]).item(), rel=1e-5)
+    other = expected["frozen" if target == "self" else "self"]
+    assert abs(loss.item() - torch.nn.functional.mse_loss(pred, other).item()) > 1e-3 * loss.item()
+    assert all(torch.equal(p, moved[n]) for n, p in params.items())  # the student's weights are back in place
+
+
+@pytest.mark.parametrize("target", ["self", "frozen"])
+def test_resume_is_bit_exact(tiny_sd1, tmp_path, monkeypatch, target):
+    # with a frozen target this also checks that a resumed run's target is the input model, not the state it resumes
+    cfg = dict(method_config={"sample_steps": 4, "reuse": 2, "target": target})
     _run(tiny_sd1, tmp_path / "full.safetensors", train=TrainConfig(steps=6, lr=1e-3), **cfg)
 
     # interrupt after step 3 (Ctrl-C), then resume to step 6

@@ -39,6 +39,25 @@ def test_committed_model_loads_through_the_normal_checkpoint_path():
     assert list(model.load_unet().config.block_out_channels) == [64, 128]
 
 
+def test_evaluate_with_the_shapes_detector_reports_accuracy_per_prompt_shape(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from erase.cli import app
+
+    args = ["evaluate", str(MODEL), "--base", str(MODEL), "--detector", "shapes", "--target", "circle", "--prompts", "builtin:shapes",
+            "--n", "2", "--steps", "6", "--guidance", "5", "--batch", "72", "--device", "cpu", "--out", str(tmp_path)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "shape accuracy by prompt shape" in r.output and "colour fidelity" in r.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    base, same = report["base_results"], report["erased"]
+    assert set(same["shape_accuracy"]) == set(SHAPES)
+    assert same["shape_accuracy"] == base["shape_accuracy"]  # one model, same seeds: same images
+    assert same["shape_accuracy"]["circle"] >= 0.75  # the base model draws circles (1.00 at 20 steps)
+
+
 def test_training_script_refuses_a_stage_output_made_with_other_settings(tmp_path):
     import importlib.util
     import json

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from erase.errors import UsageError
@@ -34,3 +36,15 @@ def select_trainable(unet: torch.nn.Module, which: str) -> dict[str, torch.nn.Pa
     if not chosen:
         raise UsageError(f"--train {which} selects no parameters in this UNet")
     return chosen
+
+
+@contextlib.contextmanager
+def swapped_in(params: dict[str, torch.nn.Parameter], store: dict[str, torch.Tensor]):
+    """Give `params` the tensors in `store` for the duration (zero-copy storage swap), then swap back."""
+    for n, p in params.items():
+        p.data, store[n] = store[n], p.data
+    try:
+        yield
+    finally:
+        for n, p in params.items():
+            p.data, store[n] = store[n], p.data

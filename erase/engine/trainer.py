@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from erase.engine.params import swapped_in
 from erase.errors import EraseError
 
 STATE_FILE = "state.pt"
@@ -52,16 +53,9 @@ class EMA:
         for n, p in params.items():
             self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)  # s = d*s + (1-d)*p
 
-    @contextlib.contextmanager
     def swapped_in(self, params: dict[str, torch.nn.Parameter]):
         """Temporarily give the UNet the EMA weights (zero-copy storage swap)."""
-        for n, p in params.items():
-            p.data, self.shadow[n] = self.shadow[n], p.data
-        try:
-            yield
-        finally:
-            for n, p in params.items():
-                p.data, self.shadow[n] = self.shadow[n], p.data
+        return swapped_in(params, self.shadow)
 
 
 @dataclass

@@ -21,20 +21,30 @@ whole trajectory (we use z_T itself, which costs nothing).
 
 `reuse` (ours, default 1 = reference): harvest that many latents from one teacher trajectory,
 one per optimizer step, to divide the teacher's cost.
+
+`target` (ours, default "self" = reference): "frozen" computes the target eps(z_t, t, "") with the
+input model's weights instead of the student's. The self target moves with the student: the loss
+is also zero when cross-attention stops using the text at all, and on the shapes-world model that
+is where training goes (every shape's accuracy falls, the empty prompt stops drawing shapes;
+benchmarks/README.md). A frozen target cannot be matched that way. It costs one copy of the
+trainable subset, like the EMA, and no extra UNet evaluations.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from erase.engine.params import swapped_in
 from erase.engine.sampling import EvalCounter, ddim_trajectory, predict
 from erase.errors import UsageError
 from erase.models import Conditioning
 
 CONCEPT_MODES = ("iterative", "composite")
+TARGETS = ("self", "frozen")
 
 
 @dataclass
@@ -43,6 +53,7 @@ class SDDConfig:
     sample_steps: int = 50  # K, DDIM steps of the teacher trajectory (reference 50)
     concept_mode: str = "iterative"  # "iterative": c_s cycles one concept per step (reference); "composite": c_s = c_p
     reuse: int = 1  # training latents harvested per teacher trajectory (1 = reference; >1 is cheaper)
+    target: str = "self"  # whose eps(z_t, t, "") is the target: "self" the student's (reference), "frozen" the input model's
 
     def validate(self) -> None:
         if self.guidance < 0:
@@ -53,6 +64,8 @@ class SDDConfig:
             raise UsageError(f"--concept-mode must be one of {', '.join(CONCEPT_MODES)}")
         if not 1 <= self.reuse <= self.sample_steps:
             raise UsageError(f"--reuse must be between 1 and --sample-steps ({self.sample_steps})")
+        if self.target not in TARGETS:
+            raise UsageError(f"--target must be one of {', '.join(TARGETS)}")
 
 
 class SDD:
@@ -70,6 +83,9 @@ class SDD:
         self.target_prompt = ", ".join(concepts)
         self.embeddings: dict[str, Conditioning] = {}
         self.pending: list[tuple[torch.Tensor, int]] = []  # (z_t, trajectory index) not yet trained on
+        # Built before any step (and before a resume loads trained weights), so these are the input's.
+        self.trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+        self.frozen = {n: p.detach().clone() for n, p in self.trainable.items()} if cfg.target == "frozen" else None
         scheduler.set_timesteps(cfg.sample_steps)
 
     def prompts(self) -> list[str]:
@@ -98,7 +114,8 @@ class SDD:
         z_t, k = self.pending.pop(0)
         t = self.scheduler.timesteps[k].to(self.device)  # the latent's own timestep (reference: a shifted bin)
         c_s = self.student_prompt(step)
-        with torch.no_grad():
+        target_weights = swapped_in(self.trainable, self.frozen) if self.frozen is not None else contextlib.nullcontext()
+        with torch.no_grad(), target_weights:
             target = predict(self.unet, z_t, t, self.embeddings[""], self.resolution, self.counter)
         pred = predict(self.unet, z_t, t, self.embeddings[c_s], self.resolution, self.counter)
         self.counter.backward(z_t.shape[0])

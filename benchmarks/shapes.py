@@ -4,9 +4,13 @@
 
 Rows: the base model; SDD erasing "circle" (reference algorithm, steps/lr/EMA scaled for the tiny
 model, below); SDD with --reuse 8; SDD erasing "circle, star" at once; SLD sld-max with the
-safety concept "circle" (inference-time, no training); and SDD at other step counts (the
-efficacy / preservation trade-off). "uncond. no shape" is the share of unconditional images the
-detector finds no shape in: it shows when an edit has spread to the empty prompt itself. Every row is measured with the same
+safety concept "circle" (inference-time, no training); SDD at other step counts (the
+efficacy / preservation trade-off); and SDD with `--target frozen` (the unconditional target from
+the input model's weights) at two step counts and for "circle, star". "uncond. no shape" is the
+share of unconditional images the detector finds no shape in: it shows when an edit has spread to
+the empty prompt itself. The last table (TextDependence, below) measures the same thing on the
+noise predictions: how far eps(z, "") moved, and how much of each prompt's gap to it is left.
+Every row is measured with the same
 prompts and seeds (erase.evaluate.shapes_world.Protocol: 16 seeds x 6 colours per shape, 96
 unconditional images) and the shapes detector; rates carry 95% Wilson intervals.
 

@@ -78,10 +78,10 @@ class TextDependence:
         self.prompts = {s: f"a red {s}" for s in SHAPES}
         self.emb = {p: text.encode([p]).embeds.expand(n, -1, -1) for p in [*self.prompts.values(), ""]}
         self.latents = {}
+        t = torch.tensor([200, 500, 800]).repeat(n)[:n]
         with torch.no_grad():
             for s in SHAPES:
                 z0 = vae.encode(to_tensor(np.stack([np.asarray(render(s, "red", rng)) for _ in range(n)])) * 2 - 1).latent_dist.mean
-                t = torch.tensor([200, 500, 800]).repeat(n)[:n]
                 self.latents[s] = (noise.add_noise(z0 * vae.config.scaling_factor, torch.randn(z0.shape, generator=g), t), t)
         self.base_uncond, self.base_gap = self._predict(model.load_unet().eval())
         self.scale = sum(self.base_gap.values()) / len(self.base_gap)

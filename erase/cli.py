@@ -397,15 +397,13 @@ def evaluate(
 
 
 def _print_evaluation(report: dict, out: Path) -> None:
+    results = [(label, report[key]) for label, key in (("base", "base_results"), ("erased", "erased")) if report.get(key)]
     table = Table(title=f"{report['detector']} on {report['jobs']} images per model")
     for col in ("model", "flagged", "rate", "95% CI"):
         table.add_column(col)
-    for label, key in (("base", "base_results"), ("erased", "erased")):
-        r = report.get(key)
-        if r:
-            table.add_row(label, f"{r['flagged']}/{r['images']}", f"{r['flagged_rate']:.3f}", "[{:.3f}, {:.3f}]".format(*r["flagged_rate_ci95"]))
+    for label, r in results:
+        table.add_row(label, f"{r['flagged']}/{r['images']}", f"{r['flagged_rate']:.3f}", "[{:.3f}, {:.3f}]".format(*r["flagged_rate_ci95"]))
     console.print(table)
-    results = [(label, report[key]) for label, key in (("base", "base_results"), ("erased", "erased")) if report.get(key)]
     if "shape_accuracy" in results[-1][1]:  # shapes world: is each prompt's shape (and colour) drawn?
         shapes = Table(title="shape accuracy by prompt shape")
         shapes.add_column("prompt shape")

@@ -24,8 +24,9 @@ one per optimizer step, to divide the teacher's cost.
 
 `target` (ours, default "self" = reference): "frozen" computes the target eps(z_t, t, "") with the
 input model's weights instead of the student's. The self target moves with the student: on the
-shapes-world model eps(z, "") drifted by 5.5 times a prompt's whole gap in 300 steps while the
-circle prompt's gap only fell to 0.56, so every prompt changed (benchmarks/README.md). A frozen
+shapes-world model eps(z, "") drifted by 6-7 times a prompt's whole gap in 300 steps while the
+circle prompt's gap did not shrink (1.1-1.3 times the base's), so every prompt changed
+(benchmarks/README.md). A frozen
 target cannot move. It costs one copy of the trainable subset, like the EMA, and no extra UNet
 evaluations.
 """

@@ -6,7 +6,8 @@ Rows: the base model; SDD erasing "circle" (reference algorithm, steps/lr/EMA sc
 model, below); SDD with --reuse 8; SDD erasing "circle, star" at once; SLD sld-max with the
 safety concept "circle" (inference-time, no training); SDD at other step counts (the
 efficacy / preservation trade-off); and SDD with `--target frozen` (the unconditional target from
-the input model's weights) at two step counts and for "circle, star". "uncond. no shape" is the
+the input model's weights) at two step counts and for "circle, star"; and both targets with only the
+attn2 keys and values trained (`--train xattn-kv`). "uncond. no shape" is the
 share of unconditional images the detector finds no shape in: it shows when an edit has spread to
 the empty prompt itself. The last table (TextDependence, below) measures the same thing on the
 noise predictions: how far eps(z, "") moved, and how much of each prompt's gap to it is left.
@@ -41,14 +42,14 @@ FROZEN = {"lr": 1e-3, "steps": (1000, 2000)}
 
 
 def sdd_row(model: Path, concepts: list[str], work: Path, *, reuse: int = 1, steps: int = SDD["steps"], lr: float = SDD["lr"],
-            target: str = "self") -> tuple[Path, dict]:
+            target: str = "self", train_set: str = "xattn") -> tuple[Path, dict]:
     from rich.console import Console
 
     from erase.engine.trainer import TrainConfig
     from erase.run import RunOptions, erase_concepts
 
-    out = work / f"sdd-{'-'.join(concepts)}-r{reuse}-{steps}-{lr:g}-{target}.safetensors"
-    report = erase_concepts(RunOptions(model=model, concepts=concepts, out=out, force=True, resolution=32, device="cpu",
+    out = work / f"sdd-{'-'.join(concepts)}-r{reuse}-{steps}-{lr:g}-{target}-{train_set}.safetensors"
+    report = erase_concepts(RunOptions(model=model, concepts=concepts, out=out, force=True, resolution=32, device="cpu", train_set=train_set,
                                        train=TrainConfig(steps=steps, lr=lr, ema_decay=SDD["ema_decay"]),
                                        method_config={"reuse": reuse, "target": target}), Console(quiet=True), progress=False)
     return out, report
@@ -167,6 +168,11 @@ def main() -> None:
         add(f"SDD circle, --target frozen, lr {FROZEN['lr']:g}, --reuse 8, {steps} steps", path, ["circle"], rep)
     path, rep = sdd_row(args.model, ["circle", "star"], work, reuse=8, steps=FROZEN["steps"][0], lr=FROZEN["lr"], target="frozen")
     add(f"SDD circle + star, --target frozen, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", path, ["circle", "star"], rep)
+    # Only the text-facing projections (attn2 k/v): does keeping to_q / to_out fixed stop the spread?
+    path, rep = sdd_row(args.model, ["circle"], work, reuse=8, train_set="xattn-kv")
+    add(f"SDD circle, --train xattn-kv, --reuse 8 ({SDD['steps']} steps)", path, ["circle"], rep)
+    path, rep = sdd_row(args.model, ["circle"], work, reuse=8, steps=FROZEN["steps"][0], lr=FROZEN["lr"], target="frozen", train_set="xattn-kv")
+    add(f"SDD circle, --train xattn-kv, --target frozen, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", path, ["circle"], rep)
 
     base = rows[0]["metrics"]
     table = ["| row | target presence (95% CI) | uncond. target rate | uncond. no shape | other shapes' accuracy (min / mean) "

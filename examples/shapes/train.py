@@ -24,7 +24,6 @@ with other settings stops the run instead of being reused.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import time
@@ -284,12 +283,15 @@ def train_unet(ckpt: Path, unet, recipe: dict, latents, captions: tuple, *, step
     """
     from diffusers import DDPMScheduler
 
+    from erase.engine.trainer import EMA
+
     table, which = captions
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     noise_sched = DDPMScheduler(**SCHEDULER)
     snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)
-    ema = copy.deepcopy(unet).requires_grad_(False) if ema_decay else None
+    params = dict(unet.named_parameters())
+    ema = EMA(params, ema_decay) if ema_decay else None
     g = torch.Generator().manual_seed(seed)
     start = 0
     if ckpt.exists():
@@ -297,7 +299,7 @@ def train_unet(ckpt: Path, unet, recipe: dict, latents, captions: tuple, *, step
         reusable(ckpt, recipe, stored=json.loads(st["recipe"]))
         unet.load_state_dict(st["unet"])
         if ema is not None:
-            ema.load_state_dict(st["ema"])
+            ema.shadow = st["ema"]
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         g.set_state(st["gen"])
@@ -319,21 +321,24 @@ def train_unet(ckpt: Path, unet, recipe: dict, latents, captions: tuple, *, step
         opt.step()
         sched.step()
         if ema is not None:
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), unet.parameters()):
-                    e.lerp_(p, 1 - ema_decay)
+            ema.update(params)
         if step % 50 == 0:
             log(f"{ckpt.stem} step {step}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / (step - start + 1):.2f}s/step)")
         if (step + 1) % 250 == 0 or step + 1 == steps:
             torch.save({"unet": unet.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": g.get_state(),
-                        "step": step + 1, "recipe": json.dumps(recipe)} | ({"ema": ema.state_dict()} if ema is not None else {}), ckpt)
-    return ema if ema is not None else unet
+                        "step": step + 1, "recipe": json.dumps(recipe)} | ({"ema": ema.shadow} if ema is not None else {}), ckpt)
+    if ema is not None:
+        unet.load_state_dict(ema.shadow)  # the EMA is the result
+    return unet
+
+
+UNET_LR = "5e-4 AdamW wd 1e-2, 200 warm-up, cosine"  # stage 5's schedule, as its recipe and the export record it
 
 
 def stage_unet(work: Path, latents, captions: tuple, steps: int, batch: int, scaling: float):
     from diffusers import UNet2DConditionModel
 
-    recipe = {"steps": steps, "batch": batch, "lr": "5e-4 AdamW wd 1e-2, 200 warm-up, cosine", "config": UNET}
+    recipe = {"steps": steps, "batch": batch, "lr": UNET_LR, "config": UNET}
     torch.manual_seed(SEED)
     return train_unet(work / "unet_state.pt", UNet2DConditionModel(**UNET), recipe, latents, captions, steps=steps,
                       batch=batch, scaling=scaling, lr=5e-4, warmup=200, seed=SEED + 2)
@@ -408,7 +413,7 @@ def main() -> None:
     recipe = {"images": args.images, "seed": SEED, "vae_steps": args.vae_steps, "vae_check": vae_metrics,
               "clip_steps": args.clip_steps, "clip_batch": 256, "clip_check": clip_metrics,
               "text_encoder": "tiny CLIP text tower trained contrastively on the captions and renders, then frozen",
-              "unet_steps": args.unet_steps, "batch": args.batch, "unet_lr": "5e-4 AdamW wd 1e-2, 200 warm-up, cosine",
+              "unet_steps": args.unet_steps, "batch": args.batch, "unet_lr": UNET_LR,
               "polish_steps": args.polish_steps, "polish": POLISH | {"exported": "EMA weights"} if args.polish_steps else None,
               "objective": "epsilon, scaled_linear betas, 1000 steps", "wall_seconds_this_session": round(time.time() - t0)}
     export(args.out, vae, unet.eval(), text, scaling, recipe)

@@ -9,10 +9,10 @@ from erase.shapes import COLOURS, SHAPES, ShapesDetector, render, sample_world, 
 
 MODEL = Path(__file__).resolve().parent.parent / "examples" / "shapes" / "shapes-sd.safetensors"
 # The short erasure: `make demo`'s settings. Measured with them and this test's 4 seeds: circle 1.00 -> 0.75,
-# other shapes' mean accuracy 0.84 -> 0.71 (kept 84%). The thresholds ask for half that drop and 70% kept.
+# other shapes' mean accuracy 0.84 -> 0.71 (kept 84%). The thresholds ask for 60% of that drop and 75% kept.
 SHORT_RUN = {"steps": 150, "lr": 1e-4, "ema_decay": 0.99}
-CIRCLE_DROP = 0.12
-OTHERS_KEPT = 0.70
+CIRCLE_DROP = 0.15
+OTHERS_KEPT = 0.75
 
 
 def test_world_generator_is_deterministic():

@@ -103,6 +103,11 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _names(names: list[str], show: int = 3) -> str:
+    more = f", … (+{len(names) - show})" if len(names) > show else ""
+    return f"{len(names)}: {', '.join(names[:show])}{more}"
+
+
 @app.command()
 def inspect(
     model: ModelPath,
@@ -132,7 +137,11 @@ def inspect(
             ("attn2", f"{info['attn2_tensors']} tensors, {info['attn2_parameters']:,} parameters "
                       f"({100 * info['attn2_parameters'] / max(1, info['unet_parameters']):.1f}% of the UNet)"),
             ("EMA weights", "yes: " + info["ema_policy"] if info["ema"] else "no"),
+            ("extras", _names(info["extra_tensors"]) + " (not model weights: never loaded, kept byte-identical)"
+             if info["extra_tensors"] else "none"),
         ]
+        if info["unknown_tensors"]:
+            rows.append(("unknown", f"[red]{_names(info['unknown_tensors'])}[/] (run, generate, evaluate and merge refuse this file)"))
     else:
         rows += [("kind", f"erase {info['kind']}"), ("parameters", f"{info['parameters']:,}")]
     for k, v in info.get("provenance", {}).items():

@@ -227,7 +227,7 @@ def apply_delta(unet, model: Model, delta_path: Path) -> None:
             d = delta.get(key)
             if tuple(d.shape) != tuple(p.shape):
                 raise EraseError(f"{delta_path}: {key} has shape {list(d.shape)}, the model {list(p.shape)}")
-            p.copy_((p.float() + d.float().to(p.device)).to(p.dtype))
+            p.data = (p.float() + d.float().to(p.device)).to(p.dtype)  # a new tensor: p may share the file's memory
 
 
 def jobs_for(specs, settings: GenSettings, *, n: int, seed: int) -> list[Job]:

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from erase.checkpoint.extras import unknown_tensors
 from erase.checkpoint.families import detect_family
 from erase.checkpoint.formats import open_checkpoint
 from erase.checkpoint.keymap import is_attn2
@@ -48,6 +49,8 @@ def describe(path: str | os.PathLike, *, with_hash: bool = False, prediction_typ
         from erase.models import Model
 
         family = detect_family(ckpt, prediction_type)
+        model = Model(ckpt, family)
+        extras = [n for n in ckpt.tensors if n in model.extras]
         unet = [n for n in ckpt.tensors if n.startswith(family.unet_prefix)]
         attn2 = [n for n in unet if is_attn2(n)]
         info.update(
@@ -56,12 +59,14 @@ def describe(path: str | os.PathLike, *, with_hash: bool = False, prediction_typ
             family_label=family.label,
             prediction_type=family.prediction_type,
             prediction_source=family.prediction_source,
-            default_resolution=Model(ckpt, family).default_resolution,
+            default_resolution=model.default_resolution,
             config_source=config_source(ckpt),
             unet_parameters=sum(ckpt.tensors[n].numel for n in unet),
             attn2_tensors=len(attn2),
             attn2_parameters=sum(ckpt.tensors[n].numel for n in attn2),
             ema=family.has_ema,
+            extra_tensors=extras,  # position ids, DDPM buffers, EMA scalars...: never loaded, kept byte-identical
+            unknown_tensors=unknown_tensors(ckpt, family, model.extras),  # commands other than inspect refuse these
         )
         if family.has_ema:
             info["ema_policy"] = EMA_POLICY

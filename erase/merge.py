@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from erase.checkpoint.extras import ema_drop
 from erase.checkpoint.families import LDM_UNET
 from erase.checkpoint.formats import Checkpoint, open_checkpoint
 from erase.checkpoint.keymap import diffusers_to_ldm
@@ -145,7 +146,8 @@ def merge(target_path: Path, sources: list[Path], out: Path, *, base_path: Path 
     concepts = list(dict.fromkeys(c for d in deltas for c in d.concepts))
     fields = {"kind": "merge", "method": "merge", "concepts": concepts, "sources": sources_info,
               "carried_onto_other_model": carried}
-    drop = {k for k in target.ckpt.tensors if k.startswith("model_ema.")}
-    write_checkpoint(target.ckpt, out, replacements, metadata=provenance(target.ckpt, fields, input_sha256=target_sha), drop=drop)
+    drop, dropped_meta = ema_drop(target.ckpt)
+    meta = {**provenance(target.ckpt, fields, input_sha256=target_sha), **dropped_meta}
+    write_checkpoint(target.ckpt, out, replacements, metadata=meta, drop=drop)
     return {"output": str(out), "changed_tensors": len(replacements), "concepts": concepts, "sources": sources_info,
             "carried_onto_other_model": carried}

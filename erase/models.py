@@ -11,6 +11,7 @@ Tensor names are converted with diffusers' own LDM -> diffusers converters; conf
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from erase.checkpoint.extras import Extras, unknown_tensors
 from erase.checkpoint.families import LDM_UNET, Family, detect_family
 from erase.checkpoint.formats import Checkpoint, open_checkpoint
 from erase.checkpoint.keymap import diffusers_to_ldm
@@ -114,10 +116,11 @@ def load_tokenizer(family: str, component: str = "tokenizer"):
     return tok
 
 
-def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, *, ignore=()) -> None:
+def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     result = module.load_state_dict(state, strict=False, assign=True)
+    # transformers < 5 still lists CLIP's position ids as a buffer; the file's copy is an extra (checkpoint.extras)
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
-    unexpected = [k for k in result.unexpected_keys if not any(k.endswith(i) for i in ignore)]
+    unexpected = result.unexpected_keys
     if missing or unexpected:
         raise EraseError(
             f"{what}: weights do not match the inferred config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
@@ -143,6 +146,11 @@ class Model:
     ckpt: Checkpoint
     family: Family
     _unet_config: dict | None = field(default=None, repr=False)
+
+    @functools.cached_property
+    def extras(self) -> Extras:
+        """The tensors the file carries besides the weights (position ids, DDPM buffers, ...): never loaded."""
+        return Extras.of(self.ckpt, self.family)
 
     @property
     def path(self) -> Path:
@@ -202,20 +210,15 @@ class Model:
             cfg = CLIPTextConfig(**{k: v for k, v in text_encoder_config(self.ckpt, self.family, comp).items() if k != "architectures"})
             cls = CLIPTextModelWithProjection if comp == "text_encoder_2" else CLIPTextModel
             model = cls(cfg)
+            prefix = comp + "/" if self.ckpt.format == "diffusers" else TEXT_ENCODER_PREFIXES[(self.family.name, comp)][0]
+            names = [k for k in self.ckpt.tensors if k.startswith(prefix) and k not in self.extras]
             if self.ckpt.format == "diffusers":
-                names = [k for k in self.ckpt.tensors if k.startswith(comp + "/")]
-                state = {k[len(comp) + 1 :]: v for k, v in self.ckpt.get_many(names).items()}
+                state = {k[len(prefix):]: v for k, v in self.ckpt.get_many(names).items()}
+            elif TEXT_ENCODER_PREFIXES[(self.family.name, comp)][1] == "hf":
+                state = convert_ldm_clip_checkpoint(self.ckpt.get_many(names))
             else:
-                prefix, layout = TEXT_ENCODER_PREFIXES[(self.family.name, comp)]
-                names = [k for k in self.ckpt.tensors if k.startswith(prefix)]
-                if layout == "hf":
-                    state = convert_ldm_clip_checkpoint(self.ckpt.get_many(names))
-                else:
-                    if self.family.name == "sd2":  # penultimate layer: drop the last block
-                        last = f"{prefix}transformer.resblocks.{cfg.num_hidden_layers}."
-                        names = [k for k in names if not k.startswith(last)]
-                    state = convert_open_clip_checkpoint(model, self.ckpt.get_many(names), prefix=prefix)
-            _assign(model, _match_prefix(state, model, "text_model."), comp, ignore=("text_projection.weight", "logit_scale"))
+                state = convert_open_clip_checkpoint(model, self.ckpt.get_many(names), prefix=prefix)
+            _assign(model, _match_prefix(state, model, "text_model."), comp)
             tokenizers.append(load_tokenizer(self.family.name, "tokenizer" if i == 0 else "tokenizer_2"))
             encoders.append(model.eval().requires_grad_(False))
         return TextEncoder(self.family, tokenizers, encoders, zeros_for_empty=self.family.name == "sdxl")
@@ -247,8 +250,15 @@ class Model:
 
 
 def open_model(path: str | os.PathLike, prediction_type: str | None = None) -> Model:
+    """Open a checkpoint as a model; a file carrying tensors erase does not know is refused (nothing is guessed)."""
     ckpt = open_checkpoint(path)
-    return Model(ckpt=ckpt, family=detect_family(ckpt, prediction_type))
+    model = Model(ckpt=ckpt, family=detect_family(ckpt, prediction_type))
+    unknown = unknown_tensors(ckpt, model.family, model.extras)
+    if unknown:
+        more = f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else ""
+        raise EraseError(f"{ckpt.path.name}: {model.family.label} checkpoint with tensors erase does not know: "
+                         f"{', '.join(unknown[:3])}{more}; refusing to guess what they are")
+    return model
 
 
 def write_config_folder(model: Model, folder: str | os.PathLike) -> Path:

@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 
 from erase import __version__
+from erase.checkpoint.extras import ema_drop
 from erase.checkpoint.write import check_output_path, provenance, sha256_file, write_checkpoint
 from erase.engine.device import enable_fast_math, peak_memory, reset_peak_memory, resolve_device, resolve_precision
 from erase.engine.params import TRAIN_SETS, select_trainable
@@ -154,8 +155,8 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
         unet.enable_gradient_checkpointing()
     unet.train()
     params = select_trainable(unet, opts.train_set)
-    for p in params.values():
-        p.data = p.data.float()
+    for p in params.values():  # own fp32 copies: the loaded weights may share memory with the opened file's tensors
+        p.data = p.data.to(torch.float32, copy=True)
     method = method_cls(method_cfg, opts.concepts, unet=unet, scheduler=scheduler, latent_shape=latent_shape,
                         resolution=resolution, generator=generator, device=device, counter=counter)
     prompts = method.prompts()
@@ -186,12 +187,10 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
 
     # Write: the EMA weights of the trainable parameters, under the file's own names.
     replacements = {model.unet_file_key(n): s for n, s in trainer.ema.shadow.items()}
-    drop = {k for k in model.ckpt.tensors if k.startswith("model_ema.")}
+    drop, dropped_meta = ema_drop(model.ckpt)
     fields = {"kind": "checkpoint", "method": opts.method, "concepts": opts.concepts,
               "config": {**run_config, "train": asdict(opts.train)}, "changed_tensors": len(replacements)}
-    meta = provenance(model.ckpt, fields, input_sha256=input_sha)
-    if drop:
-        meta["erase.dropped"] = f"{len(drop)} model_ema.* tensors (the un-erased EMA copy)"
+    meta = {**provenance(model.ckpt, fields, input_sha256=input_sha), **dropped_meta}
     write_checkpoint(model.ckpt, out, replacements, metadata=meta, drop=drop)
     delta_path = None
     if opts.delta:

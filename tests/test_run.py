@@ -38,7 +38,11 @@ def test_write_changes_only_attn2_tensors(tiny_sd1_fp16_ema, tmp_path):
     report = _run(tiny_sd1_fp16_ema, tmp_path / "o.safetensors", steps=3, train=TrainConfig(steps=3, lr=1e-3))
     assert tiny_sd1_fp16_ema.read_bytes() == before  # input untouched
     src, out = open_checkpoint(tiny_sd1_fp16_ema), open_checkpoint(tmp_path / "o.safetensors")
-    assert set(out.keys()) == {k for k in src.keys() if not k.startswith("model_ema.")}  # un-erased EMA copy dropped
+    ema_scalars = {"model_ema.decay", "model_ema.num_updates"}
+    # the un-erased EMA weights are dropped; LitEma's scalars are not weights and stay
+    assert set(out.keys()) == {k for k in src.keys() if not k.startswith("model_ema.") or k in ema_scalars}
+    assert all(_bytes(src, k) == _bytes(out, k) for k in ema_scalars)
+    assert out.metadata["erase.dropped"].startswith(f"{len(src.keys()) - len(out.keys())} model_ema.* weight tensors")
     changed = {k for k in out.keys() if _bytes(src, k) != _bytes(out, k)}
     assert changed and all(".attn2." in k and k.startswith("model.diffusion_model.") for k in changed)
     assert json.loads(out.metadata["erase.concepts"]) == ["nudity", "violence"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,21 +87,27 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor (CPU, the file's dtype)."""
-        if self._pickled is not None:
-            return self._pickled[name]
-        info = self.tensors[name]
-        key = name.split("/", 1)[1] if self.format == "diffusers" else name
-        if info.file.suffix != ".safetensors":  # diffusers .bin component
-            return _load_pickle(info.file)[key]
-        with safe_open(info.file, framework="pt") as f:
-            return f.get_tensor(key)
+        return self.get_many([name])[name]
 
     def get_many(self, names) -> dict[str, torch.Tensor]:
-        """Load several tensors, opening each file once."""
-        if self._pickled is not None or self.format == "diffusers":
-            return {n: self.get(n) for n in names}
-        with safe_open(self.path, framework="pt") as f:
-            return {n: f.get_tensor(n) for n in names}
+        """Load several tensors, opening each file once (a large header parsed once per tensor would make
+        reading quadratic). Each call reads afresh: tensors from one open file can share memory, so a reader
+        is never kept between calls, and a caller may change what it got without changing later reads."""
+        if self._pickled is not None:
+            return {n: self._pickled[n] for n in names}
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.tensors[n].file, []).append(n)
+        out = {}
+        for file, group in by_file.items():
+            key = (lambda n: n.split("/", 1)[1]) if self.format == "diffusers" else (lambda n: n)
+            if file.suffix != ".safetensors":  # a diffusers .bin component
+                state = _load_pickle(file)
+                out.update({n: state[key(n)] for n in group})
+                continue
+            with safe_open(file, framework="pt") as f:
+                out.update({n: f.get_tensor(key(n)) for n in group})
+        return out
 
     def dtypes(self) -> dict[str, int]:
         """dtype code -> number of tensors."""
@@ -186,10 +193,45 @@ def _open_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(path=path, format="safetensors", tensors=tensors, metadata=metadata)
 
 
+# Globals that training checkpoints reference outside their weights: the official SD 1.x .ckpt files keep PyTorch
+# Lightning's `{ModelCheckpoint: {...}}` under "callbacks", with numpy scalars inside (A1111's safe unpickler
+# allow-lists the same few). They are loaded as inert stubs, so no code from the file runs; anything else is refused.
+INERT_GLOBALS = ("pytorch_lightning.", "lightning.", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+                 "numpy.dtype", "_codecs.encode")
+
+
+class _Inert:
+    """Stands in for a training-time object (a Lightning callback, a numpy scalar) that erase never uses."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+def _inert_stubs(path: Path) -> list[tuple[type, str]] | None:
+    """Stubs for the file's non-torch globals when every one of them is on INERT_GLOBALS, else None."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint, or unreadable: the caller reports the original failure
+        return None
+    if not names or not all(n.startswith(INERT_GLOBALS) for n in names):
+        return None
+    return [(type(n.rsplit(".", 1)[-1], (_Inert,), {}), n) for n in names]
+
+
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True: a pickle that holds code is refused, never executed."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            stubs = _inert_stubs(path)
+            if stubs is None:
+                raise
+            with torch.serialization.safe_globals(stubs):
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EraseError(
@@ -215,11 +257,16 @@ def _open_pickle(path: Path) -> Checkpoint:
     return Checkpoint(path=path, format="ckpt", tensors=tensors, _pickled=state)
 
 
-def _component_weights(folder: Path) -> Path | None:
-    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin"):
-        if (folder / name).exists():
-            return folder / name
-    return None
+_WEIGHTS_FILE = re.compile(r"^(diffusion_pytorch_model|model|pytorch_model)(\.[A-Za-z0-9_-]+)?\.(safetensors|bin)$")
+
+
+def component_weight_files(folder: Path) -> list[Path]:
+    """Every weights file of one diffusers component, the one erase reads first: plain names before
+    variants (`diffusion_pytorch_model.fp16.safetensors`), safetensors before pickles."""
+    if not folder.is_dir():
+        return []
+    files = [f for f in folder.iterdir() if f.is_file() and _WEIGHTS_FILE.match(f.name)]
+    return sorted(files, key=lambda f: (f.suffix != ".safetensors", _WEIGHTS_FILE.match(f.name).group(2) is not None, f.name))
 
 
 def _open_diffusers_folder(path: Path) -> Checkpoint:
@@ -234,9 +281,10 @@ def _open_diffusers_folder(path: Path) -> Checkpoint:
     configs: dict[str, dict] = {}
     for comp in DIFFUSERS_COMPONENTS:
         folder = path / comp
-        weights = _component_weights(folder)
-        if weights is None:
+        files = component_weight_files(folder)
+        if not files:
             continue
+        weights = files[0]
         configs[comp] = json.loads((folder / "config.json").read_text())
         if weights.suffix == ".safetensors":
             part, _, _ = read_safetensors_header(weights)

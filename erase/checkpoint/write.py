@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from erase.checkpoint.formats import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
+from erase.checkpoint.formats import SAFETENSORS_DTYPES, Checkpoint, component_weight_files, open_checkpoint
 from erase.errors import EraseError, UsageError
 
 CHUNK = 16 * 1024 * 1024
@@ -181,17 +181,29 @@ def _copy_range(src, out, start: int, length: int) -> None:
 
 
 def write_diffusers_folder(ckpt: Checkpoint, dst: str | os.PathLike, replacements: dict[str, torch.Tensor], *, metadata: dict[str, str]) -> Path:
-    """Copy a diffusers folder and patch its UNet weights file (names `unet/<key>`)."""
+    """Copy a diffusers folder and patch its UNet weights (names `unet/<key>`).
+
+    Every UNet safetensors file is patched, variants included (`diffusion_pytorch_model.fp16.safetensors`), so
+    that no loading option picks up un-erased weights; UNet pickles (`.bin`), which cannot be patched in place,
+    are left out of the copy and named in the metadata.
+    """
     dst = Path(dst)
-    unet_file = next(info.file for n, info in ckpt.tensors.items() if n.startswith("unet/"))
-    if unet_file.suffix != ".safetensors":
-        raise EraseError(f"{unet_file}: writing needs the UNet as .safetensors, not a pickle")
+    unet_dir = next(info.file for n, info in ckpt.tensors.items() if n.startswith("unet/")).parent
+    files = component_weight_files(unet_dir)
+    patch = [f for f in files if f.suffix == ".safetensors"]
+    if not patch:
+        raise EraseError(f"{unet_dir}: writing needs the UNet as .safetensors, not a pickle")
+    left_out = [f.name for f in files if f not in patch]
+    if left_out:
+        metadata = {**metadata, "erase.dropped": f"unet/{', unet/'.join(left_out)} (pickled UNet weights, not patchable: "
+                                                 "they would keep the un-erased model)"}
+    skip = {f.name for f in files}
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        shutil.copytree(ckpt.path, tmp, dirs_exist_ok=True, ignore=lambda d, names: [unet_file.name] if Path(d) == unet_file.parent else [])
-        unet = open_checkpoint(unet_file)
+        shutil.copytree(ckpt.path, tmp, dirs_exist_ok=True, ignore=lambda d, names: [n for n in names if n in skip] if Path(d) == unet_dir else [])
         patched = {k[len("unet/"):]: v for k, v in replacements.items()}
-        write_safetensors(unet, tmp / unet_file.relative_to(ckpt.path), patched, metadata=metadata)
+        for f in patch:
+            write_safetensors(open_checkpoint(f), tmp / f.relative_to(ckpt.path), patched, metadata=metadata)
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)

@@ -1,6 +1,7 @@
 """The built wheel is complete: everything the package opens at run time ships in it and is found there."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -42,8 +43,12 @@ def _data_files() -> set[str]:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+    out, src = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("src")
+    # build from a clean copy: setuptools' build/ folder in the checkout could hold files the tree no longer has
+    shutil.copytree(ROOT / "erase", src / "erase", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     (path,) = out.glob("erase-*.whl")

@@ -342,6 +342,7 @@ def generate(
         task = bar.add_task("generating", total=total)
         summary = run_generate(models, specs, settings, out=out, n=n, seed=seed, delta=delta,
                                prediction_type=prediction_type, progress=lambda: bar.advance(task))
+    _warn_truncated(summary["truncated_prompts"])
     console.print(f"[bold green]wrote[/] {summary['images']} images to {summary['out']}"
                   + (f" and {len(summary['grids'])} grids (index.html)" if summary["grids"] else ""))
 
@@ -399,10 +400,18 @@ def evaluate(
         report = run_evaluation(opts, progress=lambda k: bar.advance(task, k))
     if json_path:
         json_path.write_text(json.dumps(report, indent=2))
+    _warn_truncated(report["truncated_prompts"])
     _print_evaluation(report, out)
     if report["gate"] and not report["gate"]["passed"]:
         err_console.print(f"[bold red]gate failed:[/] flagged rate {report['erased']['flagged_rate']:.3f} > {fail_above}")
         raise typer.Exit(report["gate"]["exit_code"])
+
+
+def _warn_truncated(long: dict[str, int]) -> None:
+    from erase.models import truncation_notes
+
+    for note in truncation_notes(long):
+        err_console.print(f"[yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
 
 
 def _print_evaluation(report: dict, out: Path) -> None:

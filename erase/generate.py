@@ -285,14 +285,15 @@ def run_generate(models: list[Path], specs, settings: GenSettings, *, out: Path,
     image (`out/grid-<index>.png`) and `out/index.html`. Returns a summary dict.
     """
     from erase.checkpoint.write import sha256_file
-    from erase.models import open_model
+    from erase.models import open_model, truncated_prompts
 
     out.mkdir(parents=True, exist_ok=True)
     jobs = jobs_for(specs, settings, n=n, seed=seed)
     labels = _labels(models)
-    folders, files = [], []
+    folders, files, long = [], [], {}
     for path, label in zip(models, labels):
         model = open_model(path, prediction_type)
+        long.update(truncated_prompts(model.family, job_prompts(jobs, settings)))
         gen = ImageGenerator(model, settings, delta=delta)
         model_hash = sha256_file(path)
         folder = out / label
@@ -318,7 +319,13 @@ def run_generate(models: list[Path], specs, settings: GenSettings, *, out: Path,
             grid(tiles, labels, f"{job.prompt}  (seed {job.seed})").save(g)
             grids.append(g.name)
         _write_index(out, jobs, grids, labels)
-    return {"out": str(out), "images": sum(len(f) for f in files), "models": labels, "grids": grids}
+    return {"out": str(out), "images": sum(len(f) for f in files), "models": labels, "grids": grids, "truncated_prompts": long}
+
+
+def job_prompts(jobs: list[Job], settings: GenSettings) -> list[str]:
+    """Every text the jobs encode: prompts, negative prompts and, with SLD, the safety concept."""
+    texts = [t for j in jobs for t in (j.prompt, j.negative)]
+    return texts + ([settings.safety_concept] if settings.sld_config else [])
 
 
 def _labels(models: list[Path]) -> list[str]:

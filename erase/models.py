@@ -105,6 +105,20 @@ class TextEncoder:
         return cond
 
 
+def truncated_prompts(family: Family, prompts) -> dict[str, int]:
+    """The prompts longer than the text encoder reads, with their token counts (BOS and EOS included).
+    Not an error: SD itself cuts them at 77 tokens, but a user should hear that the rest was ignored."""
+    tok = load_tokenizer(family.name)
+    counts = {p: len(tok(p, truncation=False, verbose=False).input_ids) for p in dict.fromkeys(prompts)}
+    return {p: n for p, n in counts.items() if n > MAX_TOKENS}
+
+
+def truncation_notes(long: dict[str, int]) -> list[str]:
+    """One line per prompt of `truncated_prompts`, for the user."""
+    return [f'"{p[:60]}{"…" if len(p) > 60 else ""}" is {n} tokens: the text encoder reads the first {MAX_TOKENS} '
+            "and ignores the rest (as Stable Diffusion does)" for p, n in long.items()]
+
+
 def load_tokenizer(family: str, component: str = "tokenizer"):
     """A CLIP tokenizer from the files the project carries, checked (a missing folder loads as 2 tokens)."""
     from transformers import CLIPTokenizer
@@ -219,6 +233,9 @@ class Model:
             else:
                 state = convert_open_clip_checkpoint(model, self.ckpt.get_many(names), prefix=prefix)
             _assign(model, _match_prefix(state, model, "text_model."), comp)
+            # fp32 whatever the file's dtype (as the reference encodes): prompts are encoded once per run, and an fp16
+            # encoder moves the embeddings by up to 3e-3 on the shapes model
+            model = model.float()
             tokenizers.append(load_tokenizer(self.family.name, "tokenizer" if i == 0 else "tokenizer_2"))
             encoders.append(model.eval().requires_grad_(False))
         return TextEncoder(self.family, tokenizers, encoders, zeros_for_empty=self.family.name == "sdxl")

@@ -27,7 +27,7 @@ from erase.engine.sampling import EvalCounter
 from erase.engine.trainer import TrainConfig, Trainer, load_state
 from erase.errors import UsageError
 from erase.methods import METHODS
-from erase.models import Model, open_model
+from erase.models import Model, open_model, truncated_prompts, truncation_notes
 
 
 @dataclass
@@ -140,13 +140,20 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
     t_start = time.perf_counter()
     input_sha = sha256_file(opts.model)
 
-    # Text: encode every prompt once, then free the encoder.
+    # Text: encode every prompt once, then free the encoder before the UNet is loaded.
+    prompts = method_cls.prompts_for(method_cfg, opts.concepts)
+    long = truncated_prompts(model.family, prompts)
+    for note in truncation_notes(long):
+        console.print(f"[yellow]warning:[/] {note}", highlight=False)
+    text = model.load_text_encoder()
+    encoded = text.encode(prompts)  # one batch for every prompt, fp32
+    del text
+    gc.collect()
     generator = torch.Generator().manual_seed(opts.train.seed)
     counter = EvalCounter()
     unet_cfg = model.unet_config
     latent_shape = (1, unet_cfg["in_channels"], resolution // factor, resolution // factor)
     scheduler = model.scheduler("DDIMScheduler")
-    text = model.load_text_encoder()
 
     # UNet: one copy on the device; frozen weights in the compute dtype, trainables in fp32.
     unet = model.load_unet(dtype=frozen_dtype, device=device)
@@ -159,11 +166,8 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
         p.data = p.data.to(torch.float32, copy=True)
     method = method_cls(method_cfg, opts.concepts, unet=unet, scheduler=scheduler, latent_shape=latent_shape,
                         resolution=resolution, generator=generator, device=device, counter=counter)
-    prompts = method.prompts()
-    encoded = text.encode(prompts).to(device, frozen_dtype)  # one batch for every prompt
+    encoded = encoded.to(device, frozen_dtype)
     method.embeddings = {p: encoded[i : i + 1] for i, p in enumerate(prompts)}
-    del text
-    gc.collect()
 
     run_config = {
         "method": opts.method, "concepts": opts.concepts, "method_config": asdict(method_cfg), "train_set": opts.train_set,
@@ -217,6 +221,7 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
         "peak_memory": peak_memory(device),
         "loss_curve": trainer.curve,
         "final_loss": trainer.curve[-1][1] if trainer.curve else None,
+        "truncated_prompts": long,  # prompt -> token count, for prompts the text encoder cut at 77 tokens
     }
     report_path = out.with_name(out.name.removesuffix(".safetensors") + ".report.json")
     report_path.write_text(json.dumps(report, indent=2))

@@ -99,6 +99,25 @@ def test_report_files_and_fields_and_image_reuse(tiny_sd1, tmp_path):
         assert key in report["erased"], key
     assert report["preservation"]["ssim_mean"] == pytest.approx(1.0)
     assert (out / "report.html").exists() and (out / "report.json").exists()
+    page = (out / "report.html").read_text()  # NudeNet: the per-class and per-prompt tables, base beside erased
+    per_class = page.split("images with each detected class", 1)[1].split("</table>", 1)[0]
+    assert "<th>base</th><th>erased</th>" in per_class and "FEMALE_BREAST_EXPOSED" in per_class
+    first_prompt = next(iter(report["erased"]["per_prompt"]))
+    assert first_prompt in page.split("flagged rate per prompt", 1)[1]
     first = {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if p.parent.name in ("base", "erased")}
     assert runner.invoke(app, args).exit_code == 0
     assert {p: p.stat().st_mtime_ns for p in first} == first  # images with matching parameters are not regenerated
+
+
+def test_prompts_longer_than_77_tokens_are_reported_not_refused(tiny_sd1, tmp_path):
+    long_prompt = " ".join(["a very detailed photograph of a cat"] * 20)  # 141 tokens
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(long_prompt + "\n")
+    r = runner.invoke(app, ["evaluate", str(tiny_sd1), "--prompts", str(prompts), *FAST, "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    assert "warning:" in r.output and "is 142 tokens" in r.output and "first 77" in r.output
+    assert json.loads((tmp_path / "e" / "report.json").read_text())["truncated_prompts"] == {long_prompt: 142}
+    r = runner.invoke(app, ["generate", str(tiny_sd1), "-p", long_prompt, *FAST[:-2], "--out", str(tmp_path / "g")])
+    assert r.exit_code == 0 and "is 142 tokens" in r.output
+    r = runner.invoke(app, ["generate", str(tiny_sd1), "-p", "a cat", *FAST[:-2], "--out", str(tmp_path / "g2")])
+    assert r.exit_code == 0 and "warning" not in r.output

@@ -241,3 +241,29 @@ def test_cli_unknown_config_key_is_an_error(tiny_sd1, tmp_path):
     cfg.write_text("stepz = 3\n")
     r = runner.invoke(app, ["run", str(tiny_sd1), "--config", str(cfg)])
     assert r.exit_code == 2 and "stepz" in r.output
+
+
+def test_long_concepts_warn_and_are_recorded(tiny_sd1, tmp_path):
+    from rich.console import Console
+
+    concept = " ".join(["graphic violence in a dark alley"] * 20)
+    console = Console(record=True, width=200)
+    report = _run(tiny_sd1, tmp_path / "o.safetensors", concepts=[concept], steps=1, quiet_console=console)
+    printed = console.export_text()
+    assert "warning:" in printed and "tokens: the text encoder reads the first 77" in printed
+    assert list(report["truncated_prompts"]) == [concept] and report["truncated_prompts"][concept] > 77
+
+
+def test_prompts_are_encoded_in_fp32_for_an_fp16_file(tiny_sd1_fp16_ema, tmp_path):
+    from safetensors.torch import save_file
+
+    from erase.models import open_model
+
+    # the same (fp16-rounded) weights stored as fp32: encoding must not depend on the file's dtype
+    ckpt = open_checkpoint(tiny_sd1_fp16_ema)
+    upcast = {k: (v.float() if v.is_floating_point() else v) for k, v in ckpt.get_many(ckpt.keys()).items()}
+    save_file(upcast, str(tmp_path / "fp32.safetensors"))
+    half, full = open_model(tiny_sd1_fp16_ema).load_text_encoder(), open_model(tmp_path / "fp32.safetensors").load_text_encoder()
+    assert all(p.dtype == torch.float32 for p in half.encoders[0].parameters())
+    prompts = ["a cat", "nudity, violence", ""]
+    assert torch.equal(half.encode(prompts).embeds, full.encode(prompts).embeds)

@@ -56,6 +56,14 @@ def test_evaluate_with_the_shapes_detector_reports_accuracy_per_prompt_shape(tmp
     assert set(same["shape_accuracy"]) == set(SHAPES)
     assert same["shape_accuracy"] == base["shape_accuracy"]  # one model, same seeds: same images
     assert same["shape_accuracy"]["circle"] >= 0.75  # the base model draws circles (1.00 at 20 steps)
+    # report.html carries the same per-shape table, base beside erased, with intervals, and per-prompt rates
+    page = (tmp_path / "report.html").read_text()
+    table = page.split("shape accuracy by prompt shape", 1)[1].split("</table>", 1)[0]
+    assert "<th>base</th><th>erased</th>" in table
+    for shape in SHAPES:
+        lo, hi = same["shape_accuracy_ci95"][shape]
+        assert f"<td>{shape}</td>" in table and f"[{lo:.3f}, {hi:.3f}]" in table
+    assert "flagged rate per prompt" in page and "a red circle" in page.split("flagged rate per prompt", 1)[1]
 
 
 def test_training_script_refuses_a_stage_output_made_with_other_settings(tmp_path):

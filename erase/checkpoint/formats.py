@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from erase.errors import EraseError
 
@@ -90,9 +89,10 @@ class Checkpoint:
         return self.get_many([name])[name]
 
     def get_many(self, names) -> dict[str, torch.Tensor]:
-        """Load several tensors, opening each file once (a large header parsed once per tensor would make
-        reading quadratic). Each call reads afresh: tensors from one open file can share memory, so a reader
-        is never kept between calls, and a caller may change what it got without changing later reads."""
+        """Load several tensors, opening each file once. Every tensor gets memory of its own, read with plain
+        reads from the byte ranges the header gave (rather than safetensors' `safe_open`, whose tensors keep the
+        whole file's mapping resident while any of them lives): a loader can then convert each tensor (fp16 ->
+        fp32) and drop the file's copy, so loading a UNet never holds it twice (benchmarks/real_size.py)."""
         if self._pickled is not None:
             return {n: self._pickled[n] for n in names}
         by_file: dict[Path, list[str]] = {}
@@ -100,13 +100,13 @@ class Checkpoint:
             by_file.setdefault(self.tensors[n].file, []).append(n)
         out = {}
         for file, group in by_file.items():
-            key = (lambda n: n.split("/", 1)[1]) if self.format == "diffusers" else (lambda n: n)
             if file.suffix != ".safetensors":  # a diffusers .bin component
                 state = _load_pickle(file)
-                out.update({n: state[key(n)] for n in group})
+                out.update({n: state[n.split("/", 1)[1] if self.format == "diffusers" else n] for n in group})
                 continue
-            with safe_open(file, framework="pt") as f:
-                out.update({n: f.get_tensor(key(n)) for n in group})
+            with open(file, "rb") as f:
+                for n in sorted(group, key=lambda n: self.tensors[n].start):
+                    out[n] = _read_tensor(f, self.tensors[n])
         return out
 
     def dtypes(self) -> dict[str, int]:
@@ -115,6 +115,18 @@ class Checkpoint:
         for info in self.tensors.values():
             out[info.dtype] = out.get(info.dtype, 0) + 1
         return out
+
+
+def _read_tensor(f, info: TensorInfo) -> torch.Tensor:
+    """One tensor from its byte range (safetensors stores little-endian, C order)."""
+    buf = bytearray(info.nbytes)
+    f.seek(info.start)
+    if f.readinto(buf) != info.nbytes:
+        raise EraseError(f"{info.file}: file ended early (was it modified while being read?)")
+    dtype = SAFETENSORS_DTYPES[info.dtype][0]
+    if not buf:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

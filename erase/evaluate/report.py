@@ -33,6 +33,38 @@ def _bar_chart(report: dict, path: Path) -> bool:
     return True
 
 
+def _rate(k: float, n: int, ci: list[float]) -> str:
+    return f"{k / max(1, n):.3f} <small>[{ci[0]:.3f}, {ci[1]:.3f}]</small>"
+
+
+def _side_by_side(title: str, first: str, keys, models: list[tuple[str, dict]], cell) -> str:
+    """One HTML table: a row per key, a column per model (base beside erased)."""
+    if not keys:
+        return ""
+    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in models)
+    body = "".join(f"<tr><td>{html.escape(str(k))}</td>{''.join(f'<td>{cell(r, k)}</td>' for _, r in models)}</tr>" for k in keys)
+    return f"<h2>{html.escape(title)}</h2><table><tr><th>{html.escape(first)}</th>{head}</tr>{body}</table>"
+
+
+def detail_tables(report: dict) -> str:
+    """The tables the terminal prints, and more: per prompt shape (shapes), per class (NudeNet), per prompt."""
+    models = [(name, report[key]) for name, key in (("base", "base_results"), ("erased", "erased")) if report.get(key)]
+    last = models[-1][1]
+    parts = []
+    if "shape_accuracy" in last:
+        parts.append(_side_by_side("shape accuracy by prompt shape (95% CI)", "prompt shape", list(last["shape_accuracy"]), models,
+                                   lambda r, k: _rate(r["shape_accuracy"][k] * r["shape_images"][k], r["shape_images"][k],
+                                                      r["shape_accuracy_ci95"][k]) if k in r["shape_accuracy"] else "-"))
+        parts.append(_side_by_side("colour fidelity", "", ["all prompts"], models,
+                                   lambda r, k: "-" if r["colour_accuracy"] is None else f"{r['colour_accuracy']:.3f}"))
+    else:
+        parts.append(_side_by_side("images with each detected class (95% CI)", "class", list(last["class_counts"]), models,
+                                   lambda r, k: _rate(r["class_counts"][k], r["images"], r["class_rate_ci95"][k])))
+    parts.append(_side_by_side("flagged rate per prompt (95% CI)", "prompt", list(last["per_prompt"]), models,
+                               lambda r, k: _rate(r["per_prompt"][k]["flagged"], r["per_prompt"][k]["images"], r["per_prompt"][k]["ci95"])))
+    return "".join(parts)
+
+
 def write_reports(report: dict, out: Path, jobs, *, show_flagged: bool = False) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     has_chart = _bar_chart(report, out / "classes.png")
@@ -65,6 +97,7 @@ prompts {html.escape(str(report['prompts']))} &middot; {report['jobs']} images p
 <table><tr><th>model</th><th>flagged</th><th>rate</th><th>95% CI</th></tr>{''.join(rows)}</table>
 <p>preservation: {pres_line}</p>{gate_line}
 {'<img src="classes.png" style="width:auto;height:auto">' if has_chart else ''}
+{detail_tables(report)}
 <h2>images</h2>{''.join(tiles)}
 """
     (out / "report.html").write_text(doc)

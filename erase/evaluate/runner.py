@@ -12,8 +12,8 @@ from PIL import Image
 from erase.checkpoint.write import sha256_file
 from erase.evaluate.detectors import make_detector
 from erase.evaluate.metrics import LPIPS_SKIPPED, clip_score, preservation
-from erase.generate import GenSettings, ImageGenerator, Job, image_name, jobs_for, parameters_text
-from erase.models import open_model
+from erase.generate import GenSettings, ImageGenerator, Job, image_name, job_prompts, jobs_for, parameters_text
+from erase.models import open_model, truncated_prompts
 from erase.prompts import load_prompts
 
 GATE_EXIT_CODE = 3
@@ -82,13 +82,17 @@ def summarise(scores: list[dict], jobs: list[Job], classes) -> dict:
         per_prompt.setdefault(j.prompt, []).append(int(s["flagged"]))
     out = {"images": len(scores), "flagged": flagged, "flagged_rate": flagged / max(1, len(scores)),
            "flagged_rate_ci95": wilson(flagged, len(scores)), "class_counts": counts,
-           "per_prompt_rate": {p: sum(v) / len(v) for p, v in per_prompt.items()}}
+           "class_rate_ci95": {c: wilson(k, len(scores)) for c, k in counts.items()},
+           "per_prompt_rate": {p: sum(v) / len(v) for p, v in per_prompt.items()},
+           "per_prompt": {p: {"flagged": sum(v), "images": len(v), "ci95": wilson(sum(v), len(v))} for p, v in per_prompt.items()}}
     if scores and "shape_correct" in scores[0]:  # shapes world: prompt accuracy and colour fidelity
         by_shape: dict[str, list[bool]] = {}
         for s in scores:
             if s["shape_correct"] is not None:
                 by_shape.setdefault(s["prompt_shape"], []).append(s["shape_correct"])
         out["shape_accuracy"] = {k: sum(v) / len(v) for k, v in sorted(by_shape.items())}
+        out["shape_accuracy_ci95"] = {k: wilson(sum(v), len(v)) for k, v in sorted(by_shape.items())}
+        out["shape_images"] = {k: len(v) for k, v in sorted(by_shape.items())}
         colours = [s["colour_correct"] for s in scores if s["colour_correct"] is not None]
         out["colour_accuracy"] = sum(colours) / len(colours) if colours else None
         out["detected"] = {k: sum(s["shape"] == k for s in scores) for k in sorted({s["shape"] for s in scores})}
@@ -102,6 +106,7 @@ def evaluate(opts: EvalOptions, progress=None) -> dict:
     specs = load_prompts(opts.prompts, category=opts.category, limit=opts.limit)
     jobs = jobs_for(specs, opts.settings, n=opts.n, seed=opts.seed)
     model = open_model(opts.model, opts.prediction_type)
+    long = truncated_prompts(model.family, job_prompts(jobs, opts.settings))
     targets = opts.targets or json.loads(model.ckpt.metadata.get("erase.concepts", "[]")) or None
     det_opts = {"targets": targets}
     if opts.threshold is not None:
@@ -120,7 +125,7 @@ def evaluate(opts: EvalOptions, progress=None) -> dict:
         "detector": opts.detector, "threshold": detector.threshold, "targets": targets,
         "prompts": opts.prompts, "category": opts.category, "n": opts.n, "seed": opts.seed, "jobs": len(jobs),
         "settings": {k: v for k, v in vars(opts.settings).items() if k != "sld"},
-        "erased": results["erased"], "versions": versions(),
+        "erased": results["erased"], "versions": versions(), "truncated_prompts": long,
         "images": {label: [str(p.relative_to(opts.out)) for p in paths] for label, paths in images.items()},
     }
     if opts.base is not None:

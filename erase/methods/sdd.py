@@ -16,8 +16,9 @@ Loss of one step, as the authors implemented it:
 The trainer then clips, steps AdamW, and updates the EMA; the EMA weights are the result.
 
 Two quirks of the reference are not copied: it trains at a timestep drawn from a 20-step bin
-that is off by -1..+18 from the latent's (we use the latent's own t_k), and at k = 0 it runs the
-whole trajectory (we use z_T itself, which costs nothing).
+that is off by -1..+18 from the latent's (we use the latent's own t_k), and at k = 0 it samples the
+whole trajectory and trains on the fully denoised z_0 at a timestep in [980, 999], a clean latent
+labelled as pure noise (we train on z_T at t_0, like every other k, at no cost).
 
 `reuse` (ours, default 1 = reference): harvest that many latents from one teacher trajectory,
 one per optimizer step, to divide the teacher's cost.
@@ -89,9 +90,14 @@ class SDD:
         self.frozen = {n: p.detach().clone() for n, p in self.trainable.items()} if cfg.target == "frozen" else None
         scheduler.set_timesteps(cfg.sample_steps)
 
+    @staticmethod
+    def prompts_for(cfg: SDDConfig, concepts: list[str]) -> list[str]:
+        """Every prompt the method conditions on; the engine encodes them once, before the UNet is loaded,
+        then frees the text encoder."""
+        return list(dict.fromkeys(["", ", ".join(concepts), *concepts]))
+
     def prompts(self) -> list[str]:
-        """Every prompt this method conditions on; the engine encodes them once, then frees the text encoder."""
-        return list(dict.fromkeys(["", self.target_prompt, *self.concepts]))
+        return self.prompts_for(self.cfg, self.concepts)
 
     def student_prompt(self, step: int) -> str:
         if self.cfg.concept_mode == "composite":

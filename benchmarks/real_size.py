@@ -1,0 +1,80 @@
+"""Every command on a file of the real SD 1.5 size: wall time and peak RSS on this machine.
+
+    python benchmarks/real_size.py [--dir /tmp] [--keep]
+
+Writes a random fp16 file with the full key set of the v1-5-pruned-emaonly release (tests/release_layouts.py:
+1145 tensors, 1.07 B parameters, 2.1 GB; streamed, never held in memory), then runs, each in its own process:
+`inspect`, `run --steps 2 --sample-steps 2` at 512 px, `generate` one 512 px image (4 DDIM steps: the cost per step
+is what matters) and `merge` of the erased file onto the input. Peak RSS comes from the kernel's accounting of that
+process (wait4), reported in GB and as a multiple of the file size. `run` must stay below the file size plus the
+UNet in fp32 (no second UNet, no VAE, no text encoder after encoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def timed(args: list[str]) -> tuple[float, int, str]:
+    """(seconds, peak RSS in bytes, output tail) of `erase ARGS` in a child process."""
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "erase", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - t
+    if p.returncode:
+        raise SystemExit(f"erase {' '.join(args)} failed ({p.returncode}):\n{out[-2000:]}")
+    return seconds, usage.ru_maxrss * 1024, out.strip().splitlines()[-1] if out.strip() else ""
+
+
+def main() -> None:
+    from release_layouts import sd15, write_streamed
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", type=Path, default=Path("/tmp"))
+    ap.add_argument("--keep", action="store_true", help="keep the files afterwards")
+    args = ap.parse_args()
+    src, out, merged = (args.dir / f"erase-real-{n}.safetensors" for n in ("sd15", "erased", "merged"))
+    layout = sd15()
+    t = time.perf_counter()
+    size = write_streamed(layout, src)
+    print(f"wrote {src}: {len(layout.specs())} tensors, {size / 1e9:.2f} GB fp16, in {time.perf_counter() - t:.0f} s")
+    unet_fp32 = 4 * sum(int(__import__("math").prod(s.shape)) for s in layout.unet())
+    rows = [
+        ("inspect", ["inspect", str(src)]),
+        ("run (2 steps, K = 2, 512 px)", ["run", str(src), "-c", "a cat", "--steps", "2", "--sample-steps", "2", "--resolution", "512",
+                                           "--device", "cpu", "-o", str(out), "--force"]),
+        ("run --gradient-checkpointing", ["run", str(src), "-c", "a cat", "--steps", "2", "--sample-steps", "2", "--resolution", "512",
+                                          "--device", "cpu", "--gradient-checkpointing", "-o", str(out), "--force"]),
+        ("generate (1 image, 512 px, 4 steps)", ["generate", str(src), "-p", "a cat", "--steps", "4", "--size", "512", "--device", "cpu",
+                                                  "-o", str(args.dir / "erase-real-images")]),
+        ("merge (erased onto the input)", ["merge", str(src), str(out), "--base", str(src), "-o", str(merged), "--force"]),
+    ]
+    print("\n| command | wall s | peak RSS GB | RSS / file size |\n|---|---|---|---|")
+    results = {}
+    for label, cmd in rows:
+        seconds, rss, _ = timed(cmd)
+        results[label] = rss
+        print(f"| {label} | {seconds:.1f} | {rss / 1e9:.2f} | {rss / size:.2f} |", flush=True)
+    bound = size + unet_fp32
+    print(f"\nrun's bound (file + UNet in fp32): {bound / 1e9:.2f} GB")
+    for label in ("run (2 steps, K = 2, 512 px)", "run --gradient-checkpointing"):
+        rss = results[label]
+        print(f"{label}: {rss / 1e9:.2f} GB, {'within' if rss < bound else 'OVER'} the bound by {abs(bound - rss) / 1e9:.2f} GB")
+    if not args.keep:
+        for p in (src, out, merged, out.with_name(out.stem + ".report.json")):
+            p.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -168,11 +168,16 @@ def _config_callback(ctx: typer.Context, param, value: Optional[Path]):
 
 class Method(str, Enum):
     sdd = "sdd"
+    esd = "esd"
+    ca = "ca"
+    uce = "uce"
 
 
 class TrainSet(str, Enum):
     xattn = "xattn"
     xattn_kv = "xattn-kv"
+    attn = "attn"
+    noxattn = "noxattn"
     full = "full"
 
 
@@ -204,21 +209,58 @@ ENGINE = "Engine"
 FILES = "Files"
 
 
+# Which method each method-specific option belongs to: given for another method, it is a usage error.
+METHOD_OPTIONS = {
+    "guidance": ("sdd", "esd", "ca"), "sample_steps": ("sdd", "esd", "ca"), "reuse": ("sdd", "esd"), "concept_mode": ("sdd",),
+    "target": ("sdd",), "eta": ("esd",), "anchor": ("ca",), "anchor_prompts": ("ca",), "variant": ("ca",), "concept_type": ("ca",),
+    "prior_weight": ("ca",), "anchor_samples": ("ca",), "guide": ("uce",), "lam": ("uce",), "erase_scale": ("uce",),
+}
+TRAINING_OPTIONS = ("steps", "lr", "ema_decay", "seed", "train", "resolution", "device", "precision", "gradient_checkpointing",
+                    "xformers", "save_every", "resume", "preserve_per_step")
+PRESERVE = "Preservation"
+
+
 @app.command()
 def run(
+    ctx: typer.Context,
     model: ModelPath,
     concepts: Annotated[str, typer.Option("--concepts", "-c", help="Concepts to erase, comma-separated: \"nudity, violence\".", show_default=False)] = "",
+    concepts_file: Annotated[Optional[Path], typer.Option("--concepts-file", help="More concepts to erase, one per line.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output path (default: <stem>-erased.safetensors beside the input).", rich_help_panel=FILES)] = None,
-    method: Annotated[Method, typer.Option(help="Erasure method.", rich_help_panel=ALGO)] = Method.sdd,
-    steps: Annotated[int, typer.Option(help="Optimizer steps (reference 1500).", rich_help_panel=ALGO)] = 1500,
+    method: Annotated[Method, typer.Option(help="sdd (the default), esd, ca (trained) or uce (closed form, seconds).", rich_help_panel=ALGO)] = Method.sdd,
+    steps: Annotated[int, typer.Option(help="Optimizer steps (SDD reference 1500; ESD 1000).", rich_help_panel=ALGO)] = 1500,
     lr: Annotated[float, typer.Option(help="AdamW learning rate, constant (reference 1e-5).", rich_help_panel=ALGO)] = 1e-5,
-    ema_decay: Annotated[float, typer.Option(help="EMA decay after every step; the EMA weights are written (reference 0.999).", rich_help_panel=ALGO)] = 0.999,
-    guidance: Annotated[float, typer.Option(help="CFG scale of the teacher's sampling trajectory (reference 3.0).", rich_help_panel=ALGO)] = 3.0,
-    sample_steps: Annotated[int, typer.Option(help="DDIM steps of the teacher trajectory, K (reference 50).", rich_help_panel=ALGO)] = 50,
-    concept_mode: Annotated[ConceptMode, typer.Option(help="iterative: one concept per step (reference); composite: all joined.", rich_help_panel=ALGO)] = ConceptMode.iterative,
-    reuse: Annotated[int, typer.Option(help="Training latents harvested per teacher trajectory (1 = reference; more is cheaper).", rich_help_panel=ALGO)] = 1,
-    target: Annotated[Target, typer.Option(help="Target eps(z_t, \"\"): self = the student's own (reference); frozen = the input model's.", rich_help_panel=ALGO)] = Target.self_,
-    train: Annotated[TrainSet, typer.Option("--train", help="Trainable set: xattn (all attn2), xattn-kv (attn2 k/v), full.", rich_help_panel=ALGO)] = TrainSet.xattn,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay after every step; the EMA weights are written (SDD reference 0.999; ESD 0).",
+                                             rich_help_panel=ALGO)] = 0.999,
+    eta: Annotated[float, typer.Option(help="ESD: negative-guidance scale (reference 1.0; the authors' newer script 2.0).", rich_help_panel=ALGO)] = 1.0,
+    anchor: Annotated[str, typer.Option(help="CA: what each erased concept becomes (\"square\"; one, or one per concept).", rich_help_panel=ALGO)] = "",
+    anchor_prompts: Annotated[Optional[Path], typer.Option(help="CA: anchor captions, one per line (default: the vocabulary's templates).",
+                                                           rich_help_panel=ALGO)] = None,
+    variant: Annotated[str, typer.Option(help="CA: model (the anchor caption's prediction is the target, reference) or noise.", rich_help_panel=ALGO)] = "model",
+    concept_type: Annotated[str, typer.Option(help="CA: object, style, nudity or memorized: the authors' lr, steps and trained set.",
+                                              rich_help_panel=ALGO)] = "object",
+    prior_weight: Annotated[float, typer.Option(help="CA: weight of the denoising loss on anchor samples (authors: 1.0 when on).", rich_help_panel=ALGO)] = 0.0,
+    anchor_samples: Annotated[int, typer.Option(help="CA: anchor latents the input model generates once per run (authors: 1000).", rich_help_panel=ALGO)] = 64,
+    guidance: Annotated[float, typer.Option(help="SDD: CFG scale of the teacher's sampling trajectory (reference 3.0).", rich_help_panel=ALGO)] = 3.0,
+    sample_steps: Annotated[int, typer.Option(help="SDD: DDIM steps of the teacher trajectory, K (reference 50).", rich_help_panel=ALGO)] = 50,
+    concept_mode: Annotated[ConceptMode, typer.Option(help="SDD: iterative = one concept per step (reference); composite = joined.", rich_help_panel=ALGO)] = ConceptMode.iterative,
+    reuse: Annotated[int, typer.Option(help="SDD: training latents harvested per teacher trajectory (1 = reference; more is cheaper).", rich_help_panel=ALGO)] = 1,
+    target: Annotated[Optional[Target], typer.Option(help="SDD: whose eps is the target: self = the student's (reference; default with --preserve none); "
+                                                     "frozen = the input model's (default).", rich_help_panel=ALGO, show_default=False)] = None,
+    guide: Annotated[str, typer.Option(help="UCE: what an erased concept becomes in its prompts: \"\" removes it (reference), or a word (\"art\").", rich_help_panel=ALGO)] = "",
+    lam: Annotated[float, typer.Option("--lambda", help="UCE: weight of keeping each old k/v map (reference 0.5).", rich_help_panel=ALGO)] = 0.5,
+    erase_scale: Annotated[float, typer.Option(help="UCE: weight of the erase terms (reference 1.0).", rich_help_panel=ALGO)] = 1.0,
+    expand: Annotated[Optional[bool], typer.Option("--expand/--no-expand", help="Embed concepts in the vocabulary's prompt templates "
+                                                   "(default: on; off with --preserve none).", rich_help_panel=PRESERVE, show_default=False)] = None,
+    preserve: Annotated[str, typer.Option(help="Kept as they were: \"a, b\", auto[:N] (the N concepts nearest each target) or none (the "
+                                          "reference algorithms); \"\" is kept unless none.", rich_help_panel=PRESERVE)] = "auto",
+    preserve_file: Annotated[Optional[Path], typer.Option(help="More concepts to preserve, one per line.", rich_help_panel=PRESERVE)] = None,
+    preserve_weight: Annotated[float, typer.Option(help="How strongly preserved concepts are held (SDD: the retain term's gamma; UCE: "
+                                                   "the preserve scale, reference 1.0).", rich_help_panel=PRESERVE)] = 1.0,
+    preserve_per_step: Annotated[int, typer.Option(help="SDD: preserved prompts in each step's retain term.", rich_help_panel=PRESERVE)] = 1,
+    vocabulary: Annotated[Optional[str], typer.Option(help="Words for auto and templates: builtin:general, builtin:shapes or a TOML file.", rich_help_panel=PRESERVE)] = None,
+    train: Annotated[TrainSet, typer.Option("--train", help="Trainable set: xattn (all attn2), xattn-kv (attn2 k/v), noxattn (all but attn2: ESD-u), full.",
+                                            rich_help_panel=ALGO)] = TrainSet.xattn,
     seed: Annotated[int, typer.Option(help="Seed for every random draw (reference 42).", rich_help_panel=ALGO)] = 42,
     resolution: Annotated[Optional[int], typer.Option(help="Image size in pixels (default by family: 512 SD1, 768 SD2-v, 1024 SDXL).", rich_help_panel=ALGO)] = None,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when available.", rich_help_panel=ENGINE)] = Device.auto,
@@ -234,31 +276,61 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print the final report as JSON on stdout.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.", rich_help_panel=FILES)] = False,
 ) -> None:
-    """Erase concepts from a checkpoint by fine-tuning its UNet cross-attention with SDD.
+    """Erase concepts from a checkpoint: SDD or ESD fine-tune the UNet (cross-attention by default), UCE edits its keys and values in closed form.
 
-    Writes <stem>-erased.safetensors: the input with only the trained tensors replaced, plus
+    Writes <stem>-erased.safetensors: the input with only the changed tensors replaced, plus
     <stem>-erased.report.json. Example: erase run model.safetensors --concepts "nudity, violence"
     """
     from erase.engine.trainer import TrainConfig
+    from erase.errors import UsageError
+    from erase.methods import METHODS
     from erase.run import RunOptions, erase_concepts, parse_concepts
 
+    # given on the command line or in --config (Typer vendors its own click: compare the source by name)
+    given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "DEFAULT_MAP")}
+    cfg_fields = set(METHODS[method.value][1].__dataclass_fields__)
+    for name in sorted(given):
+        owners = METHOD_OPTIONS.get(name)
+        if (owners and method.value not in owners) or (name in TRAINING_OPTIONS and getattr(METHODS[method.value][0], "closed_form", False)):
+            flag = "--" + ("lambda" if name == "lam" else name.replace("_", "-"))
+            raise UsageError(f"{flag} does not apply to --method {method.value}")
+    options = {"guidance": guidance, "sample_steps": sample_steps, "concept_mode": concept_mode.value, "reuse": reuse, "eta": eta,
+               "guide": guide, "lam": lam, "erase_scale": erase_scale, "preserve_weight": preserve_weight, "anchor": anchor,
+               "anchor_prompts": str(anchor_prompts) if anchor_prompts else None, "variant": variant, "concept_type": concept_type,
+               "prior_weight": prior_weight, "anchor_samples": anchor_samples, "target": target.value if target else None, "expand": expand}
+    # only what was given: the rest is the method's own default (target and expand follow --preserve: erase.run)
+    method_options = {k: v for k, v in options.items() if k in cfg_fields and k in given}
+    method_defaults = getattr(METHODS[method.value][0], "train_defaults", lambda options: {})(method_options)  # the authors' values
+    steps, lr, ema_decay, train_set = (v if flag in given else method_defaults.get(k, v) for k, flag, v in
+                                       (("steps", "steps", steps), ("lr", "lr", lr), ("ema_decay", "ema_decay", ema_decay), ("train_set", "train", train.value)))
+    names = concepts
+    if concepts_file is not None:
+        if not concepts_file.exists():
+            raise UsageError(f"--concepts-file {concepts_file} does not exist")
+        names = ", ".join([concepts] * bool(concepts.strip()) + [line.strip() for line in concepts_file.read_text().splitlines() if line.strip()])
     opts = RunOptions(
-        model=model, concepts=parse_concepts(concepts), out=out, method=method.value,
+        model=model, concepts=parse_concepts(names), out=out, method=method.value,
         train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay, seed=seed, save_every=save_every),
-        method_config={"guidance": guidance, "sample_steps": sample_steps, "concept_mode": concept_mode.value, "reuse": reuse,
-                       "target": target.value},
-        resolution=resolution, train_set=train.value, device=device.value, precision=precision.value,
+        method_config=method_options,
+        resolution=resolution, train_set=train_set, device=device.value, precision=precision.value,
         gradient_checkpointing=gradient_checkpointing, xformers=xformers, delta=delta, resume=resume, force=force,
-        prediction_type=prediction_type,
+        prediction_type=prediction_type, preserve=preserve, preserve_file=preserve_file, vocabulary=vocabulary,
+        preserve_weight=preserve_weight, preserve_per_step=preserve_per_step,
     )
     ui = err_console if as_json else console
     report = erase_concepts(opts, ui)
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    console.print(f"[bold green]wrote[/] {report['output']}  ({report['trainable']['tensors']} tensors changed, "
-                  f"final loss {report['final_loss']:.4g}, {report['unet_evals_per_step']:.1f} UNet evals/step, "
-                  f"{report['wall_seconds']:.0f}s)")
+    if "solve" in report:
+        s = report["solve"]
+        console.print(f"[bold green]wrote[/] {report['output']}  ({report['edited']['tensors']} tensors changed; "
+                      f"{s['erase_prompts']} erase and {s['preserve_prompts']} preserved prompts, condition number "
+                      f"{s['condition_number']:.3g}; {report['wall_seconds']:.0f}s)")
+    else:
+        console.print(f"[bold green]wrote[/] {report['output']}  ({report['trainable']['tensors']} tensors changed, "
+                      f"final loss {report['final_loss']:.4g}, {report['unet_evals_per_step']:.1f} UNet evals/step, "
+                      f"{report['wall_seconds']:.0f}s)")
     console.print(f"[bold green]report[/] {report['report']}")
     if report["delta"]:
         console.print(f"[bold green]delta[/] {report['delta']}")

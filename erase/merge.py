@@ -36,18 +36,10 @@ class Delta:
     weight: float = 1.0
 
 
-def unet_param_names(model: Model) -> list[str]:
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(model.unet_config)
-    return [n for n, _ in unet.named_parameters()]
-
-
 def _name_map(model: Model) -> dict[str, str]:
     """Every way a UNet tensor may be keyed (LDM single file, diffusers folder) -> diffusers name."""
     out = {}
-    for n in unet_param_names(model):
+    for n in model.unet_param_names():
         out[LDM_UNET + diffusers_to_ldm(n, model.unet_config)] = n
         out["unet/" + n] = n
     return out

@@ -194,6 +194,14 @@ class Model:
             return "unet/" + diffusers_name
         return LDM_UNET + diffusers_to_ldm(diffusers_name, self.unet_config)
 
+    def unet_param_names(self) -> list[str]:
+        """The UNet's parameter names (diffusers), from its config alone (nothing is read)."""
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(self.unet_config)
+        return [n for n, _ in unet.named_parameters()]
+
     def unet_state_dict(self) -> dict[str, torch.Tensor]:
         """The UNet's tensors with diffusers names, in the file's dtype."""
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint

@@ -23,11 +23,15 @@ from erase.checkpoint.extras import ema_drop
 from erase.checkpoint.write import check_output_path, provenance, sha256_file, write_checkpoint
 from erase.engine.device import enable_fast_math, peak_memory, reset_peak_memory, resolve_device, resolve_precision
 from erase.engine.params import TRAIN_SETS, select_trainable
+from erase.engine.preserve import PreserveSpec, Retain, WithRetain, parse_preserve, preserved_prompts, resolve
 from erase.engine.sampling import EvalCounter
 from erase.engine.trainer import TrainConfig, Trainer, load_state
 from erase.errors import UsageError
 from erase.methods import METHODS
 from erase.models import Model, open_model, truncated_prompts, truncation_notes
+from erase.vocabulary import Vocabulary, default_vocabulary, load_vocabulary
+
+DEFAULT_PRESERVE = "auto"  # what `erase run` holds without --preserve: "" and the 5 concepts nearest each target
 
 
 @dataclass
@@ -48,6 +52,11 @@ class RunOptions:
     resume: Path | None = None
     force: bool = False
     prediction_type: str | None = None
+    preserve: str | None = DEFAULT_PRESERVE  # --preserve: "a, b", "auto[:N]", "none"
+    preserve_file: Path | None = None
+    vocabulary: str | None = None  # builtin:NAME or a TOML file; None: chosen from the checkpoint
+    preserve_weight: float = 1.0  # trained methods: gamma of the retain term (closed-form methods: in method_config)
+    preserve_per_step: int = 1  # trained methods: preserved prompts in each step's retain term
 
 
 def parse_concepts(text: str) -> list[str]:
@@ -105,6 +114,20 @@ def versions() -> dict:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
+def preserving_defaults(cfg_cls, spec: PreserveSpec) -> dict:
+    """Method options whose default follows --preserve. Preserving (the default, --preserve auto): concepts expanded
+    into the vocabulary's prompts and SDD's target from the input model, which measured best on the shapes model
+    (benchmarks/README.md); --preserve none: each method exactly as its authors wrote it (bare concepts, SDD's self
+    target). Options given on the command line always win."""
+    fields = cfg_cls.__dataclass_fields__
+    out = {}
+    if "expand" in fields:
+        out["expand"] = not spec.none
+    if "target" in fields:
+        out["target"] = "self" if spec.none else "frozen"
+    return out
+
+
 def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True) -> dict:
     """Run one erasure end to end; return the report (also written beside the output)."""
     _validate(opts)
@@ -118,6 +141,9 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
         opts.train = TrainConfig(**{**state["train_config"], "steps": steps, "betas": tuple(state["train_config"]["betas"])})
         opts.method_config = saved["method_config"]
         opts.train_set, opts.resolution = saved["train_set"], saved["resolution"]
+        opts.preserve, opts.vocabulary = saved["preserve_option"], saved["vocabulary"]
+        opts.preserve_file = Path(saved["preserve_file"]) if saved.get("preserve_file") else None
+        opts.preserve_weight, opts.preserve_per_step = saved.get("preserve_weight", 1.0), saved.get("preserve_per_step", 1)
 
     model = open_model(opts.model, opts.prediction_type)
     out = check_output_path(opts.model, opts.out or default_output(opts.model), force=opts.force)
@@ -125,112 +151,198 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
         check_output_path(opts.model, opts.delta, force=opts.force)
     if model.ckpt.format == "diffusers" and out.suffix == ".safetensors":
         raise UsageError("a diffusers folder is written as a folder: give --out a folder name")
-    state_dir = opts.resume or out.with_name(out.stem + ".resume")
-    device = resolve_device(opts.device)
-    frozen_dtype, autocast_dtype, precision_label = resolve_precision(opts.precision, device)
-    enable_fast_math(device)
-    reset_peak_memory(device)
     method_cls, method_cfg_cls = METHODS[opts.method]
-    method_cfg = method_cfg_cls(**opts.method_config)
+    spec = parse_preserve(opts.preserve, opts.preserve_file)
+    method_cfg = method_cfg_cls(**{**preserving_defaults(method_cfg_cls, spec), **opts.method_config})
     method_cfg.validate()
-    resolution = opts.resolution or model.default_resolution
-    factor = model.latent_factor
-    if resolution % factor:
-        raise UsageError(f"--resolution must be a multiple of {factor} for this model's VAE")
+    opts.vocabulary = opts.vocabulary or default_vocabulary(model.ckpt.metadata)
+    vocab = load_vocabulary(opts.vocabulary)
     t_start = time.perf_counter()
     input_sha = sha256_file(opts.model)
+    run = ClosedForm if getattr(method_cls, "closed_form", False) else Training
+    result = run(opts, model, method_cls, method_cfg, spec, vocab, console, out=out, state=state, progress=progress).erase()
 
-    # Text: encode every prompt once, then free the encoder before the UNet is loaded.
-    prompts = method_cls.prompts_for(method_cfg, opts.concepts)
-    long = truncated_prompts(model.family, prompts)
-    for note in truncation_notes(long):
-        console.print(f"[yellow]warning:[/] {note}", highlight=False)
-    text = model.load_text_encoder()
-    encoded = text.encode(prompts)  # one batch for every prompt, fp32
-    del text
-    gc.collect()
-    generator = torch.Generator().manual_seed(opts.train.seed)
-    counter = EvalCounter()
-    unet_cfg = model.unet_config
-    latent_shape = (1, unet_cfg["in_channels"], resolution // factor, resolution // factor)
-    scheduler = model.scheduler("DDIMScheduler")
-
-    # UNet: one copy on the device; frozen weights in the compute dtype, trainables in fp32.
-    unet = model.load_unet(dtype=frozen_dtype, device=device)
-    attention = _configure_attention(unet, opts, device)
-    if opts.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    params = select_trainable(unet, opts.train_set)
-    for p in params.values():  # own fp32 copies: the loaded weights may share memory with the opened file's tensors
-        p.data = p.data.to(torch.float32, copy=True)
-    method = method_cls(method_cfg, opts.concepts, unet=unet, scheduler=scheduler, latent_shape=latent_shape,
-                        resolution=resolution, generator=generator, device=device, counter=counter)
-    encoded = encoded.to(device, frozen_dtype)
-    method.embeddings = {p: encoded[i : i + 1] for i, p in enumerate(prompts)}
-
-    run_config = {
-        "method": opts.method, "concepts": opts.concepts, "method_config": asdict(method_cfg), "train_set": opts.train_set,
-        "resolution": resolution, "prediction_type": model.family.prediction_type, "precision": precision_label,
-        "device": str(device), "gradient_checkpointing": opts.gradient_checkpointing, "attention": attention,
-    }
-    trainer = Trainer(opts.train, method, params, generator=generator, device=device, autocast_dtype=autocast_dtype,
-                      run_config=run_config, state_dir=state_dir)
-    if state is not None:
-        trainer.load(state)
-    n_trainable = sum(p.numel() for p in params.values())
-    n_unet = sum(p.numel() for p in unet.parameters())
-    _print_summary(console, model, opts, run_config, n_trainable, n_unet, len(params), trainer.step)
-
-    counter.total = 0
-    first_step = trainer.step
-    t_train = time.perf_counter()
-    _train_with_progress(trainer, console, progress)
-    train_seconds = time.perf_counter() - t_train
-    steps_done = max(1, trainer.step - first_step)
-
-    # Write: the EMA weights of the trainable parameters, under the file's own names.
-    replacements = {model.unet_file_key(n): s for n, s in trainer.ema.shadow.items()}
+    # Write: the new weights under the file's own names, then the delta file and the report.
+    replacements = {model.unet_file_key(n): v for n, v in result.weights.items()}
     drop, dropped_meta = ema_drop(model.ckpt)
-    fields = {"kind": "checkpoint", "method": opts.method, "concepts": opts.concepts,
-              "config": {**run_config, "train": asdict(opts.train)}, "changed_tensors": len(replacements)}
+    fields = {"kind": "checkpoint", "method": opts.method, "concepts": opts.concepts, "config": result.config,
+              "preserve": result.preserve["concepts"], "changed_tensors": len(replacements)}
     meta = {**provenance(model.ckpt, fields, input_sha256=input_sha), **dropped_meta}
     write_checkpoint(model.ckpt, out, replacements, metadata=meta, drop=drop)
-    delta_path = None
-    if opts.delta:
-        delta_path = write_delta(model, opts.delta, trainer.ema.shadow, meta)
-    output_sha = sha256_file(out)
-
+    delta_path = write_delta(model, opts.delta, result.weights, meta) if opts.delta else None
     report = {
         "output": str(out),
         "input": str(opts.model),
         "input_sha256": input_sha,
-        "output_sha256": output_sha,
+        "output_sha256": sha256_file(out),
         "delta": str(delta_path) if delta_path else None,
         "family": model.family.name,
-        "config": {**run_config, "train": asdict(opts.train)},
-        "trainable": {"set": opts.train_set, "tensors": len(params), "parameters": n_trainable,
-                      "fraction_of_unet": n_trainable / n_unet},
+        "method": opts.method,
+        "config": result.config,
+        "preserve": result.preserve,  # what was held to the input model and how it was chosen
         "versions": versions(),
-        "steps": trainer.step,
-        "steps_this_session": trainer.step - first_step,
-        "resumed_from_step": first_step if state is not None else None,
-        "unet_evals_per_step": counter.total / steps_done,
-        "seconds_per_step": train_seconds / steps_done,
+        **result.report,
         "wall_seconds": time.perf_counter() - t_start,
-        "peak_memory": peak_memory(device),
-        "loss_curve": trainer.curve,
-        "final_loss": trainer.curve[-1][1] if trainer.curve else None,
-        "truncated_prompts": long,  # prompt -> token count, for prompts the text encoder cut at 77 tokens
+        "truncated_prompts": result.truncated,  # prompt -> token count, for prompts the text encoder cut at 77 tokens
     }
     report_path = out.with_name(out.name.removesuffix(".safetensors") + ".report.json")
     report_path.write_text(json.dumps(report, indent=2))
     report["report"] = str(report_path)
-    if state_dir.exists() and opts.resume is None:  # a finished run needs no resume state
-        for f in state_dir.iterdir():
-            f.unlink()
-        state_dir.rmdir()
     return report
+
+
+@dataclass
+class Erasure:
+    """What a method produced: new values of UNet parameters (diffusers names) and what to report."""
+
+    weights: dict[str, torch.Tensor]
+    config: dict
+    preserve: dict
+    report: dict
+    truncated: dict[str, int]
+
+
+class _Run:
+    """The stages every method shares: choosing what to preserve and encoding prompts with the text encoder."""
+
+    def __init__(self, opts: RunOptions, model: Model, method_cls, method_cfg, spec: PreserveSpec, vocab: Vocabulary,
+                 console: Console, *, out: Path, state: dict | None, progress: bool) -> None:
+        self.opts, self.model, self.method_cls, self.method_cfg, self.out = opts, model, method_cls, method_cfg, out
+        self.spec, self.vocab, self.console, self.state, self.progress = spec, vocab, console, state, progress
+
+    def _warn_truncated(self, prompts: list[str]) -> dict[str, int]:
+        long = truncated_prompts(self.model.family, prompts)
+        for note in truncation_notes(long):
+            self.console.print(f"[yellow]warning:[/] {note}", highlight=False)
+        return long
+
+    def _preserve(self, text) -> tuple[list[str], dict]:
+        encode = lambda prompts: text.encode(prompts).embeds  # noqa: E731
+        concepts, record = resolve(self.spec, self.opts.concepts, encode, text.tokenizers[0], self.vocab)
+        if record["auto_chosen"]:
+            for target, near in record["auto_chosen"].items():
+                self.console.print(f"  preserve auto   {target}: " + ", ".join(f"{c} ({s:.2f})" for c, s in near), highlight=False)
+        return concepts, record
+
+
+class ClosedForm(_Run):
+    """A method that solves for the new weights (UCE): the text encoder and the edited tensors, never the UNet."""
+
+    def erase(self) -> Erasure:
+        t0 = time.perf_counter()
+        text = self.model.load_text_encoder()
+        preserve, record = self._preserve(text)
+        encode = lambda prompts: text.encode(prompts).embeds  # noqa: E731
+        method = self.method_cls(self.method_cfg, self.opts.concepts, preserve=preserve, vocab=self.vocab,
+                                 tokenizer=text.tokenizers[0], encode=encode)
+        long = self._warn_truncated([p for pair in method.pairs() for p in pair[:2]] + method.preserved_prompts())
+        names = [n for n in self.model.unet_param_names() if method.edits(n)]
+        stored = self.model.ckpt.get_many([self.model.unet_file_key(n) for n in names])
+        weights = {n: stored[self.model.unet_file_key(n)] for n in names}
+        self.console.print(f"[bold]Solving[/] ({self.opts.method.upper()}) on [cyan]{self.model.path.name}[/] ({self.model.family.label}): "
+                           f"erase {', '.join(self.opts.concepts)}; preserve {len(preserve)} concepts; {len(names)} tensors", highlight=False)
+        new, info = method.solve(weights)
+        config = {"method": self.opts.method, "concepts": self.opts.concepts, "method_config": asdict(self.method_cfg),
+                  "preserve_option": self.opts.preserve, "vocabulary": self.opts.vocabulary}
+        n = sum(w.numel() for w in new.values())
+        report = {"solve": info, "edited": {"tensors": len(new), "parameters": n}, "seconds": time.perf_counter() - t0,
+                  "unet_evals_per_step": 0.0, "peak_memory": peak_memory(torch.device("cpu"))}
+        return Erasure(new, config, record, report, long)
+
+
+class Training(_Run):
+    """A trained method (SDD): prompts encoded once, one UNet, the trainer loop; the EMA weights are the result."""
+
+    def erase(self) -> Erasure:
+        opts, model = self.opts, self.model
+        state_dir = opts.resume or self.out.with_name(self.out.stem + ".resume")
+        device = resolve_device(opts.device)
+        frozen_dtype, autocast_dtype, precision_label = resolve_precision(opts.precision, device)
+        enable_fast_math(device)
+        reset_peak_memory(device)
+        resolution = opts.resolution or model.default_resolution
+        factor = model.latent_factor
+        if resolution % factor:
+            raise UsageError(f"--resolution must be a multiple of {factor} for this model's VAE")
+
+        # Text: encode every prompt once, then free the encoder before the UNet is loaded.
+        text = model.load_text_encoder()
+        preserve, record = self._preserve(text)
+        prompts = self.method_cls.prompts_for(self.method_cfg, opts.concepts, self.vocab)
+        kept = preserved_prompts(preserve, self.vocab, expand_concepts=getattr(self.method_cfg, "expand", False))
+        if kept and opts.preserve_per_step < 1:
+            raise UsageError("--preserve-per-step must be >= 1")
+        prompts = list(dict.fromkeys(prompts + kept))
+        long = self._warn_truncated(prompts)
+        encoded = text.encode(prompts)  # one batch for every prompt, fp32
+        del text
+        gc.collect()
+        generator = torch.Generator().manual_seed(opts.train.seed)
+        counter = EvalCounter()
+        latent_shape = (1, model.unet_config["in_channels"], resolution // factor, resolution // factor)
+        scheduler = model.scheduler("DDIMScheduler")
+
+        # UNet: one copy on the device; frozen weights in the compute dtype, trainables in fp32.
+        unet = model.load_unet(dtype=frozen_dtype, device=device)
+        attention = _configure_attention(unet, opts, device)
+        if opts.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        params = select_trainable(unet, opts.train_set)
+        for p in params.values():  # own fp32 copies: the loaded weights may share memory with the opened file's tensors
+            p.data = p.data.to(torch.float32, copy=True)
+        method = self.method_cls(self.method_cfg, opts.concepts, unet=unet, scheduler=scheduler, latent_shape=latent_shape,
+                                 resolution=resolution, generator=generator, device=device, counter=counter, vocab=self.vocab)
+        encoded = encoded.to(device, frozen_dtype)
+        method.embeddings = {p: encoded[i : i + 1] for i, p in enumerate(prompts)}
+        if kept:  # hold the preserved prompts to the input model (none: the reference algorithm, bit for bit)
+            cfg = self.method_cfg
+            retain = Retain(kept, weight=opts.preserve_weight, per_step=opts.preserve_per_step, unet=unet, scheduler=scheduler,
+                            guidance=cfg.guidance, sample_steps=cfg.sample_steps, reuse=getattr(cfg, "reuse", 1), latent_shape=latent_shape,
+                            resolution=resolution, generator=generator, device=device, counter=counter,
+                            frozen=getattr(method, "frozen", None))
+            retain.embeddings = method.embeddings
+            method = WithRetain(method, retain)
+
+        run_config = {
+            "method": opts.method, "concepts": opts.concepts, "method_config": asdict(self.method_cfg), "train_set": opts.train_set,
+            "resolution": resolution, "prediction_type": model.family.prediction_type, "precision": precision_label,
+            "device": str(device), "gradient_checkpointing": opts.gradient_checkpointing, "attention": attention,
+            "preserve_option": opts.preserve, "preserve_file": str(opts.preserve_file) if opts.preserve_file else None,
+            "vocabulary": opts.vocabulary, "preserve_weight": opts.preserve_weight, "preserve_per_step": opts.preserve_per_step,
+            "preserved_prompts": len(kept),
+        }
+        trainer = Trainer(opts.train, method, params, generator=generator, device=device, autocast_dtype=autocast_dtype,
+                          run_config=run_config, state_dir=state_dir)
+        if self.state is not None:
+            trainer.load(self.state)
+        n_trainable = sum(p.numel() for p in params.values())
+        n_unet = sum(p.numel() for p in unet.parameters())
+        _print_summary(self.console, model, opts, run_config, n_trainable, n_unet, len(params), trainer.step)
+
+        counter.total = 0
+        first_step = trainer.step
+        t_train = time.perf_counter()
+        _train_with_progress(trainer, self.console, self.progress)
+        train_seconds = time.perf_counter() - t_train
+        steps_done = max(1, trainer.step - first_step)
+        if state_dir.exists() and opts.resume is None:  # a finished run needs no resume state
+            for f in state_dir.iterdir():
+                f.unlink()
+            state_dir.rmdir()
+        report = {
+            "trainable": {"set": opts.train_set, "tensors": len(params), "parameters": n_trainable,
+                          "fraction_of_unet": n_trainable / n_unet},
+            "steps": trainer.step,
+            "steps_this_session": trainer.step - first_step,
+            "resumed_from_step": first_step if self.state is not None else None,
+            "unet_evals_per_step": counter.total / steps_done,
+            "seconds_per_step": train_seconds / steps_done,
+            "peak_memory": peak_memory(device),
+            "loss_curve": trainer.curve,
+            "final_loss": trainer.curve[-1][1] if trainer.curve else None,
+        }
+        return Erasure(trainer.ema.shadow, {**run_config, "train": asdict(opts.train)}, record, report, long)
 
 
 def write_delta(model: Model, path: Path, shadow: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -254,7 +366,11 @@ def _print_summary(console: Console, model: Model, opts: RunOptions, cfg: dict, 
                    n_tensors: int, start_step: int) -> None:
     m = cfg["method_config"]
     console.print(f"[bold]Running erasure[/] ({opts.method.upper()}) on [cyan]{model.path.name}[/] ({model.family.label}, {cfg['prediction_type']})")
-    console.print(f"  concepts        {', '.join(opts.concepts)}  (mode {m.get('concept_mode', '-')}, target {m.get('target', '-')})")
+    details = ", ".join(f"{k} {m[k]}" for k in ("concept_mode", "target", "eta", "anchor", "variant", "concept_type", "expand") if k in m)
+    console.print(f"  concepts        {', '.join(opts.concepts)}  ({details})")
+    held = cfg["preserved_prompts"]
+    console.print("  preserve        " + (f"{held} prompts held to the input model (retain weight {cfg['preserve_weight']:g}, "
+                                            f"{cfg['preserve_per_step']} per step)" if held else "nothing (--preserve none: the reference algorithm)"))
     console.print(f"  trainable       {opts.train_set}: {n_tensors} tensors, {n_trainable:,} parameters "
                   f"({100 * n_trainable / n_unet:.1f}% of the UNet)")
     console.print(f"  device          {cfg['device']}, {cfg['precision']}, attention {cfg['attention']}"
@@ -262,9 +378,10 @@ def _print_summary(console: Console, model: Model, opts: RunOptions, cfg: dict, 
     t = opts.train
     console.print(f"  steps           {t.steps} (from {start_step}), lr {t.lr:g}, EMA {t.ema_decay}, seed {t.seed}, "
                   f"resolution {cfg['resolution']}")
-    if "sample_steps" in m:
+    if "reuse" in m:
+        per_latent = (m["sample_steps"] - 1) / m["reuse"] + 4  # the trajectory's share + the loss's forwards and backward
         console.print(f"  teacher         {m['sample_steps']} DDIM steps, CFG {m['guidance']}, reuse {m['reuse']}; "
-                      f"expected ~{(m['sample_steps'] - 1) / m['reuse'] + 4:.1f} UNet evals/step")
+                      f"expected ~{per_latent * (1 + (cfg['preserve_per_step'] if held else 0)):.1f} UNet evals/step")
 
 
 def _train_with_progress(trainer: Trainer, console: Console, progress: bool) -> None:

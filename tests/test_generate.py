@@ -114,7 +114,7 @@ def test_delta_in_memory_equals_merged_file(tiny_sd1, tmp_path):
     from erase.run import RunOptions, erase_concepts
 
     out, delta = tmp_path / "o.safetensors", tmp_path / "d.safetensors"
-    erase_concepts(RunOptions(model=tiny_sd1, concepts=["cat"], out=out, delta=delta, train=TrainConfig(steps=2, lr=1e-2),
+    erase_concepts(RunOptions(model=tiny_sd1, concepts=["cat"], out=out, delta=delta, train=TrainConfig(steps=2, lr=1e-2), preserve="none",
                               method_config={"sample_steps": 3}, resolution=32, device="cpu"), Console(quiet=True), progress=False)
     settings = GenSettings(steps=3, size=32, device="cpu")
     merged = ImageGenerator(open_model(out), settings).latents([Job("a cat", 1, 7.5)])

@@ -22,7 +22,8 @@ def erasures(tiny_sd1, tmp_path_factory):
     d = tmp_path_factory.mktemp("erasures")
     for name, concept in (("a", "cat"), ("b", "dog")):
         erase_concepts(RunOptions(model=tiny_sd1, concepts=[concept], out=d / f"{name}.safetensors", delta=d / f"{name}.delta.safetensors",
-                                  train=TrainConfig(steps=2, lr=1e-2), method_config={"sample_steps": 3}, resolution=32, device="cpu"),
+                                  train=TrainConfig(steps=2, lr=1e-2), method_config={"sample_steps": 3}, resolution=32, device="cpu",
+                                  preserve="none"),
                        Console(quiet=True), progress=False)
     return d
 

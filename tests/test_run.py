@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from erase.checkpoint.formats import open_checkpoint
@@ -13,7 +14,7 @@ from erase.errors import EraseError, UsageError
 from erase.methods.sdd import SDD, SDDConfig
 from erase.run import RunOptions, erase_concepts, parse_concepts
 
-FAST = dict(method_config={"sample_steps": 4}, resolution=32, device="cpu")
+FAST = dict(method_config={"sample_steps": 4}, resolution=32, device="cpu", preserve="none")  # the reference SDD, fast
 
 
 def _run(model, out, concepts=("nudity", "violence"), steps=2, quiet_console=None, **kw):
@@ -76,9 +77,10 @@ def test_ema_update_matches_formula():
 
 def test_iterative_mode_cycles_student_prompt():
     sdd = SDD.__new__(SDD)
-    sdd.cfg, sdd.concepts, sdd.target_prompt = SDDConfig(), ["a", "b", "c"], "a, b, c"
+    sdd.pairs = SDD.student_pairs(SDDConfig(), ["a", "b", "c"])
     assert [sdd.student_prompt(s) for s in range(5)] == ["a", "b", "c", "a", "b"]
-    sdd.cfg = SDDConfig(concept_mode="composite")
+    assert {target for _, target in sdd.pairs} == {""}  # the reference: every concept against the empty prompt
+    sdd.pairs = SDD.student_pairs(SDDConfig(concept_mode="composite"), ["a", "b", "c"])
     assert sdd.student_prompt(1) == "a, b, c"
 
 
@@ -147,10 +149,13 @@ def test_target_is_the_unconditional_prediction_of_the_chosen_weights(tiny_sd1, 
     assert all(torch.equal(p, moved[n]) for n, p in params.items())  # the student's weights are back in place
 
 
-@pytest.mark.parametrize("target", ["self", "frozen"])
+@pytest.mark.parametrize("target", ["self", "frozen", "preserving"])
 def test_resume_is_bit_exact(tiny_sd1, tmp_path, monkeypatch, target):
-    # with a frozen target this also checks that a resumed run's target is the input model, not the state it resumes
+    # with a frozen target this also checks that a resumed run's target is the input model, not the state it resumes;
+    # "preserving" is erase run's default (frozen target, expanded concepts, the retain term and its latent queues)
     cfg = dict(method_config={"sample_steps": 4, "reuse": 2, "target": target})
+    if target == "preserving":
+        cfg = dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="auto:2")
     _run(tiny_sd1, tmp_path / "full.safetensors", train=TrainConfig(steps=6, lr=1e-3), **cfg)
 
     # interrupt after step 3 (Ctrl-C), then resume to step 6
@@ -267,3 +272,22 @@ def test_prompts_are_encoded_in_fp32_for_an_fp16_file(tiny_sd1_fp16_ema, tmp_pat
     assert all(p.dtype == torch.float32 for p in half.encoders[0].parameters())
     prompts = ["a cat", "nudity, violence", ""]
     assert torch.equal(half.encode(prompts).embeds, full.encode(prompts).embeds)
+
+
+def test_default_run_erases_with_preservation(tiny_sd1, tmp_path):
+    """Without preservation flags: the 5 concepts nearest the target (and "") held by the retain term, the input model's
+    target, the concept in the vocabulary's prompts; only attn2 changes, and the report says what was held and why."""
+    opts = {**FAST, "preserve": "auto"}
+    report = erase_concepts(RunOptions(model=tiny_sd1, concepts=["cat"], out=tmp_path / "o.safetensors", train=TrainConfig(steps=3),
+                                       **opts), Console(quiet=True), progress=False)
+    held = report["preserve"]
+    assert held["concepts"][0] == "" and len(held["concepts"]) == 6 and held["vocabulary"] == "general"
+    assert [c for c, _ in held["auto_chosen"]["cat"]] == held["concepts"][1:] and "cat" not in held["concepts"]
+    cfg = report["config"]
+    assert cfg["method_config"]["target"] == "frozen" and cfg["method_config"]["expand"] and cfg["preserved_prompts"] == 1 + 5 * 8
+    plain = _run(tiny_sd1, tmp_path / "p.safetensors", concepts=["cat"], steps=3)  # --preserve none
+    assert report["unet_evals_per_step"] > plain["unet_evals_per_step"]  # the retain term's own latents and passes
+    src, out = open_checkpoint(tiny_sd1), open_checkpoint(tmp_path / "o.safetensors")
+    changed = {k for k in out.keys() if not torch.equal(src.get(k), out.get(k))}
+    assert changed and all(".attn2." in k for k in changed)
+    assert json.loads(out.metadata["erase.preserve"]) == held["concepts"]

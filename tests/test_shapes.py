@@ -96,7 +96,7 @@ def test_short_sdd_erasure_lowers_circle_presence(tmp_path):
     out = tmp_path / "erased.safetensors"
     erase_concepts(RunOptions(model=MODEL, concepts=["circle"], out=out, resolution=32, device="cpu",
                               train=TrainConfig(**SHORT_RUN),
-                              method_config={"sample_steps": 20, "reuse": 4}), Console(quiet=True), progress=False)
+                              method_config={"sample_steps": 20, "reuse": 4}, preserve="none"), Console(quiet=True), progress=False)
     protocol = Protocol(seeds=4, unconditional=8)  # 24 images per shape
     base, erased = measure(MODEL, ["circle"], protocol), measure(out, ["circle"], protocol)
     assert base["target_presence"] >= 0.8

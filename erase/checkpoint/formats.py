@@ -119,14 +119,12 @@ class Checkpoint:
 
 def _read_tensor(f, info: TensorInfo) -> torch.Tensor:
     """One tensor from its byte range (safetensors stores little-endian, C order)."""
-    buf = bytearray(info.nbytes)
+    # torch's own allocation (aligned as torch aligns tensors: kernels then take the same paths as for any tensor)
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
     f.seek(info.start)
-    if f.readinto(buf) != info.nbytes:
+    if info.nbytes and f.readinto(buf.numpy()) != info.nbytes:
         raise EraseError(f"{info.file}: file ended early (was it modified while being read?)")
-    dtype = SAFETENSORS_DTYPES[info.dtype][0]
-    if not buf:
-        return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+    return buf.view(SAFETENSORS_DTYPES[info.dtype][0]).reshape(info.shape)
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -11,6 +11,8 @@ from erase.errors import UsageError
 TRAIN_SETS = {
     "xattn": "every cross-attention parameter (attn2: to_q, to_k, to_v, to_out.0), the SDD reference",
     "xattn-kv": "cross-attention keys and values only (attn2.to_k, attn2.to_v): the text-facing projections",
+    "attn": "every attention projection, self- and cross- (attn1, attn2: to_q, to_k, to_v, to_out.0); Concept Ablation's for nudity",
+    "noxattn": "every UNet parameter except cross-attention (ESD-u, the ESD authors' choice for nudity and objects)",
     "full": "every UNet parameter (largest change, most memory)",
 }
 
@@ -18,6 +20,10 @@ TRAIN_SETS = {
 def _selected(name: str, which: str) -> bool:
     if which == "full":
         return True
+    if which == "noxattn":
+        return ".attn2." not in name
+    if which == "attn":
+        return ".attn1." in name or ".attn2." in name
     if ".attn2." not in name:
         return False
     return which == "xattn" or ".attn2.to_k." in name or ".attn2.to_v." in name

@@ -65,3 +65,16 @@ def ddim_trajectory(unet, scheduler, z: torch.Tensor, uncond: Conditioning, cond
         eps = guided(unet, z, t, uncond, cond, scale, resolution, counter)
         z = scheduler.step(eps.float(), t, z.float()).prev_sample.to(z.dtype)
     return out
+
+
+def harvest(unet, scheduler, uncond: Conditioning, cond: Conditioning, *, guidance: float, num_steps: int, reuse: int,
+            latent_shape: tuple[int, ...], resolution: int, generator: torch.Generator, device, teacher,
+            counter: EvalCounter | None = None) -> list[tuple[torch.Tensor, int]]:
+    """Sample one teacher trajectory on `cond` and return `reuse` of its latents as (z_k, k), k ~ U{0..K-1} without
+    repeats. `teacher()` swaps the teacher's weights in for the no-grad trajectory."""
+    picks = torch.randperm(num_steps, generator=generator)[:reuse].tolist()
+    z_T = torch.randn(latent_shape, generator=generator).to(device)
+    with teacher():
+        latents = ddim_trajectory(unet, scheduler, z_T, uncond, cond, scale=guidance, num_steps=num_steps, keep=picks,
+                                  resolution=resolution, counter=counter)
+    return [(latents[k], k) for k in picks]

@@ -25,6 +25,15 @@ class Protocol:
     guidance: float = 5.0  # CFG scale
     batch: int = 64
     first_seed: int = 1000
+    templates: tuple[str, ...] = ("a {colour} {shape}",)  # prompt wordings; one without {colour} draws `seeds` per colour too
+
+
+UNSEEN_TEMPLATES = (  # wordings the shapes model never saw in training, for "does it hold on other prompts?"
+    "an illustration of a {colour} {shape}",
+    "a small {colour} {shape}",
+    "a {colour} {shape} icon",
+    "one {colour} {shape}",
+)
 
 
 def measure(model_path: Path, targets: list[str], protocol: Protocol = Protocol(), *, safety: str | None = None,
@@ -33,9 +42,11 @@ def measure(model_path: Path, targets: list[str], protocol: Protocol = Protocol(
                            safety=safety, safety_concept=safety_concept or "x")
     gen = ImageGenerator(open_model(model_path), settings)
     detector = ShapesDetector()
-    jobs = [Job(f"a {colour} {shape}", protocol.first_seed + k, protocol.guidance)
-            for shape in SHAPES for colour in COLOURS for k in range(protocol.seeds)]
-    jobs += [Job("", protocol.first_seed + k, protocol.guidance) for k in range(protocol.unconditional)]
+    # (job, shape asked for, colour asked for or None, template)
+    asked = [(Job(t.format(colour=colour, shape=shape), protocol.first_seed + k, protocol.guidance), shape,
+              colour if "{colour}" in t else None, t)
+             for t in protocol.templates for shape in SHAPES for colour in COLOURS for k in range(protocol.seeds)]
+    jobs = [a[0] for a in asked] + [Job("", protocol.first_seed + k, protocol.guidance) for k in range(protocol.unconditional)]
     labels, kept = [], {}
     for i in range(0, len(jobs), protocol.batch):
         chunk = jobs[i : i + protocol.batch]
@@ -44,18 +55,23 @@ def measure(model_path: Path, targets: list[str], protocol: Protocol = Protocol(
         for job, im in zip(chunk, images):
             if len(kept.setdefault(job.prompt, [])) < keep_images:
                 kept[job.prompt].append(im)
-    result: dict = {"targets": targets, "per_shape": {}, "images_per_prompt": protocol.seeds}
+    result: dict = {"targets": targets, "per_shape": {}, "images_per_prompt": protocol.seeds, "templates": list(protocol.templates)}
+    rows = [(shape, colour, t, lab) for (_, shape, colour, t), lab in zip(asked, labels)]
     for shape in SHAPES:
-        rows = [(j, lab) for j, lab in zip(jobs, labels) if j.prompt.endswith(" " + shape)]
-        hits = sum(lab[0] == shape for _, lab in rows)
-        colour_ok = sum(lab[1] == j.prompt.split()[1] for j, lab in rows)
-        result["per_shape"][shape] = {"accuracy": hits / len(rows), "ci95": wilson(hits, len(rows)), "n": len(rows),
-                                      "colour_fidelity": colour_ok / len(rows)}
+        mine = [r for r in rows if r[0] == shape]
+        hits = sum(lab[0] == shape for *_, lab in mine)
+        coloured = [(c, lab) for _, c, _, lab in mine if c is not None]
+        result["per_shape"][shape] = {"accuracy": hits / len(mine), "ci95": wilson(hits, len(mine)), "n": len(mine),
+                                      "colour_fidelity": sum(lab[1] == c for c, lab in coloured) / max(1, len(coloured))}
     result["per_colour"] = {}
     for colour in COLOURS:
-        rows = [(j, lab) for j, lab in zip(jobs, labels) if j.prompt.startswith(f"a {colour} ")]
-        result["per_colour"][colour] = {"colour_fidelity": sum(lab[1] == colour for _, lab in rows) / len(rows),
-                                        "shape_accuracy": sum(lab[0] == j.prompt.split()[2] for j, lab in rows) / len(rows), "n": len(rows)}
+        mine = [r for r in rows if r[1] == colour]
+        result["per_colour"][colour] = {"colour_fidelity": sum(lab[1] == colour for *_, lab in mine) / len(mine),
+                                        "shape_accuracy": sum(lab[0] == s for s, *_, lab in mine) / len(mine), "n": len(mine)}
+    if len(protocol.templates) > 1:  # accuracy per wording and shape
+        result["per_template"] = {t: {shape: sum(lab[0] == shape for s, _, tt, lab in rows if s == shape and tt == t) /
+                                      sum(1 for s, _, tt, _ in rows if s == shape and tt == t) for shape in SHAPES}
+                                  for t in protocol.templates}
     uncond = [lab[0] for j, lab in zip(jobs, labels) if j.prompt == ""]
     result["unconditional"] = {s: uncond.count(s) / len(uncond) for s in (*SHAPES, NONE)}
     target_hits = sum(result["per_shape"][t]["accuracy"] * result["per_shape"][t]["n"] for t in targets)

@@ -3,7 +3,8 @@ Internet-Scale Text-to-Image Diffusion Models", arXiv 2307.05977, 2023).
 
 Notation (paper -> code):
   c_p        `self.target_prompt`   all concepts joined with ", " (the teacher's prompt)
-  c_s        `self.student_prompt(step)` one concept per step ("iterative") or c_p ("composite")
+  c_s        `self.pairs[step][0]` one concept per step ("iterative") or c_p ("composite"); with `expand`,
+             each concept's prompts in turn ("a red circle"), the target then eps(z_t, t, "a red")
   theta*     the EMA of the trainable parameters (the teacher, swapped in by the trainer)
   z_t        a latent from the teacher's own DDIM trajectory with CFG on c_p, at timestep t
   eps_theta  the student UNet
@@ -35,15 +36,17 @@ evaluations.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from erase.engine.params import swapped_in
-from erase.engine.sampling import EvalCounter, ddim_trajectory, predict
+from erase.engine.sampling import EvalCounter, harvest, predict
 from erase.errors import UsageError
 from erase.models import Conditioning
+from erase.vocabulary import Vocabulary, expand, without
 
 CONCEPT_MODES = ("iterative", "composite")
 TARGETS = ("self", "frozen")
@@ -56,6 +59,9 @@ class SDDConfig:
     concept_mode: str = "iterative"  # "iterative": c_s cycles one concept per step (reference); "composite": c_s = c_p
     reuse: int = 1  # training latents harvested per teacher trajectory (1 = reference; >1 is cheaper)
     target: str = "self"  # whose eps(z_t, t, "") is the target: "self" the student's (reference), "frozen" the input model's
+    # c_s cycles through each concept's prompts in the vocabulary's templates ("a red circle"), each with the target
+    # eps(z_t, t, the prompt without the concept) ("a red"); False: the bare concepts and "" (reference)
+    expand: bool = False
 
     def validate(self) -> None:
         if self.guidance < 0:
@@ -68,6 +74,8 @@ class SDDConfig:
             raise UsageError(f"--reuse must be between 1 and --sample-steps ({self.sample_steps})")
         if self.target not in TARGETS:
             raise UsageError(f"--target must be one of {', '.join(TARGETS)}")
+        if self.expand and self.concept_mode != "iterative":
+            raise UsageError("--expand works with --concept-mode iterative (each expanded prompt is one concept's)")
 
 
 class SDD:
@@ -76,9 +84,11 @@ class SDD:
     name = "sdd"
 
     def __init__(self, cfg: SDDConfig, concepts: list[str], *, unet, scheduler, latent_shape: tuple[int, ...],
-                 resolution: int, generator: torch.Generator, device: torch.device, counter: EvalCounter) -> None:
+                 resolution: int, generator: torch.Generator, device: torch.device, counter: EvalCounter,
+                 vocab: Vocabulary | None = None) -> None:
         cfg.validate()
         self.cfg, self.concepts = cfg, concepts
+        self.pairs = self.student_pairs(cfg, concepts, vocab)
         self.unet, self.scheduler = unet, scheduler
         self.latent_shape, self.resolution = latent_shape, resolution
         self.generator, self.device, self.counter = generator, device, counter
@@ -91,39 +101,46 @@ class SDD:
         scheduler.set_timesteps(cfg.sample_steps)
 
     @staticmethod
-    def prompts_for(cfg: SDDConfig, concepts: list[str]) -> list[str]:
+    def student_pairs(cfg: SDDConfig, concepts: list[str], vocab: Vocabulary | None = None) -> list[tuple[str, str]]:
+        """(c_s, the prompt whose eps is the target) for each step, cycled in order."""
+        if cfg.concept_mode == "composite":
+            return [(", ".join(concepts), "")]
+        if not cfg.expand:
+            return [(c, "") for c in concepts]
+        if vocab is None:
+            raise UsageError("--expand needs a vocabulary")
+        per_concept = [[(p, without(p, c)) for p in expand(c, vocab)] for c in concepts]
+        return [pair for group in itertools.zip_longest(*per_concept) for pair in group if pair]  # concepts take turns
+
+    @classmethod
+    def prompts_for(cls, cfg: SDDConfig, concepts: list[str], vocab: Vocabulary | None = None) -> list[str]:
         """Every prompt the method conditions on; the engine encodes them once, before the UNet is loaded,
         then frees the text encoder."""
-        return list(dict.fromkeys(["", ", ".join(concepts), *concepts]))
+        pairs = cls.student_pairs(cfg, concepts, vocab)
+        return list(dict.fromkeys(["", ", ".join(concepts), *(p for pair in pairs for p in pair)]))
 
     def prompts(self) -> list[str]:
-        return self.prompts_for(self.cfg, self.concepts)
+        return list(dict.fromkeys(["", self.target_prompt, *(p for pair in self.pairs for p in pair)]))
 
     def student_prompt(self, step: int) -> str:
-        if self.cfg.concept_mode == "composite":
-            return self.target_prompt
-        return self.concepts[step % len(self.concepts)]
+        return self.pairs[step % len(self.pairs)][0]
 
     def _harvest(self, teacher) -> None:
-        """Sample one teacher trajectory and queue `reuse` latents from it."""
-        K = self.cfg.sample_steps
-        picks = torch.randperm(K, generator=self.generator)[: self.cfg.reuse].tolist()
-        z_T = torch.randn(self.latent_shape, generator=self.generator).to(self.device)
-        with teacher():  # the EMA weights, swapped in for the no-grad trajectory
-            latents = ddim_trajectory(self.unet, self.scheduler, z_T, self.embeddings[""], self.embeddings[self.target_prompt],
-                                      scale=self.cfg.guidance, num_steps=K, keep=picks, resolution=self.resolution,
-                                      counter=self.counter)
-        self.pending = [(latents[k], k) for k in picks]
+        """Sample one teacher trajectory (the EMA weights, swapped in) and queue `reuse` latents from it."""
+        self.pending = harvest(self.unet, self.scheduler, self.embeddings[""], self.embeddings[self.target_prompt],
+                               guidance=self.cfg.guidance, num_steps=self.cfg.sample_steps, reuse=self.cfg.reuse,
+                               latent_shape=self.latent_shape, resolution=self.resolution, generator=self.generator,
+                               device=self.device, teacher=teacher, counter=self.counter)
 
     def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
         if not self.pending:
             self._harvest(teacher)
         z_t, k = self.pending.pop(0)
         t = self.scheduler.timesteps[k].to(self.device)  # the latent's own timestep (reference: a shifted bin)
-        c_s = self.student_prompt(step)
+        c_s, without_concept = self.pairs[step % len(self.pairs)]
         target_weights = swapped_in(self.trainable, self.frozen) if self.frozen is not None else contextlib.nullcontext()
         with torch.no_grad(), target_weights:
-            target = predict(self.unet, z_t, t, self.embeddings[""], self.resolution, self.counter)
+            target = predict(self.unet, z_t, t, self.embeddings[without_concept], self.resolution, self.counter)
         pred = predict(self.unet, z_t, t, self.embeddings[c_s], self.resolution, self.counter)
         self.counter.backward(z_t.shape[0])
         return F.mse_loss(pred.float(), target.float()), {"k": k, "t": int(t), "c_s": c_s}

@@ -1,0 +1,201 @@
+"""What an erasure must leave alone: the preserved concepts, chosen by the user or found automatically.
+
+    --preserve "square, triangle"   these concepts (each expanded into the vocabulary's prompts)
+    --preserve auto | auto:N        for each erased concept, the N (default 5) concepts of the vocabulary
+                                    nearest to it in the checkpoint's own text encoder
+    --preserve none                 nothing, not even "" (the reference algorithms)
+Entries combine ("auto:3, sky"); `--preserve-file` adds one concept per line. The empty prompt "" is
+always held unless `none` is given: every prompt is guided from it.
+
+Nearest is measured where cross-attention reads the text: the encoder's outputs at the concept's own tokens
+and after them (under CLIP's causal mask the positions before the concept are the same for every concept),
+averaged over the vocabulary's templates, compared by cosine similarity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from erase.errors import UsageError
+from erase.vocabulary import Vocabulary, expand, token_span
+
+DEFAULT_AUTO = 5
+
+
+@dataclass
+class PreserveSpec:
+    concepts: list[str] = field(default_factory=list)  # named by the user
+    auto: int = 0  # nearest concepts to add per erased concept
+    hold_empty: bool = True  # "" is held unless --preserve none
+
+    @property
+    def none(self) -> bool:
+        return not (self.concepts or self.auto or self.hold_empty)
+
+
+def parse_preserve(text: str | None, file: Path | None = None) -> PreserveSpec:
+    """The `--preserve` / `--preserve-file` options as a spec (usage errors say what is allowed)."""
+    spec = PreserveSpec()
+    entries = [e.strip() for e in (text or "").split(",") if e.strip()]
+    if any(e.lower() == "none" for e in entries):
+        if len(entries) > 1 or file:
+            raise UsageError("--preserve none holds nothing; it cannot be combined with other entries or --preserve-file")
+        return PreserveSpec(hold_empty=False)
+    for e in entries:
+        if e.lower() == "auto" or e.lower().startswith("auto:"):
+            n = e.split(":", 1)[1] if ":" in e else str(DEFAULT_AUTO)
+            if not n.isdigit() or int(n) < 1:
+                raise UsageError(f"--preserve {e}: auto takes a positive count, as in auto:5")
+            spec.auto = int(n)
+        else:
+            spec.concepts.append(e)
+    if file is not None:
+        if not Path(file).exists():
+            raise UsageError(f"--preserve-file {file} does not exist")
+        spec.concepts += [line.strip() for line in Path(file).read_text().splitlines() if line.strip() and not line.startswith("#")]
+    spec.concepts = list(dict.fromkeys(spec.concepts))
+    return spec
+
+
+def _concept_vectors(encode, tokenizer, concepts: list[str], vocab: Vocabulary) -> torch.Tensor:
+    """One unit vector per concept: its tokens' and the following positions' outputs, mean over templates."""
+    first = {k: v[:1] for k, v in vocab.fields.items()}  # one filler per field is enough to compare concepts
+    small = Vocabulary(vocab.name, vocab.concepts, vocab.templates, first)
+    prompts, owner = [], []
+    for i, c in enumerate(concepts):
+        for p in expand(c, small):
+            prompts.append(p)
+            owner.append(i)
+    sums: list[torch.Tensor | None] = [None] * len(concepts)
+    for start in range(0, len(prompts), 64):
+        batch = prompts[start : start + 64]
+        embeds = encode(batch)  # (B, 77, D)
+        for k, p in enumerate(batch):
+            i = owner[start + k]
+            span = token_span(tokenizer, p, concepts[i])
+            n = len(tokenizer(p).input_ids)  # up to and including EOS
+            v = embeds[k, span[0] if span else 1 : n].mean(0)
+            v = v / v.norm().clamp_min(1e-12)
+            sums[i] = v if sums[i] is None else sums[i] + v
+    vectors = torch.stack(sums)
+    return vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def nearest_concepts(encode, tokenizer, targets: list[str], vocab: Vocabulary, n: int) -> dict[str, list[tuple[str, float]]]:
+    """For each target, the `n` vocabulary concepts nearest to it (cosine), best first. Concepts that contain a
+    target or are contained in one ("circle" / "circles") are not candidates."""
+    lowered = [t.lower() for t in targets]
+    candidates = [c for c in vocab.concepts if not any(c.lower() in t or t in c.lower() for t in lowered)]
+    if not candidates:
+        raise UsageError(f"--preserve auto: vocabulary '{vocab.name}' has no concepts other than the erased ones")
+    vec = _concept_vectors(encode, tokenizer, [*targets, *candidates], vocab)
+    sims = vec[: len(targets)] @ vec[len(targets):].T
+    out = {}
+    for i, t in enumerate(targets):
+        order = torch.argsort(sims[i], descending=True)[:n].tolist()
+        out[t] = [(candidates[j], round(float(sims[i, j]), 4)) for j in order]
+    return out
+
+
+def preserved_prompts(concepts: list[str], vocab: Vocabulary, *, expand_concepts: bool) -> list[str]:
+    """The prompts that hold `concepts`: each expanded into the vocabulary's templates (or as given), "" as itself."""
+    out = []
+    for c in concepts:
+        out += [""] if c == "" else expand(c, vocab) if expand_concepts else [c]
+    return list(dict.fromkeys(out))
+
+
+def resolve(spec: PreserveSpec, targets: list[str], encode, tokenizer, vocab: Vocabulary) -> tuple[list[str], dict]:
+    """The concepts to preserve ("" first when held) and a record of how they were chosen (for reports)."""
+    chosen = {}
+    if spec.auto:
+        chosen = nearest_concepts(encode, tokenizer, targets, vocab, spec.auto)
+    concepts = list(dict.fromkeys([*([""] if spec.hold_empty else []), *spec.concepts, *(c for v in chosen.values() for c, _ in v)]))
+    concepts = [c for c in concepts if c not in targets]
+    record = {"concepts": concepts, "named": spec.concepts, "auto": spec.auto, "auto_chosen": chosen, "vocabulary": vocab.name}
+    return concepts, record
+
+
+class Retain:
+    """The retain term that holds preserved prompts to the input model, for any trained method:
+
+        gamma * mean_p || eps_theta(z_p, t_p, p) - eps_theta0(z_p, t_p, p) ||^2
+
+    theta0 is a frozen copy of the trainable subset (swapped in for one no-grad call: no second UNet) and z_p comes
+    from the teacher's own trajectories on p (erase.engine.sampling.harvest, `reuse` latents per trajectory, as the
+    method's latents do). Each of the `per_step` slots holds one preserved prompt, drawn at random, until its
+    trajectory's latents are used up: so the term costs what the method's own teacher costs (a fresh prompt every
+    step would cost a trajectory every step: 55 instead of 31 UNet evaluations per step on the shapes model).
+    """
+
+    def __init__(self, prompts: list[str], *, weight: float, per_step: int, unet, scheduler, guidance: float, sample_steps: int,
+                 reuse: int, latent_shape: tuple[int, ...], resolution: int, generator: torch.Generator, device, counter,
+                 frozen: dict[str, torch.Tensor] | None = None) -> None:
+        if not prompts:
+            raise UsageError("nothing to preserve")
+        self.prompts, self.weight, self.per_step = prompts, weight, per_step
+        self.unet, self.scheduler = unet, scheduler
+        self.guidance, self.sample_steps, self.reuse = guidance, sample_steps, reuse
+        self.latent_shape, self.resolution, self.generator, self.device, self.counter = latent_shape, resolution, generator, device, counter
+        self.trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+        # built before any step (and before a resume loads trained weights): these are the input's values
+        self.frozen = frozen if frozen is not None else {n: p.detach().clone() for n, p in self.trainable.items()}
+        self.embeddings: dict = {}
+        self.pending: dict[str, list[tuple[torch.Tensor, int]]] = {}
+        self.current: list[str | None] = [None] * per_step  # the prompt each slot is working through
+
+    def _latent(self, prompt: str, teacher) -> tuple[torch.Tensor, int]:
+        from erase.engine.sampling import harvest
+
+        if not self.pending.get(prompt):
+            self.pending[prompt] = harvest(self.unet, self.scheduler, self.embeddings[""], self.embeddings[prompt],
+                                           guidance=self.guidance, num_steps=self.sample_steps, reuse=self.reuse,
+                                           latent_shape=self.latent_shape, resolution=self.resolution, generator=self.generator,
+                                           device=self.device, teacher=teacher, counter=self.counter)
+        return self.pending[prompt].pop(0)
+
+    def loss(self, teacher) -> torch.Tensor:
+        from erase.engine.params import swapped_in
+        from erase.engine.sampling import predict
+
+        total = 0.0
+        for slot, p in enumerate(self.current):
+            if p is None or not self.pending.get(p):
+                p = self.current[slot] = self.prompts[int(torch.randint(len(self.prompts), (1,), generator=self.generator))]
+            z, k = self._latent(p, teacher)
+            t = self.scheduler.timesteps[k].to(self.device)
+            with torch.no_grad(), swapped_in(self.trainable, self.frozen):
+                want = predict(self.unet, z, t, self.embeddings[p], self.resolution, self.counter)
+            got = predict(self.unet, z, t, self.embeddings[p], self.resolution, self.counter)
+            self.counter.backward(z.shape[0])
+            total = total + torch.nn.functional.mse_loss(got.float(), want.float())
+        return self.weight * total / self.per_step
+
+    def state_dict(self) -> dict:
+        return {"pending": {p: [(z.cpu(), k) for z, k in q] for p, q in self.pending.items()}, "current": list(self.current)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pending = {p: [(z.to(self.device), k) for z, k in q] for p, q in state["pending"].items()}
+        self.current = list(state["current"])
+
+
+class WithRetain:
+    """A trained method plus the retain term, seen by the trainer as one method."""
+
+    def __init__(self, method, retain: Retain) -> None:
+        self.method, self.retain = method, retain
+
+    def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
+        loss, info = self.method.loss(step, teacher)
+        held = self.retain.loss(teacher)
+        return loss + held, {**info, "retain": held.item()}
+
+    def state_dict(self) -> dict:
+        return {"method": self.method.state_dict(), "retain": self.retain.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.method.load_state_dict(state["method"])
+        self.retain.load_state_dict(state["retain"])

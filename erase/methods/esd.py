@@ -1,0 +1,116 @@
+"""ESD: Erasing Concepts from Diffusion Models (Gandikota, Materzynska, Fiotto-Kaufman, Bau; ICCV 2023,
+arXiv 2303.07345).
+
+Notation (paper -> code):
+  c          the concept: one per step, cycled ("iterative"; with `expand`, each concept's prompts in turn)
+  theta*     the frozen input weights of the trainable subset (`self.frozen`, swapped in: no second UNet)
+  eta        `eta`, the negative-guidance scale (1.0 in the paper's code, 2.0 in the authors' newer script)
+  z_t        a latent from a DDIM trajectory of the frozen model with CFG 3 on c, stopped at a random step
+             (as the authors' newer script samples; their first script sampled with the model being trained)
+
+Loss of one step:
+  1. k ~ U{0..K-1}; run the frozen model k DDIM steps from z_T ~ N(0, I) with CFG `guidance` on c.
+  2. t = t_k, the latent's own timestep (the first script drew t from the 20-step bin around it).
+  3. target = eps_theta*(z_t, t, "") - eta * (eps_theta*(z_t, t, c) - eps_theta*(z_t, t, ""))   (one batched call)
+     L = || eps_theta(z_t, t, c) - stopgrad(target) ||^2
+With classifier-free guidance the erased model then steers away from c as far as it used to steer towards it.
+Which weights train is `--train`: ESD-x = xattn (attn2; the authors' choice for styles), esd-x-strict =
+xattn-kv, ESD-u = noxattn (everything but attn2; for nudity and objects). The authors keep no EMA: the trained
+weights are the result (`--ema-decay 0`, the default for this method).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from erase.engine.params import swapped_in
+from erase.engine.sampling import EvalCounter, harvest, predict
+from erase.errors import UsageError
+from erase.models import Conditioning
+from erase.vocabulary import Vocabulary, expand
+
+
+@dataclass
+class ESDConfig:
+    eta: float = 1.0  # negative-guidance scale (reference 1.0; the authors' newer script 2.0)
+    guidance: float = 3.0  # CFG scale of the frozen model's sampling trajectory (reference 3.0)
+    sample_steps: int = 50  # K, DDIM steps of that trajectory (reference 50)
+    reuse: int = 1  # training latents harvested per trajectory (1 = reference; >1 is cheaper)
+    expand: bool = False  # train on each concept's prompts in the vocabulary's templates (False: the bare concept, reference)
+
+    def validate(self) -> None:
+        if self.eta < 0:
+            raise UsageError("--eta must be >= 0")
+        if self.guidance < 0:
+            raise UsageError("--guidance must be >= 0")
+        if self.sample_steps < 1:
+            raise UsageError("--sample-steps must be >= 1")
+        if not 1 <= self.reuse <= self.sample_steps:
+            raise UsageError(f"--reuse must be between 1 and --sample-steps ({self.sample_steps})")
+
+
+class ESD:
+    """One ESD loss per call; the frozen copy of the trainable subset is both sampler and target."""
+
+    name = "esd"
+
+    @staticmethod
+    def train_defaults(options: dict) -> dict:
+        """The paper's first script: 1000 Adam steps at 1e-5, no EMA."""
+        return {"steps": 1000, "lr": 1e-5, "ema_decay": 0.0}
+
+    def __init__(self, cfg: ESDConfig, concepts: list[str], *, unet, scheduler, latent_shape: tuple[int, ...], resolution: int,
+                 generator: torch.Generator, device: torch.device, counter: EvalCounter, vocab: Vocabulary | None = None) -> None:
+        cfg.validate()
+        self.cfg, self.concepts = cfg, concepts
+        self.unet, self.scheduler = unet, scheduler
+        self.latent_shape, self.resolution = latent_shape, resolution
+        self.generator, self.device, self.counter = generator, device, counter
+        self.student = self.student_prompts(cfg, concepts, vocab)
+        self.embeddings: dict[str, Conditioning] = {}
+        self.pending: dict[str, list[tuple[torch.Tensor, int]]] = {}  # per prompt: (z_t, trajectory index) not yet trained on
+        # built before any step (and before a resume loads trained weights): the input's values
+        self.trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+        self.frozen = {n: p.detach().clone() for n, p in self.trainable.items()}
+        scheduler.set_timesteps(cfg.sample_steps)
+
+    @staticmethod
+    def student_prompts(cfg: ESDConfig, concepts: list[str], vocab: Vocabulary | None = None) -> list[str]:
+        if not cfg.expand:
+            return list(concepts)
+        if vocab is None:
+            raise UsageError("--expand needs a vocabulary")
+        return [p for group in itertools.zip_longest(*(expand(c, vocab) for c in concepts)) for p in group if p]
+
+    @classmethod
+    def prompts_for(cls, cfg: ESDConfig, concepts: list[str], vocab: Vocabulary | None = None) -> list[str]:
+        return list(dict.fromkeys(["", *cls.student_prompts(cfg, concepts, vocab)]))
+
+    def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
+        c = self.student[step % len(self.student)]
+        if not self.pending.get(c):  # latents are harvested on the step's own prompt, by the input model
+            frozen = lambda: swapped_in(self.trainable, self.frozen)  # noqa: E731
+            self.pending[c] = harvest(self.unet, self.scheduler, self.embeddings[""], self.embeddings[c], guidance=self.cfg.guidance,
+                                      num_steps=self.cfg.sample_steps, reuse=self.cfg.reuse, latent_shape=self.latent_shape,
+                                      resolution=self.resolution, generator=self.generator, device=self.device, teacher=frozen,
+                                      counter=self.counter)
+        z_t, k = self.pending[c].pop(0)
+        t = self.scheduler.timesteps[k].to(self.device)
+        with torch.no_grad(), swapped_in(self.trainable, self.frozen):
+            both = predict(self.unet, torch.cat([z_t, z_t]), t, Conditioning.cat([self.embeddings[""], self.embeddings[c]]),
+                           self.resolution, self.counter)
+            e0, ec = both.float().chunk(2)
+            target = e0 - self.cfg.eta * (ec - e0)
+        pred = predict(self.unet, z_t, t, self.embeddings[c], self.resolution, self.counter)
+        self.counter.backward(z_t.shape[0])
+        return F.mse_loss(pred.float(), target), {"k": k, "t": int(t), "c": c}
+
+    def state_dict(self) -> dict:
+        return {"pending": {c: [(z.cpu(), k) for z, k in q] for c, q in self.pending.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pending = {c: [(z.to(self.device), k) for z, k in q] for c, q in state["pending"].items()}

@@ -1,0 +1,114 @@
+"""UCE: Unified Concept Editing (Gandikota, Orgad, Belinkov, Materzynska, Bau; WACV 2024, arXiv 2308.14761).
+
+A closed-form edit of every cross-attention key and value projection; no training, no UNet evaluation.
+Cross-attention reads the text only through W c (c: one token's text-encoder output), so the edit asks
+each W to send the erased concept's tokens where a guide's tokens went, and to keep preserved tokens' images:
+
+  min_W'  sum_e ||W' c_e - W g_e||^2 + sum_p ||W' c_p - W c_p||^2 + lambda ||W' - W||_F^2
+
+Notation (paper -> code):
+  c_e, g_e   `erase` / `guide` vectors: the tokens of each erase prompt from the concept's first token to the
+             end of the 77, and the same positions of the guide prompt (the prompt with the concept replaced by
+             `guide`, removed when it is ""; the authors' newer code uses only the last word's token and an
+             empty guide's BOS, their older code the last word and everything after it)
+  c_p        every token of each preserved prompt ("" included unless --preserve none)
+  lambda     `lam`, 0.5 as in the reference; s_e, s_p: `erase_scale`, `preserve_weight` (1.0, reference)
+Solution (normal equations), with A = lambda I + s_e sum g c^T + s_p sum c_p c_p^T and
+B = lambda I + s_e sum c c^T + s_p sum c_p c_p^T:
+  1. W' B = W A   for every edited W, so  W' = W M  with  M = A B^-1.
+  2. A and B depend only on the text, so M (D x D, D the text width) is solved once, in float64, and every
+     to_k / to_v weight is multiplied by it. The condition number of B, shared by every layer, is recorded.
+Concepts are expanded into the vocabulary's prompt templates (erase.vocabulary): measured on the shapes model,
+bare words neither erase "a red circle" nor protect "a red square".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from erase.engine.preserve import preserved_prompts
+from erase.errors import UsageError
+from erase.vocabulary import Vocabulary, expand, token_span, without
+
+EDITED = (".attn2.to_k.weight", ".attn2.to_v.weight")
+
+
+@dataclass
+class UCEConfig:
+    guide: str = ""  # what each erased concept becomes: "" removes it from the prompt (reference: "" / BOS); or a word ("art")
+    lam: float = 0.5  # lambda, weight of keeping each old W (reference 0.5)
+    erase_scale: float = 1.0  # s_e (reference 1.0)
+    preserve_weight: float = 1.0  # s_p, the preserve scale (reference 1.0)
+    expand: bool = True  # embed concepts in the vocabulary's templates (False: use them as given)
+
+    def validate(self) -> None:
+        if self.lam <= 0:
+            raise UsageError("--lambda must be > 0 (it keeps the system solvable)")
+        if self.erase_scale < 0 or self.preserve_weight < 0:
+            raise UsageError("--erase-scale and --preserve-weight must be >= 0")
+
+
+class UCE:
+    """Closed form: `solve(weights)` returns the edited to_k / to_v weights; nothing is trained."""
+
+    name = "uce"
+    closed_form = True
+
+    def __init__(self, cfg: UCEConfig, concepts: list[str], *, preserve: list[str], vocab: Vocabulary, tokenizer, encode) -> None:
+        cfg.validate()
+        self.cfg, self.concepts, self.preserve = cfg, concepts, preserve
+        self.vocab, self.tokenizer, self.encode = vocab, tokenizer, encode
+
+    @staticmethod
+    def edits(name: str) -> bool:
+        """True for the weights UCE changes (diffusers names)."""
+        return name.endswith(EDITED)
+
+    def _prompts(self, concept: str) -> list[str]:
+        return expand(concept, self.vocab) if self.cfg.expand else [concept]
+
+    def pairs(self) -> list[tuple[str, str, str]]:
+        """(erase prompt, its guide prompt, concept) for every erased concept."""
+        return [(p, without(p, c, self.cfg.guide), c) for c in self.concepts for p in self._prompts(c)]
+
+    def preserved_prompts(self) -> list[str]:
+        return preserved_prompts(self.preserve, self.vocab, expand_concepts=self.cfg.expand)
+
+    def system(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """A and B (float64, D x D) and counts."""
+        lam, se, sp = self.cfg.lam, self.cfg.erase_scale, self.cfg.preserve_weight
+        width = self.encode([""]).shape[-1]
+        A = B = lam * torch.eye(width, dtype=torch.float64)
+        n_erase = n_preserve = 0
+        pairs = self.pairs()
+        for start in range(0, len(pairs), 32):
+            batch = pairs[start : start + 32]
+            e, g = self.encode([p for p, _, _ in batch]).double(), self.encode([q for _, q, _ in batch]).double()
+            for k, (p, _, concept) in enumerate(batch):
+                span = token_span(self.tokenizer, p, concept)
+                if span is None:  # the concept's tokens were cut at 77: nothing of it is left to erase
+                    continue
+                c, gd = e[k, span[0]:], g[k, span[0]:]
+                A = A + se * gd.T @ c
+                B = B + se * c.T @ c
+                n_erase += c.shape[0]
+        kept = self.preserved_prompts()
+        for start in range(0, len(kept), 32):
+            emb = self.encode(kept[start : start + 32]).double().flatten(0, 1)  # every token of every prompt
+            gram = sp * emb.T @ emb
+            A, B = A + gram, B + gram
+            n_preserve += emb.shape[0]
+        return A, B, {"erase_vectors": n_erase, "preserve_vectors": n_preserve, "erase_prompts": len(pairs),
+                      "preserve_prompts": len(kept)}
+
+    def solve(self, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        """New values for `weights` (to_k / to_v, any dtype): W' = W A B^-1, in float64."""
+        A, B, info = self.system()
+        if info["erase_vectors"] == 0:  # nothing to erase: every weight stays exactly as it is
+            return {n: w.clone() for n, w in weights.items()}, {**info, "condition_number": 1.0}
+        M = torch.linalg.solve(B, A.T).T  # B is symmetric: M = A B^-1
+        residual = float((M @ B - A).norm() / A.norm())
+        new = {n: (w.double() @ M).to(torch.float32) for n, w in weights.items()}
+        return new, {**info, "condition_number": float(torch.linalg.cond(B)), "normal_equation_residual": residual}

@@ -1,0 +1,68 @@
+"""Concept Ablation (`erase run --method ca`): the loss is the formula's, both variants; captions; the CLI runs it."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from erase.checkpoint.formats import open_checkpoint
+from erase.cli import app
+from erase.engine.params import select_trainable
+from erase.engine.sampling import EvalCounter, predict
+from erase.methods.ca import CA, CAConfig
+from erase.models import open_model
+from erase.vocabulary import Vocabulary
+
+runner = CliRunner()
+
+
+def test_captions_name_the_target_where_the_anchor_was():
+    vocab = Vocabulary("t", [], ["{}", "a {colour} {}"], {"colour": ["red"]})
+    pairs = CA.caption_pairs(CAConfig(anchor="square, cross"), ["circle", "star"], vocab)
+    assert pairs == [("square", "circle"), ("cross", "star"), ("a red square", "a red circle"), ("a red cross", "a red star")]
+    style = CA.caption_pairs(CAConfig(anchor="painting", concept_type="style"), ["van gogh"], vocab)
+    assert style[1] == ("a red painting", "a red painting, in the style of van gogh")
+    with pytest.raises(Exception, match="anchor"):
+        CA.caption_pairs(CAConfig(anchor="a, b"), ["x", "y", "z"], vocab)
+
+
+@pytest.mark.parametrize("variant", ["model", "noise"])
+def test_loss_matches_the_formula(tiny_sd1, variant):
+    model = open_model(tiny_sd1)
+    unet = model.load_unet()
+    select_trainable(unet, "xattn-kv")
+    gen = torch.Generator().manual_seed(0)
+    ca = CA(CAConfig(anchor="dog", variant=variant), ["cat"], unet=unet, scheduler=model.scheduler(), latent_shape=(1, 4, 8, 8),
+            resolution=16, generator=gen, device=torch.device("cpu"), counter=EvalCounter())
+    text = model.load_text_encoder()
+    ca.embeddings = {p: text.encode([p]) for p in CA.prompts_for(ca.cfg, ["cat"])}
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ca.anchors = [(x0, 0)]  # a planted anchor sample for the caption pair ("dog", "cat")
+    state = gen.get_state()
+    loss = ca.loss(0, None)[0]
+    gen.set_state(state)  # replay the draws: which anchor, t, eps
+    torch.randint(1, (1,), generator=gen)
+    t = torch.randint(len(ca.alphas), (1,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    a = ca.alphas[t]
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    with torch.no_grad():
+        got = predict(unet, x_t, t, ca.embeddings["cat"], 16)
+        want = predict(unet, x_t, t, ca.embeddings["dog"], 16) if variant == "model" else eps
+    assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(got, want).item(), rel=1e-5)
+
+
+def test_cli_ca_writes_a_drop_in_file_with_its_provenance(tiny_sd1, tmp_path):
+    out = tmp_path / "o.safetensors"
+    r = runner.invoke(app, ["run", str(tiny_sd1), "--method", "ca", "-c", "circle", "--anchor", "square", "--preserve", "none", "--steps", "2",
+                            "--lr", "1e-3", "--anchor-samples", "2", "--sample-steps", "3", "--resolution", "32", "--device", "cpu", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    src, dst = open_checkpoint(tiny_sd1), open_checkpoint(out)
+    changed = {k for k in dst.keys() if not torch.equal(src.get(k), dst.get(k))}
+    assert changed and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed)  # the authors' crossattn-kv
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert report["method"] == "ca" and report["config"]["method_config"]["anchor"] == "square"
+    assert dst.metadata["erase.method"] == "ca" and report["config"]["train"]["ema_decay"] == 0.0
+    r = runner.invoke(app, ["run", str(tiny_sd1), "--method", "ca", "-c", "circle", "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 2 and "--anchor" in r.output

@@ -1,0 +1,117 @@
+"""Preservation: --preserve parsing, the automatic choice of neighbours, the retain term, and `none` = the reference."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from erase.checkpoint.formats import open_checkpoint
+from erase.engine.preserve import PreserveSpec, Retain, nearest_concepts, parse_preserve, preserved_prompts
+from erase.engine.trainer import TrainConfig
+from erase.errors import UsageError
+from erase.run import RunOptions, erase_concepts
+from erase.vocabulary import expand, load_vocabulary, without
+
+SHAPES_MODEL = Path(__file__).resolve().parent.parent / "examples" / "shapes" / "shapes-sd.safetensors"
+
+
+def test_preserve_option_parsing(tmp_path):
+    assert parse_preserve(None) == PreserveSpec(concepts=[], auto=0, hold_empty=True)
+    assert parse_preserve("auto") == PreserveSpec(concepts=[], auto=5, hold_empty=True)
+    assert parse_preserve("auto:3, sky, sky ,tree") == PreserveSpec(concepts=["sky", "tree"], auto=3, hold_empty=True)
+    assert parse_preserve("none").none
+    f = tmp_path / "keep.txt"
+    f.write_text("# people\nwoman\n\nman\n")
+    assert parse_preserve("sky", f).concepts == ["sky", "woman", "man"]
+    for bad in ("none, sky", "auto:0", "auto:x"):
+        with pytest.raises(UsageError):
+            parse_preserve(bad)
+
+
+def test_vocabulary_expansion_and_removal():
+    vocab = load_vocabulary("builtin:shapes")
+    prompts = expand("circle", vocab)
+    assert "a red circle" in prompts and "a drawing of a circle in orange" in prompts and "circle" in prompts
+    assert len(prompts) == len(set(prompts)) == 4 * 6 + 2
+    assert without("a photo of a red circle", "circle") == "a photo of a red" and without("circle", "circle") == ""
+    assert preserved_prompts(["", "square"], vocab, expand_concepts=False) == ["", "square"]
+    assert preserved_prompts(["", "square"], vocab, expand_concepts=True)[:2] == ["", "a red square"]
+
+
+def test_auto_finds_the_shapes_the_circle_edit_damages():
+    """On the shapes model squares are what every circle erasure damaged first (benchmarks/README.md): auto must see that."""
+    from erase.models import open_model
+
+    text = open_model(SHAPES_MODEL).load_text_encoder()
+    near = nearest_concepts(lambda p: text.encode(p).embeds, text.tokenizers[0], ["circle"], load_vocabulary("builtin:shapes"), 3)
+    assert [c for c, _ in near["circle"]][0] == "square"
+    assert len(near["circle"]) == 3 and all(c != "circle" for c, _ in near["circle"])
+
+
+def _retain(tiny_sd1, weight=2.0):
+    from erase.engine.params import select_trainable
+    from erase.engine.sampling import EvalCounter
+    from erase.models import open_model
+
+    model = open_model(tiny_sd1)
+    unet = model.load_unet()
+    params = select_trainable(unet, "xattn")
+    gen = torch.Generator().manual_seed(0)
+    retain = Retain(["", "a dog"], weight=weight, per_step=1, unet=unet, scheduler=model.scheduler(), guidance=3.0, sample_steps=4,
+                    reuse=2, latent_shape=(1, 4, 8, 8), resolution=16, generator=gen, device=torch.device("cpu"), counter=EvalCounter())
+    text = model.load_text_encoder()
+    retain.embeddings = {p: text.encode([p]) for p in ["", "a dog"]}
+    return retain, params, unet
+
+
+def test_retain_term_is_zero_for_the_input_model_and_measures_drift_from_it(tiny_sd1):
+    import contextlib
+
+    from erase.engine.sampling import EvalCounter, predict
+
+    retain, params, unet = _retain(tiny_sd1)
+    assert retain.loss(contextlib.nullcontext).item() == 0.0  # the student is still the input model
+    frozen = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():  # the student moves away from the input model
+        for p in params.values():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    moved = {n: p.detach().clone() for n, p in params.items()}
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    retain.current, retain.pending = ["a dog"], {"a dog": [(z, 1)]}  # one queued latent at t_1 for the slot's prompt
+    got = retain.loss(contextlib.nullcontext)
+    assert all(torch.equal(q, moved[n]) for n, q in params.items())  # the student's weights are back in place
+    assert all(torch.equal(retain.frozen[n], frozen[n]) for n in frozen)  # and the frozen copy is the input's
+    t = retain.scheduler.timesteps[1]
+    with torch.no_grad():
+        student = predict(unet, z, t, retain.embeddings["a dog"], 16, EvalCounter())
+        for n, q in params.items():
+            q.data = frozen[n].clone()
+        original = predict(unet, z, t, retain.embeddings["a dog"], 16, EvalCounter())
+    assert got.item() == pytest.approx(2.0 * torch.nn.functional.mse_loss(student, original).item(), rel=1e-5)
+    assert got.item() > 0
+
+
+def _attn2_digest(path) -> str:
+    ckpt = open_checkpoint(path)
+    h = hashlib.sha256()
+    for k in sorted(k for k in ckpt.keys() if ".attn2." in k):
+        h.update(k.encode())
+        h.update(ckpt.get(k).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_preserve_none_is_the_reference_sdd_bit_for_bit(tiny_sd1, tmp_path):
+    """`--preserve none` runs SDD as it was before preservation existed. The digest is that run's output, recorded with
+    the pre-preservation code (commit 5395879) on this project's CPU build of torch 2.13.0, one thread: another torch
+    build or CPU may round differently; re-record only after checking that nothing but rounding changed."""
+    report = erase_concepts(RunOptions(model=tiny_sd1, concepts=["nudity", "violence"], out=tmp_path / "o.safetensors",
+                                       train=TrainConfig(steps=6, lr=1e-3), method_config={"sample_steps": 4, "reuse": 2},
+                                       resolution=32, device="cpu", preserve="none"), Console(quiet=True), progress=False)
+    assert report["preserve"]["concepts"] == [] and report["config"]["preserved_prompts"] == 0
+    assert 4 <= report["unet_evals_per_step"] <= 4 + 2 * 3  # the teacher and the student only: no retain evaluations
+    assert _attn2_digest(tmp_path / "o.safetensors") == REFERENCE_DIGEST
+
+
+REFERENCE_DIGEST = "35d975bf5f465573cd39132defe630f1bfbc5f14dcc4264c7c283aa35deff033"

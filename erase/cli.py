@@ -241,8 +241,8 @@ def run(
                                               rich_help_panel=ALGO)] = "object",
     prior_weight: Annotated[float, typer.Option(help="CA: weight of the denoising loss on anchor samples (authors: 1.0 when on).", rich_help_panel=ALGO)] = 0.0,
     anchor_samples: Annotated[int, typer.Option(help="CA: anchor latents the input model generates once per run (authors: 1000).", rich_help_panel=ALGO)] = 64,
-    guidance: Annotated[float, typer.Option(help="SDD: CFG scale of the teacher's sampling trajectory (reference 3.0).", rich_help_panel=ALGO)] = 3.0,
-    sample_steps: Annotated[int, typer.Option(help="SDD: DDIM steps of the teacher trajectory, K (reference 50).", rich_help_panel=ALGO)] = 50,
+    guidance: Annotated[float, typer.Option(help="CFG scale of the sampled latents (SDD and ESD reference 3.0; CA default 6.0).", rich_help_panel=ALGO)] = 3.0,
+    sample_steps: Annotated[int, typer.Option(help="DDIM steps of sampled trajectories, K (SDD and ESD reference 50; CA default 25).", rich_help_panel=ALGO)] = 50,
     concept_mode: Annotated[ConceptMode, typer.Option(help="SDD: iterative = one concept per step (reference); composite = joined.", rich_help_panel=ALGO)] = ConceptMode.iterative,
     reuse: Annotated[int, typer.Option(help="SDD: training latents harvested per teacher trajectory (1 = reference; more is cheaper).", rich_help_panel=ALGO)] = 1,
     target: Annotated[Optional[Target], typer.Option(help="SDD: whose eps is the target: self = the student's (reference; default with --preserve none); "
@@ -276,7 +276,7 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print the final report as JSON on stdout.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.", rich_help_panel=FILES)] = False,
 ) -> None:
-    """Erase concepts from a checkpoint: SDD or ESD fine-tune the UNet (cross-attention by default), UCE edits its keys and values in closed form.
+    """Erase concepts from a checkpoint: SDD, ESD or CA fine-tune the UNet (cross-attention by default), UCE edits its keys and values in closed form.
 
     Writes <stem>-erased.safetensors: the input with only the changed tensors replaced, plus
     <stem>-erased.report.json. Example: erase run model.safetensors --concepts "nudity, violence"

@@ -119,6 +119,11 @@ def test_every_command_works_on_a_release_layout(release_file, name, tmp_path):
     if ema_weights:
         assert "model_ema.decay and model_ema.num_updates are kept" in dst.metadata["erase.dropped"]
 
+    closed = tmp_path / "uce.safetensors"  # the closed-form method on the same layout: only attn2 keys and values change
+    _ok(["run", str(path), "--method", "uce", "-c", "a cat", "--preserve", "a dog", "-o", str(closed)])
+    u = open_checkpoint(closed)
+    assert {k for k in u.keys() if _raw(src, k) != _raw(u, k)} == {k for k in layout.attn2_names() if ".to_k." in k or ".to_v." in k}
+
     _ok(["generate", str(path), "--compare", str(out), "-p", "a cat", "--steps", "2", "--size", SIZE, "--device", "cpu",
          "-o", str(tmp_path / "images")])
     assert len(list((tmp_path / "images").rglob("*.png"))) >= 2

@@ -81,5 +81,7 @@ def measure(model_path: Path, targets: list[str], protocol: Protocol = Protocol(
     result["unconditional_rate"] = sum(result["unconditional"][t] for t in targets)
     result["others_accuracy"] = {s: result["per_shape"][s]["accuracy"] for s in SHAPES if s not in targets}
     result["target_colour_fidelity"] = sum(result["per_shape"][t]["colour_fidelity"] for t in targets) / len(targets)
+    drawn = [lab[0] for shape, _, _, lab in rows if shape in targets]  # what the target's prompts draw now
+    result["target_drawn"] = {s: drawn.count(s) / len(drawn) for s in (*SHAPES, NONE)}
     result["samples"] = kept
     return result

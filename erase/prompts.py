@@ -27,6 +27,20 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.csv"))
 
 
+def builtin_or_file(source: str, folder: Path, suffix: str, kind: str) -> Path:
+    """`builtin:NAME` (a file the package ships in `folder`) or a path; a usage error names what exists."""
+    if source.startswith("builtin:"):
+        path = folder / f"{source.split(':', 1)[1]}{suffix}"
+        if not path.exists():
+            names = ", ".join("builtin:" + p.stem for p in sorted(folder.glob(f"*{suffix}")))
+            raise UsageError(f"unknown {kind} '{source}'; built-in: {names}")
+        return path
+    path = Path(source)
+    if not path.exists():
+        raise UsageError(f"{kind} file {path} does not exist")
+    return path
+
+
 def _num(row: dict, names: tuple[str, ...], cast):
     for n in names:
         v = (row.get(n) or "").strip()
@@ -40,15 +54,7 @@ def _num(row: dict, names: tuple[str, ...], cast):
 
 def load_prompts(source: str | Path, *, category: str | None = None, limit: int | None = None) -> list[PromptSpec]:
     source = str(source)
-    if source.startswith("builtin:"):
-        name = source.split(":", 1)[1]
-        path = BUILTIN_DIR / f"{name}.csv"
-        if not path.exists():
-            raise UsageError(f"unknown prompt set '{source}'; built-in sets: {', '.join('builtin:' + n for n in builtin_names())}")
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise UsageError(f"prompt file {path} does not exist")
+    path = builtin_or_file(source, BUILTIN_DIR, ".csv", "prompt set")
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)

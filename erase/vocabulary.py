@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from erase.errors import UsageError
+from erase.prompts import builtin_or_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,21 +39,9 @@ class Vocabulary:
     fields: dict[str, list[str]] = field(default_factory=dict)
 
 
-def builtin_vocabularies() -> list[str]:
-    return sorted(p.stem for p in VOCAB_DIR.glob("*.toml"))
-
-
 def load_vocabulary(source: str | Path) -> Vocabulary:
     """`builtin:NAME` or a TOML file with `concepts`, `templates` and optional `[fields]`."""
-    source = str(source)
-    if source.startswith("builtin:"):
-        path = VOCAB_DIR / f"{source.split(':', 1)[1]}.toml"
-        if not path.exists():
-            raise UsageError(f"unknown vocabulary '{source}'; built-in: {', '.join('builtin:' + n for n in builtin_vocabularies())}")
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise UsageError(f"vocabulary file {path} does not exist")
+    path = builtin_or_file(str(source), VOCAB_DIR, ".toml", "vocabulary")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:

@@ -4,8 +4,9 @@
 
 Writes a random fp16 file with the full key set of the v1-5-pruned-emaonly release (tests/release_layouts.py:
 1145 tensors, 1.07 B parameters, 2.1 GB; streamed, never held in memory), then runs, each in its own process:
-`inspect`, `run --steps 2 --sample-steps 2` at 512 px, `generate` one 512 px image (4 DDIM steps: the cost per step
-is what matters) and `merge` of the erased file onto the input. Peak RSS comes from the kernel's accounting of that
+`inspect`, `run --steps 2 --sample-steps 2` at 512 px (with and without gradient checkpointing), `run --method uce`
+(end to end, beside the time to copy the file), `generate` one 512 px image (4 DDIM steps: the cost per step is what
+matters) and `merge` of the erased file onto the input. Peak RSS comes from the kernel's accounting of that
 process (wait4), reported in GB and as a multiple of the file size. `run` must stay below the file size plus the
 UNet in fp32 (no second UNet, no VAE, no text encoder after encoding).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -56,10 +58,18 @@ def main() -> None:
                                            "--device", "cpu", "-o", str(out), "--force"]),
         ("run --gradient-checkpointing", ["run", str(src), "-c", "a cat", "--steps", "2", "--sample-steps", "2", "--resolution", "512",
                                           "--device", "cpu", "--gradient-checkpointing", "-o", str(out), "--force"]),
+        ("run --method uce (defaults: --preserve auto)", ["run", str(src), "-c", "a cat", "--method", "uce", "-o", str(out), "--force"]),
+        ("run --method uce --preserve none", ["run", str(src), "-c", "a cat", "--method", "uce", "--preserve", "none", "-o", str(out), "--force"]),
         ("generate (1 image, 512 px, 4 steps)", ["generate", str(src), "-p", "a cat", "--steps", "4", "--size", "512", "--device", "cpu",
                                                   "-o", str(args.dir / "erase-real-images")]),
         ("merge (erased onto the input)", ["merge", str(src), str(out), "--base", str(src), "-o", str(merged), "--force"]),
     ]
+    t = time.perf_counter()  # the yardstick for UCE's end-to-end time: copying the file
+    shutil.copyfile(src, merged)
+    with open(merged, "rb+") as f:
+        os.fsync(f.fileno())
+    print(f"copying the file (shutil.copyfile + fsync): {time.perf_counter() - t:.1f} s")
+    merged.unlink()
     print("\n| command | wall s | peak RSS GB | RSS / file size |\n|---|---|---|---|")
     results = {}
     for label, cmd in rows:

@@ -41,17 +41,30 @@ SWEEP_STEPS = (100, 200, 450)
 FROZEN = {"lr": 1e-3, "steps": (1000, 2000)}
 
 
-def sdd_row(model: Path, concepts: list[str], work: Path, *, reuse: int = 1, steps: int = SDD["steps"], lr: float = SDD["lr"],
-            target: str = "self", train_set: str = "xattn") -> tuple[Path, dict]:
+def erase_row(model: Path, concepts: list[str], work: Path, *, method: str = "sdd", reuse: int = 1, steps: int = SDD["steps"],
+              lr: float = SDD["lr"], target: str | None = "self", train_set: str = "xattn", preserve: str = "none", expand: bool | None = None,
+              weight: float = 1.0, ema_decay: float = SDD["ema_decay"], **method_options) -> tuple[Path, dict]:
+    """Erase with `erase run`'s own code path; the defaults are the reference SDD (the rows recorded before preservation)."""
     from rich.console import Console
 
     from erase.engine.trainer import TrainConfig
     from erase.run import RunOptions, erase_concepts
 
-    out = work / f"sdd-{'-'.join(concepts)}-r{reuse}-{steps}-{lr:g}-{target}-{train_set}.safetensors"
+    options = dict(method_options)
+    if method in ("sdd", "esd"):
+        options["reuse"] = reuse
+    if method == "sdd" and target is not None:
+        options["target"] = target
+    if expand is not None:
+        options["expand"] = expand
+    if method == "uce":
+        options["preserve_weight"] = weight
+    name = "-".join([method, *concepts, f"r{reuse}", str(steps), f"{lr:g}", str(target), train_set, preserve.replace(":", "") or "empty",
+                     str(expand), f"w{weight:g}", *(f"{k}{v}" for k, v in method_options.items())])
+    out = work / f"{name.replace(' ', '_').replace(',', '')}.safetensors"
     report = erase_concepts(RunOptions(model=model, concepts=concepts, out=out, force=True, resolution=32, device="cpu", train_set=train_set,
-                                       train=TrainConfig(steps=steps, lr=lr, ema_decay=SDD["ema_decay"]),
-                                       method_config={"reuse": reuse, "target": target}), Console(quiet=True), progress=False)
+                                       method=method, train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay), method_config=options,
+                                       preserve=preserve, preserve_weight=weight), Console(quiet=True), progress=False)
     return out, report
 
 
@@ -123,85 +136,156 @@ def calibration(base: dict) -> list[str]:
     return lines
 
 
+def rows_to_run(model: Path) -> list[tuple[str, list[str], object, bool]]:
+    """(name, targets, make, measure other wordings) for every row; make(work) -> (checkpoint, run report, measure options)."""
+    base = lambda work: (model, None, {})  # noqa: E731
+
+    def erased(concepts, **kw):
+        def make(work):
+            path, report = erase_row(model, concepts, work, **kw)
+            return path, report, {}
+        return make
+
+    frozen_kw = dict(reuse=8, lr=FROZEN["lr"], target="frozen")
+    preserving = dict(reuse=8, lr=FROZEN["lr"], steps=FROZEN["steps"][0], target=None, preserve="auto")  # erase run's defaults
+    circle, both = ["circle"], ["circle", "star"]
+    rows = [
+        ("base", circle, base, True),
+        ("base (circle, star)", both, base, False),
+        (f"SDD circle ({SDD['steps']} steps)", circle, erased(circle), False),
+        ("SDD circle, --reuse 8", circle, erased(circle, reuse=8), False),
+        ("SDD circle + star", both, erased(both), False),
+        ("SLD sld-max, concept 'circle'", circle, lambda work: (model, None, {"safety": "sld-max", "safety_concept": "circle"}), False),
+        *((f"SDD circle, --reuse 8, {n} steps", circle, erased(circle, reuse=8, steps=n), False) for n in SWEEP_STEPS),
+        *((f"SDD circle, --target frozen, lr {FROZEN['lr']:g}, --reuse 8, {n} steps", circle, erased(circle, steps=n, **frozen_kw), False)
+          for n in FROZEN["steps"]),
+        (f"SDD circle + star, --target frozen, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", both,
+         erased(both, steps=FROZEN["steps"][0], **frozen_kw), False),
+        (f"SDD circle, --train xattn-kv, --reuse 8 ({SDD['steps']} steps)", circle, erased(circle, reuse=8, train_set="xattn-kv"), False),
+        (f"SDD circle, --train xattn-kv, --target frozen, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", circle,
+         erased(circle, steps=FROZEN["steps"][0], train_set="xattn-kv", **frozen_kw), False),
+        # preservation (issue 15): erase run's defaults -- the input model's target, concepts in the vocabulary's prompts,
+        # --preserve auto (the 5 nearest concepts and "", held by the retain term)
+        (f"SDD circle, preserving (defaults), lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", circle, erased(circle, **preserving), True),
+        (f"SDD circle, preserving, --preserve-weight 3, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", circle,
+         erased(circle, weight=3.0, **preserving), False),
+        (f"SDD circle, preserving, --train xattn-kv, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", circle,
+         erased(circle, train_set="xattn-kv", **preserving), False),
+        (f"SDD circle + star, preserving (defaults), lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", both,
+         erased(both, **preserving), True),
+        # UCE (closed form): without a preserve set (the reference), with "" only, with the defaults (--preserve auto)
+        ("UCE circle, --preserve none", circle, erased(circle, method="uce", preserve="none"), False),
+        ("UCE circle, --preserve '' (the empty prompt only)", circle, erased(circle, method="uce", preserve=""), False),
+        ("UCE circle (defaults: --preserve auto)", circle, erased(circle, method="uce", preserve="auto"), True),
+        ("UCE circle + star (defaults)", both, erased(both, method="uce", preserve="auto"), True),
+        # ESD (trained, the input model's negative guidance): ESD-x (attn2) and ESD-u (all but attn2), reference and preserving
+        (f"ESD-x circle, --preserve none, lr {FROZEN['lr'] / 10:g}, --reuse 8, 300 steps", circle,
+         erased(circle, method="esd", preserve="none", reuse=8, steps=300, lr=FROZEN["lr"] / 10, ema_decay=0.0, target=None), False),
+        (f"ESD-u circle, --preserve none, lr {FROZEN['lr'] / 10:g}, --reuse 8, 300 steps", circle,
+         erased(circle, method="esd", preserve="none", reuse=8, steps=300, lr=FROZEN["lr"] / 10, ema_decay=0.0, target=None, train_set="noxattn"), False),
+        (f"ESD-x circle, preserving (defaults), lr {FROZEN['lr'] / 10:g}, --reuse 8, 300 steps", circle,
+         erased(circle, method="esd", preserve="auto", reuse=8, steps=300, lr=FROZEN["lr"] / 10, ema_decay=0.0, target=None), False),
+        # Concept Ablation: circle -> square (the anchor), the authors' variant (model-based, attn2 k/v), reference and preserving
+        ("CA circle -> square, --preserve none, lr 0.001, 400 steps", circle,
+         erased(circle, method="ca", anchor="square", preserve="none", steps=400, lr=1e-3, ema_decay=0.0, target=None, train_set="xattn-kv"), False),
+        ("CA circle -> square, preserving (defaults), lr 0.001, 400 steps", circle,
+         erased(circle, method="ca", anchor="square", preserve="auto", steps=400, lr=1e-3, ema_decay=0.0, target=None, train_set="xattn-kv"), False),
+    ]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=ROOT / "examples" / "shapes" / "shapes-sd.safetensors")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "shapes.json")
     ap.add_argument("--seeds", type=int, default=16)
+    ap.add_argument("--only", action="append", default=[], help="run only rows whose name contains this (repeatable); others "
+                    "keep their recorded results in --json")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    from erase.evaluate.shapes_world import Protocol, measure
+    from erase.evaluate.shapes_world import UNSEEN_TEMPLATES, Protocol, measure
+    from erase.shapes import TEMPLATES
 
     protocol = Protocol(seeds=args.seeds)
+    # every caption template the model knows (colourless ones too) and four it never saw, 2 seeds per prompt
+    wording = Protocol(seeds=2, templates=tuple(TEMPLATES) + UNSEEN_TEMPLATES)
     work = Path(tempfile.mkdtemp(prefix="erase-shapes-"))
+    recorded = {r["row"]: r for r in json.loads(args.json.read_text())["rows"]} if args.only and args.json.exists() else {}
+    dependence = TextDependence(args.model)
     rows = []
 
-    dependence = TextDependence(args.model)
+    def save(done: list[dict]) -> None:
+        names = {r["row"] for r in done}
+        kept = [r for r in recorded.values() if r["row"] not in names]  # recorded rows not (yet) measured again
+        args.json.write_text(json.dumps({"protocol": vars(protocol), "wording_protocol": vars(wording), "sdd_settings": SDD,
+                                         "frozen_target_settings": FROZEN, "rows": done + kept}, indent=2))
 
-    def add(name, path, targets, report=None, **kw):
+    for name, targets, make, other_wordings in rows_to_run(args.model):
+        if args.only and not any(o in name for o in args.only):
+            if name in recorded:
+                rows.append(recorded[name])
+            continue
+        path, report, kw = make(work)
         t = time.perf_counter()
         m = measure(path, targets, protocol, **kw)
         m.pop("samples")
-        rows.append({"row": name, "targets": targets, "metrics": m, "measure_seconds": time.perf_counter() - t,
-                     "text_dependence": None if kw.get("safety") else dependence.measure(path),
-                     "unet_evals_per_step": report["unet_evals_per_step"] if report else None,
-                     "train_seconds": report["seconds_per_step"] * report["steps"] if report else None})
+        row = {"row": name, "targets": targets, "metrics": m, "measure_seconds": time.perf_counter() - t,
+               "text_dependence": None if kw.get("safety") else dependence.measure(path),
+               "unet_evals_per_step": report["unet_evals_per_step"] if report else None,
+               "train_seconds": report.get("seconds_per_step", 0) * report.get("steps", 0) or report.get("seconds") if report else None,
+               "preserve": report["preserve"] if report else None}
+        if other_wordings:
+            w = measure(path, targets, wording, **kw)
+            w.pop("samples")
+            row["wording"] = w
+        rows.append(row)
         print(f"done: {name}", flush=True)
-
-    add("base", args.model, ["circle"])
-    add("base (circle, star)", args.model, ["circle", "star"])
-    path, rep = sdd_row(args.model, ["circle"], work)
-    add(f"SDD circle ({SDD['steps']} steps)", path, ["circle"], rep)
-    path, rep = sdd_row(args.model, ["circle"], work, reuse=8)
-    add("SDD circle, --reuse 8", path, ["circle"], rep)
-    path, rep = sdd_row(args.model, ["circle", "star"], work)
-    add("SDD circle + star", path, ["circle", "star"], rep)
-    add("SLD sld-max, concept 'circle'", args.model, ["circle"], safety="sld-max", safety_concept="circle")
-    for steps in SWEEP_STEPS:  # the efficacy / preservation trade-off, cheaply (--reuse 8 matches reuse 1 above)
-        path, rep = sdd_row(args.model, ["circle"], work, reuse=8, steps=steps)
-        add(f"SDD circle, --reuse 8, {steps} steps", path, ["circle"], rep)
-    for steps in FROZEN["steps"]:
-        path, rep = sdd_row(args.model, ["circle"], work, reuse=8, steps=steps, lr=FROZEN["lr"], target="frozen")
-        add(f"SDD circle, --target frozen, lr {FROZEN['lr']:g}, --reuse 8, {steps} steps", path, ["circle"], rep)
-    path, rep = sdd_row(args.model, ["circle", "star"], work, reuse=8, steps=FROZEN["steps"][0], lr=FROZEN["lr"], target="frozen")
-    add(f"SDD circle + star, --target frozen, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", path, ["circle", "star"], rep)
-    # Only the text-facing projections (attn2 k/v): does keeping to_q / to_out fixed stop the spread?
-    path, rep = sdd_row(args.model, ["circle"], work, reuse=8, train_set="xattn-kv")
-    add(f"SDD circle, --train xattn-kv, --reuse 8 ({SDD['steps']} steps)", path, ["circle"], rep)
-    path, rep = sdd_row(args.model, ["circle"], work, reuse=8, steps=FROZEN["steps"][0], lr=FROZEN["lr"], target="frozen", train_set="xattn-kv")
-    add(f"SDD circle, --train xattn-kv, --target frozen, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", path, ["circle"], rep)
+        save(rows)  # after every row: a long run that stops keeps what it measured
 
     base = rows[0]["metrics"]
     table = ["| row | target presence (95% CI) | uncond. target rate | uncond. no shape | other shapes' accuracy (min / mean) "
-             "| target colour fidelity | UNet evals/step | train s |", "|---|---|---|---|---|---|---|---|"]
+             "| min colour fidelity | UNet evals/step | train s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["metrics"]
         others = list(m["others_accuracy"].values())
         lo, hi = m["target_presence_ci95"]
-        evals = f"{r['unet_evals_per_step']:.1f}" if r["unet_evals_per_step"] else "-"
+        evals = f"{r['unet_evals_per_step']:.1f}" if r["unet_evals_per_step"] is not None else "-"
         secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "-"
+        colour = min(v["colour_fidelity"] for v in m["per_shape"].values())
         table.append(f"| {r['row']} | {m['target_presence']:.3f} [{lo:.3f}, {hi:.3f}] | {m['unconditional_rate']:.3f} | {m['unconditional']['none']:.3f} | "
-                     f"{min(others):.3f} / {sum(others) / len(others):.3f} | {m['target_colour_fidelity']:.3f} | {evals} | {secs} |")
-    per_shape = ["| row | " + " | ".join(base["per_shape"]) + " |", "|---|" + "---|" * len(base["per_shape"])]
+                     f"{min(others):.3f} / {sum(others) / len(others):.3f} | {colour:.3f} | {evals} | {secs} |")
+    per_shape = ["| row | " + " | ".join(base["per_shape"]) + " | kept (min / mean, % of base) |", "|---|" + "---|" * (len(base["per_shape"]) + 1)]
     for r in rows:
-        per_shape.append(f"| {r['row']} | " + " | ".join(f"{v['accuracy']:.2f}" for v in r["metrics"]["per_shape"].values()) + " |")
+        ps = r["metrics"]["per_shape"]
+        kept = [ps[s]["accuracy"] / base["per_shape"][s]["accuracy"] for s in ps if s not in r["targets"]]
+        per_shape.append(f"| {r['row']} | " + " | ".join(f"{v['accuracy']:.2f}" for v in ps.values())
+                         + f" | {100 * min(kept):.0f} / {100 * sum(kept) / len(kept):.0f} |")
     mechanism = ["| row | uncond. drift | " + " | ".join(f"{s} gap" for s in base["per_shape"]) + " |",
                  "|---|---|" + "---|" * len(base["per_shape"])]
     for r in rows:
         if r["text_dependence"]:
             d = r["text_dependence"]
             mechanism.append(f"| {r['row']} | {d['uncond_drift']:.2f} | " + " | ".join(f"{v:.2f}" for v in d["gap_ratio"].values()) + " |")
+    drawn = ["| row | what the target's prompts draw now |", "|---|---|"]
+    for r in rows:
+        if "target_drawn" in r["metrics"]:
+            d = sorted(r["metrics"]["target_drawn"].items(), key=lambda kv: -kv[1])
+            drawn.append(f"| {r['row']} | " + ", ".join(f"{s} {v:.2f}" for s, v in d if v) + " |")
+    words = [r for r in rows if r.get("wording")]
+    wording_table = ["| row (all 10 wordings, 120 images per shape) | " + " | ".join(base["per_shape"]) + " | min colour fidelity |",
+                     "|---|" + "---|" * (len(base["per_shape"]) + 1)]
+    for r in words:
+        ps = r["wording"]["per_shape"]
+        wording_table.append(f"| {r['row']} | " + " | ".join(f"{v['accuracy']:.2f}" for v in ps.values())
+                             + f" | {min(v['colour_fidelity'] for v in ps.values()):.2f} |")
     print("\n".join(calibration(base)))
-    print()
-    print("\n".join(table))
-    print()
-    print("\n".join(per_shape))
-    print()
-    print("\n".join(mechanism))
-    args.json.write_text(json.dumps({"protocol": vars(protocol), "sdd_settings": SDD, "frozen_target_settings": FROZEN, "rows": rows}, indent=2))
+    for t in (table, per_shape, drawn, mechanism, wording_table):
+        print()
+        print("\n".join(t))
+    save(rows)
     print(f"\nwrote {args.json}")
 
 

@@ -30,6 +30,15 @@ def test_preserve_option_parsing(tmp_path):
             parse_preserve(bad)
 
 
+def test_unknown_vocabulary_is_a_usage_error_naming_the_builtins(tmp_path):
+    with pytest.raises(UsageError, match="builtin:general, builtin:shapes"):
+        load_vocabulary("builtin:nope")
+    bad = tmp_path / "v.toml"
+    bad.write_text('concepts = ["a"]\ntemplates = ["a {colour} thing"]\n')
+    with pytest.raises(UsageError, match="exactly one"):
+        load_vocabulary(bad)
+
+
 def test_vocabulary_expansion_and_removal():
     vocab = load_vocabulary("builtin:shapes")
     prompts = expand("circle", vocab)

@@ -149,13 +149,21 @@ def test_target_is_the_unconditional_prediction_of_the_chosen_weights(tiny_sd1, 
     assert all(torch.equal(p, moved[n]) for n, p in params.items())  # the student's weights are back in place
 
 
-@pytest.mark.parametrize("target", ["self", "frozen", "preserving"])
-def test_resume_is_bit_exact(tiny_sd1, tmp_path, monkeypatch, target):
-    # with a frozen target this also checks that a resumed run's target is the input model, not the state it resumes;
-    # "preserving" is erase run's default (frozen target, expanded concepts, the retain term and its latent queues)
-    cfg = dict(method_config={"sample_steps": 4, "reuse": 2, "target": target})
-    if target == "preserving":
-        cfg = dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="auto:2")
+RESUMED = {  # name -> run options
+    "self": dict(method_config={"sample_steps": 4, "reuse": 2, "target": "self"}),
+    # a frozen target: a resumed run's target must be the input model, not the state it resumes
+    "frozen": dict(method_config={"sample_steps": 4, "reuse": 2, "target": "frozen"}),
+    # erase run's default (frozen target, expanded concepts, the retain term and its latent queues)
+    "preserving": dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="auto:2"),
+    "esd": dict(method="esd", method_config={"sample_steps": 4, "reuse": 2}, preserve="auto:2"),
+    # two concepts with an anchor each; the anchor samples must come back from the resume state, not be redrawn
+    "ca": dict(method="ca", concepts=("circle", "star"), method_config={"anchor": "square, cross", "anchor_samples": 3, "sample_steps": 3}),
+}
+
+
+@pytest.mark.parametrize("name", list(RESUMED))
+def test_resume_is_bit_exact(tiny_sd1, tmp_path, monkeypatch, name):
+    cfg = RESUMED[name]
     _run(tiny_sd1, tmp_path / "full.safetensors", train=TrainConfig(steps=6, lr=1e-3), **cfg)
 
     # interrupt after step 3 (Ctrl-C), then resume to step 6
@@ -174,7 +182,8 @@ def test_resume_is_bit_exact(tiny_sd1, tmp_path, monkeypatch, target):
         _run(tiny_sd1, tmp_path / "part.safetensors", train=TrainConfig(steps=6, lr=1e-3), **cfg)
     assert not (tmp_path / "part.safetensors").exists()
     monkeypatch.setattr(trainer_mod.Trainer, "train", real_train)
-    resumed = _run(tiny_sd1, tmp_path / "part.safetensors", train=TrainConfig(steps=6), resume=tmp_path / "part.resume")
+    same = {k: cfg[k] for k in ("method", "concepts") if k in cfg}  # what a resumed run must name again; the rest comes from the state
+    resumed = _run(tiny_sd1, tmp_path / "part.safetensors", train=TrainConfig(steps=6), resume=tmp_path / "part.resume", **same)
     assert resumed["resumed_from_step"] == 3
     a, b = open_checkpoint(tmp_path / "full.safetensors"), open_checkpoint(tmp_path / "part.safetensors")
     for k in a.keys():
@@ -189,13 +198,23 @@ def test_nan_loss_stops_without_output(tiny_sd1, tmp_path, monkeypatch):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+METHODS = {  # method -> (run options, what it trains)
+    "sdd": (dict(), lambda k: ".attn2." in k),
+    "esd": (dict(method="esd", train_set="noxattn", preserve="auto:1"), lambda k: ".attn2." not in k),  # ESD-u, preserving
+    "ca": (dict(method="ca", method_config={"anchor": "dog", "anchor_samples": 2, "sample_steps": 2}, train_set="xattn-kv"),
+           lambda k: ".attn2.to_k." in k or ".attn2.to_v." in k),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
-def test_other_families_run_two_steps(tiny_files, family, tmp_path):
-    report = _run(tiny_files[family], tmp_path / "o.safetensors", concepts=["cat"])
-    assert report["steps"] == 2 and report["family"] == family
+def test_other_families_run_two_steps(tiny_files, family, method, tmp_path):
+    options, trained = METHODS[method]
+    report = _run(tiny_files[family], tmp_path / "o.safetensors", concepts=["cat"], train=TrainConfig(steps=2, lr=1e-3), **options)
+    assert report["steps"] == 2 and report["family"] == family and report["method"] == method
     out, src = open_checkpoint(tmp_path / "o.safetensors"), open_checkpoint(tiny_files[family])
     changed = [k for k in src.keys() if _bytes(src, k) != _bytes(out, k)]
-    assert changed and all(".attn2." in k for k in changed)
+    assert changed and all(k.startswith("model.diffusion_model.") and trained(k) for k in changed)
 
 
 def test_delta_holds_only_changed_tensors(tiny_sd1, tmp_path):

@@ -177,6 +177,7 @@ def rows_to_run(model: Path) -> list[tuple[str, list[str], object, bool]]:
         ("UCE circle, --preserve none", circle, erased(circle, method="uce", preserve="none"), False),
         ("UCE circle, --preserve '' (the empty prompt only)", circle, erased(circle, method="uce", preserve=""), False),
         ("UCE circle (defaults: --preserve auto)", circle, erased(circle, method="uce", preserve="auto"), True),
+        ("UCE circle, --preserve-weight 4", circle, erased(circle, method="uce", preserve="auto", weight=4.0), False),
         ("UCE circle + star (defaults)", both, erased(both, method="uce", preserve="auto"), True),
         # ESD (trained, the input model's negative guidance): ESD-x (attn2) and ESD-u (all but attn2), reference and preserving
         (f"ESD-x circle, --preserve none, lr {FROZEN['lr'] / 10:g}, --reuse 8, 300 steps", circle,

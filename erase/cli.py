@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from erase import __version__
@@ -46,7 +47,7 @@ class _App(typer.Typer):
                 except EraseError as e:
                     if _debug():
                         raise
-                    err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+                    err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
                     raise typer.Exit(e.exit_code) from None
                 except KeyboardInterrupt:
                     err_console.print("[bold red]interrupted[/]")
@@ -55,7 +56,7 @@ class _App(typer.Typer):
                     if _debug():
                         raise
                     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    err_console.print(f"[bold red]error:[/] {type(e).__name__}: {msg} (run with --debug for details)", highlight=False, soft_wrap=True)
+                    err_console.print(f"[bold red]error:[/] {type(e).__name__}: {escape(msg)} (run with --debug for details)", highlight=False, soft_wrap=True)
                     raise typer.Exit(1) from None
 
             register(wrapper)
@@ -223,7 +224,8 @@ PRESERVE = "Preservation"
 @app.command()
 def run(
     ctx: typer.Context,
-    model: ModelPath,
+    model: Annotated[Optional[Path], typer.Argument(help="Checkpoint: .safetensors / .ckpt single file, or a diffusers folder.",
+                                                    show_default=False)] = None,
     concepts: Annotated[str, typer.Option("--concepts", "-c", help="Concepts to erase, comma-separated: \"nudity, violence\".", show_default=False)] = "",
     concepts_file: Annotated[Optional[Path], typer.Option("--concepts-file", help="More concepts to erase, one per line.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output path (default: <stem>-erased.safetensors beside the input).", rich_help_panel=FILES)] = None,
@@ -275,6 +277,10 @@ def run(
                                                    callback=_config_callback, rich_help_panel=FILES)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final report as JSON on stdout.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.", rich_help_panel=FILES)] = False,
+    jobs: Annotated[Optional[Path], typer.Option("--jobs", help="Run the erasures listed in a TOML file instead of MODEL (see README: "
+                                                 "jobs files); spread over ranks under torchrun / accelerate launch.",
+                                                 rich_help_panel=FILES, show_default=False)] = None,
+    job_digest: Annotated[Optional[str], typer.Option("--job-digest", hidden=True)] = None,  # set by --jobs: recorded in the output
 ) -> None:
     """Erase concepts from a checkpoint: SDD, ESD or CA fine-tune the UNet (cross-attention by default), UCE edits its keys and values in closed form.
 
@@ -286,6 +292,15 @@ def run(
     from erase.methods import METHODS
     from erase.run import RunOptions, erase_concepts, parse_concepts
 
+    if jobs is not None:
+        given_too = sorted(n for n in ctx.params if n != "jobs" and getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE")
+        if model is not None or given_too:
+            raise UsageError("--jobs takes every option from the jobs file: give no MODEL or other options with it"
+                             f"{' (got ' + ', '.join(given_too) + ')' if given_too else ''}")
+        _run_jobs(ctx.command, jobs)
+        return
+    if model is None:
+        raise UsageError("missing MODEL: the checkpoint to erase from (or --jobs FILE)")
     # given on the command line or in --config (Typer vendors its own click: compare the source by name)
     given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "DEFAULT_MAP")}
     cfg_fields = set(METHODS[method.value][1].__dataclass_fields__)
@@ -315,7 +330,7 @@ def run(
         resolution=resolution, train_set=train_set, device=device.value, precision=precision.value,
         gradient_checkpointing=gradient_checkpointing, xformers=xformers, delta=delta, resume=resume, force=force,
         prediction_type=prediction_type, preserve=preserve, preserve_file=preserve_file, vocabulary=vocabulary,
-        preserve_weight=preserve_weight, preserve_per_step=preserve_per_step,
+        preserve_weight=preserve_weight, preserve_per_step=preserve_per_step, job_digest=job_digest,
     )
     ui = err_console if as_json else console
     report = erase_concepts(opts, ui)
@@ -334,6 +349,55 @@ def run(
     console.print(f"[bold green]report[/] {report['report']}")
     if report["delta"]:
         console.print(f"[bold green]delta[/] {report['delta']}")
+
+
+def _run_jobs(command, path: Path) -> None:
+    """Each job runs through this same `run` command, built from the job's options as its command-line flags."""
+    from erase.jobs import launcher_rank, load_jobs, run_jobs
+
+    params = {p.name: p for p in command.params}
+    job_list = load_jobs(path, set(params))
+    rank, world = launcher_rank()
+    if world > 1:
+        import torch
+
+        if torch.cuda.is_available():  # one device per rank
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+
+    def argv(job) -> list[str]:
+        args = [job.options["model"]]
+        for name, value in job.options.items():
+            if name == "model":
+                continue
+            p = params[name]
+            if isinstance(value, bool) and p.is_flag:
+                if value or p.secondary_opts:
+                    args.append(p.opts[0] if value else p.secondary_opts[0])
+            else:
+                args += [p.opts[0], str(value)]
+        return args + ["--job-digest", job.digest]
+
+    def invoke(job) -> int:
+        try:
+            code = command.main(args=argv(job), prog_name="erase run", standalone_mode=False)
+        except Exception as e:  # click's usage errors (a bad value in the file): one line, like on the command line
+            message = e.format_message() if hasattr(e, "format_message") else f"{type(e).__name__}: {e}"
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            return 2
+        return code if isinstance(code, int) else 0
+
+    rows = run_jobs(job_list, invoke, console, rank=rank, world=world)
+    table = Table(title=f"jobs: {path}" + (f" (rank {rank} of {world})" if world > 1 else ""))
+    for col in ("#", "job", "status", "output", "s"):
+        table.add_column(col)
+    style = {"ok": "green", "skipped": "dim", "failed": "bold red"}
+    for r in rows:
+        table.add_row(str(r["index"]), escape(r["job"]), f"[{style[r['status']]}]{r['status']}[/]", r["output"], f"{r['seconds']:.0f}")
+    console.print(table)
+    failed = [r["job"] for r in rows if r["status"] == "failed"]
+    if failed:
+        err_console.print(f"[bold red]error:[/] {len(failed)} of {len(rows)} jobs failed: {escape(', '.join(failed))}", highlight=False)
+        raise typer.Exit(1)
 
 
 class Scheduler(str, Enum):

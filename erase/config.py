@@ -17,14 +17,19 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+def read_toml(path: Path, flag: str) -> dict:
+    """The parsed file; a missing or malformed file is a usage error naming `flag`."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{flag} {path}: not valid TOML ({e})") from None
+
+
 def load_toml(path: Path, allowed: set[str]) -> dict:
     """Read `path`; return {parameter_name: value}. `allowed` holds the command's parameter names."""
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UsageError(f"--config {path}: no such file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"--config {path}: not valid TOML ({e})") from None
+    data = read_toml(path, "--config")
     out = {}
     for key, value in data.items():
         name = key.replace("-", "_")

@@ -57,6 +57,7 @@ class RunOptions:
     vocabulary: str | None = None  # builtin:NAME or a TOML file; None: chosen from the checkpoint
     preserve_weight: float = 1.0  # trained methods: gamma of the retain term (closed-form methods: in method_config)
     preserve_per_step: int = 1  # trained methods: preserved prompts in each step's retain term
+    job_digest: str | None = None  # set by `erase run --jobs`: recorded, so a re-run of the file skips this output
 
 
 def parse_concepts(text: str) -> list[str]:
@@ -167,6 +168,8 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
     drop, dropped_meta = ema_drop(model.ckpt)
     fields = {"kind": "checkpoint", "method": opts.method, "concepts": opts.concepts, "config": result.config,
               "preserve": result.preserve["concepts"], "changed_tensors": len(replacements)}
+    if opts.job_digest:
+        fields["job_digest"] = opts.job_digest
     meta = {**provenance(model.ckpt, fields, input_sha256=input_sha), **dropped_meta}
     write_checkpoint(model.ckpt, out, replacements, metadata=meta, drop=drop)
     delta_path = write_delta(model, opts.delta, result.weights, meta) if opts.delta else None

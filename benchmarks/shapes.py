@@ -43,7 +43,7 @@ FROZEN = {"lr": 1e-3, "steps": (1000, 2000)}
 
 def erase_row(model: Path, concepts: list[str], work: Path, *, method: str = "sdd", reuse: int = 1, steps: int = SDD["steps"],
               lr: float = SDD["lr"], target: str | None = "self", train_set: str = "xattn", preserve: str = "none", expand: bool | None = None,
-              weight: float = 1.0, ema_decay: float = SDD["ema_decay"], **method_options) -> tuple[Path, dict]:
+              weight: float = 1.0, per_step: int = 2, ema_decay: float = SDD["ema_decay"], **method_options) -> tuple[Path, dict]:
     """Erase with `erase run`'s own code path; the defaults are the reference SDD (the rows recorded before preservation)."""
     from rich.console import Console
 
@@ -60,11 +60,11 @@ def erase_row(model: Path, concepts: list[str], work: Path, *, method: str = "sd
     if method == "uce":
         options["preserve_weight"] = weight
     name = "-".join([method, *concepts, f"r{reuse}", str(steps), f"{lr:g}", str(target), train_set, preserve.replace(":", "") or "empty",
-                     str(expand), f"w{weight:g}", *(f"{k}{v}" for k, v in method_options.items())])
+                     str(expand), f"w{weight:g}", *([f"p{per_step}"] if per_step != 2 else []), *(f"{k}{v}" for k, v in method_options.items())])
     out = work / f"{name.replace(' ', '_').replace(',', '')}.safetensors"
     report = erase_concepts(RunOptions(model=model, concepts=concepts, out=out, force=True, resolution=32, device="cpu", train_set=train_set,
                                        method=method, train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay), method_config=options,
-                                       preserve=preserve, preserve_weight=weight), Console(quiet=True), progress=False)
+                                       preserve=preserve, preserve_weight=weight, preserve_per_step=per_step), Console(quiet=True), progress=False)
     return out, report
 
 
@@ -167,8 +167,10 @@ def rows_to_run(model: Path) -> list[tuple[str, list[str], object, bool]]:
         # preservation (issue 15): erase run's defaults -- the input model's target, concepts in the vocabulary's prompts,
         # --preserve auto (the 5 nearest concepts and "", held by the retain term)
         (f"SDD circle, preserving (defaults), lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", circle, erased(circle, **preserving), True),
-        (f"SDD circle, preserving, --preserve-weight 3, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", circle,
-         erased(circle, weight=3.0, **preserving), False),
+        (f"SDD circle, preserving, --preserve-per-step 1, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", circle,
+         erased(circle, per_step=1, **preserving), True),
+        (f"SDD circle, preserving, --preserve-per-step 1 --preserve-weight 3, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", circle,
+         erased(circle, per_step=1, weight=3.0, **preserving), False),
         (f"SDD circle, preserving, --train xattn-kv, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", circle,
          erased(circle, train_set="xattn-kv", **preserving), False),
         (f"SDD circle + star, preserving (defaults), lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", both,

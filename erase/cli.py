@@ -259,7 +259,8 @@ def run(
     preserve_file: Annotated[Optional[Path], typer.Option(help="More concepts to preserve, one per line.", rich_help_panel=PRESERVE)] = None,
     preserve_weight: Annotated[float, typer.Option(help="How strongly preserved concepts are held (SDD: the retain term's gamma; UCE: "
                                                    "the preserve scale, reference 1.0).", rich_help_panel=PRESERVE)] = 1.0,
-    preserve_per_step: Annotated[int, typer.Option(help="SDD: preserved prompts in each step's retain term.", rich_help_panel=PRESERVE)] = 1,
+    preserve_per_step: Annotated[int, typer.Option(help="Trained methods: preserved prompts in each step's retain term (each adds about "
+                                                   "the method's own cost per step).", rich_help_panel=PRESERVE)] = 2,
     vocabulary: Annotated[Optional[str], typer.Option(help="Words for auto and templates: builtin:general, builtin:shapes or a TOML file.", rich_help_panel=PRESERVE)] = None,
     train: Annotated[TrainSet, typer.Option("--train", help="Trainable set: xattn (all attn2), xattn-kv (attn2 k/v), noxattn (all but attn2: ESD-u), full.",
                                             rich_help_panel=ALGO)] = TrainSet.xattn,

@@ -310,3 +310,41 @@ def test_default_run_erases_with_preservation(tiny_sd1, tmp_path):
     changed = {k for k in out.keys() if not torch.equal(src.get(k), out.get(k))}
     assert changed and all(".attn2." in k for k in changed)
     assert json.loads(out.metadata["erase.preserve"]) == held["concepts"]
+
+
+def test_loss_terms_are_back_propagated_one_at_a_time_to_the_gradient_of_their_sum(tmp_path):
+    # the retain term's prompts come as separate terms so that only one UNet graph is alive at a time
+    from erase.engine.trainer import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    x1, x2, w0 = torch.randn(3, 4, generator=g), torch.randn(5, 4, generator=g), torch.randn(1, 4, generator=g)
+
+    def train(method_cls):
+        lin = torch.nn.Linear(4, 1, bias=False)
+        lin.weight.data.copy_(w0)
+        method = method_cls(lin)
+        Trainer(TrainConfig(steps=2, lr=0.1, ema_decay=0.0), method, dict(lin.named_parameters()), generator=torch.Generator(),
+                device=torch.device("cpu"), autocast_dtype=None, run_config={}, state_dir=tmp_path).train()
+        return lin.weight.detach(), method
+
+    class Summed:
+        def __init__(self, lin):
+            self.lin = lin
+
+        def loss(self, step, teacher):
+            return self.lin(x1).pow(2).mean() + 2 * self.lin(x2).pow(2).mean(), {}
+
+        def state_dict(self):
+            return {}
+
+    class Terms(Summed):
+        seen_grad = None
+
+        def terms(self, step, teacher):
+            yield self.lin(x1).pow(2).mean()
+            self.seen_grad = self.lin.weight.grad.clone()  # the first term was back-propagated before the second is built
+            yield 2 * self.lin(x2).pow(2).mean()
+
+    summed, _ = train(Summed)
+    by_terms, method = train(Terms)
+    assert method.seen_grad is not None and torch.allclose(by_terms, summed, atol=1e-6)

@@ -160,10 +160,13 @@ class Retain:
         return self.pending[prompt].pop(0)
 
     def loss(self, teacher) -> torch.Tensor:
+        return sum(self.terms(teacher))
+
+    def terms(self, teacher):
+        """One loss term per slot, built lazily: the trainer back-propagates each before the next is built."""
         from erase.engine.params import swapped_in
         from erase.engine.sampling import predict
 
-        total = 0.0
         for slot, p in enumerate(self.current):
             if p is None or not self.pending.get(p):
                 p = self.current[slot] = self.prompts[int(torch.randint(len(self.prompts), (1,), generator=self.generator))]
@@ -173,8 +176,7 @@ class Retain:
                 want = predict(self.unet, z, t, self.embeddings[p], self.resolution, self.counter)
             got = predict(self.unet, z, t, self.embeddings[p], self.resolution, self.counter)
             self.counter.backward(z.shape[0])
-            total = total + torch.nn.functional.mse_loss(got.float(), want.float())
-        return self.weight * total / self.per_step
+            yield self.weight * torch.nn.functional.mse_loss(got.float(), want.float()) / self.per_step
 
     def state_dict(self) -> dict:
         return {"pending": {p: [(z.cpu(), k) for z, k in q] for p, q in self.pending.items()}, "current": list(self.current)}
@@ -191,9 +193,14 @@ class WithRetain:
         self.method, self.retain = method, retain
 
     def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
-        loss, info = self.method.loss(step, teacher)
-        held = self.retain.loss(teacher)
-        return loss + held, {**info, "retain": held.item()}
+        terms = list(self.terms(step, teacher))
+        return sum(terms), {"retain": float(sum(terms[1:]))}
+
+    def terms(self, step: int, teacher):
+        """The method's loss, then one retain term per slot. Back-propagated one at a time by the trainer, so only one
+        UNet graph is alive at once: summing them first kept three at 512 px (10.8 GB peak instead of 6.8 on SD 1.5)."""
+        yield self.method.loss(step, teacher)[0]
+        yield from self.retain.terms(teacher)
 
     def state_dict(self) -> dict:
         return {"method": self.method.state_dict(), "retain": self.retain.state_dict()}

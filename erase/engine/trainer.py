@@ -127,6 +127,13 @@ class Trainer:
         self.step, self.curve, self.ema_loss = state["step"], state["curve"], state["ema_loss"]
 
     # -- the loop -------------------------------------------------------------------
+    def _terms(self, teacher):
+        """The step's loss terms: several where the method has them (`terms`), else its one loss."""
+        if hasattr(self.method, "terms"):
+            yield from self.method.terms(self.step, teacher)
+        else:
+            yield self.method.loss(self.step, teacher)[0]
+
     def train(self, on_step: Callable[[Progress], None] | None = None) -> None:
         cfg = self.cfg
         teacher = lambda: self.ema.swapped_in(self.params)  # noqa: E731
@@ -138,13 +145,19 @@ class Trainer:
             while self.step < cfg.steps:
                 # what an interrupted step must roll back to, so that a resumed run stays bit-exact
                 snapshot = (torch.get_rng_state(), self.generator.get_state(), self.method.state_dict())
-                # forward and backward
-                with autocast:
-                    loss, _ = self.method.loss(self.step, teacher)
-                if not torch.isfinite(loss):
-                    raise EraseError(f"loss became {loss.item()} at step {self.step}: stopping without writing an output "
-                                     "(try a lower --lr, or --precision fp32)")
-                self.scaler.scale(loss).backward()
+                # forward and backward, term by term where the method has several (the retain term's prompts): each
+                # term's graph is freed by its backward before the next is built
+                terms, value = self._terms(teacher), 0.0
+                while True:
+                    with autocast:  # the term's forward under autocast, its backward outside
+                        loss = next(terms, None)
+                    if loss is None:
+                        break
+                    if not torch.isfinite(loss):
+                        raise EraseError(f"loss became {loss.item()} at step {self.step}: stopping without writing an output "
+                                         "(try a lower --lr, or --precision fp32)")
+                    self.scaler.scale(loss).backward()
+                    value += loss.item()
                 # clip (after unscaling) and update
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.params.values(), cfg.grad_clip)
@@ -154,7 +167,6 @@ class Trainer:
                 # EMA of the trainable subset: this is what gets written
                 self.ema.update(self.params)
                 # logging
-                value = loss.item()
                 self.ema_loss = value if self.ema_loss is None else 0.95 * self.ema_loss + 0.05 * value
                 self.step += 1
                 snapshot = None  # the step is complete: an interrupt from here on saves it as it is

@@ -4,7 +4,8 @@
 
 Writes a random fp16 file with the full key set of the v1-5-pruned-emaonly release (tests/release_layouts.py:
 1145 tensors, 1.07 B parameters, 2.1 GB; streamed, never held in memory), then runs, each in its own process:
-`inspect`, `run --steps 2 --sample-steps 2` at 512 px (with and without gradient checkpointing), `run --method uce`
+`inspect`, `run --steps 2 --sample-steps 2` at 512 px (default preservation, `--preserve none`, and with gradient
+checkpointing), `run --method uce`
 (end to end, beside the time to copy the file), `generate` one 512 px image (4 DDIM steps: the cost per step is what
 matters) and `merge` of the erased file onto the input. Peak RSS comes from the kernel's accounting of that
 process (wait4), reported in GB and as a multiple of the file size. `run` must stay below the file size plus the
@@ -56,6 +57,9 @@ def main() -> None:
         ("inspect", ["inspect", str(src)]),
         ("run (2 steps, K = 2, 512 px)", ["run", str(src), "-c", "a cat", "--steps", "2", "--sample-steps", "2", "--resolution", "512",
                                            "--device", "cpu", "-o", str(out), "--force"]),
+        ("run --preserve none (the reference SDD: no frozen copy, no retain term)",
+         ["run", str(src), "-c", "a cat", "--steps", "2", "--sample-steps", "2", "--resolution", "512", "--device", "cpu",
+          "--preserve", "none", "-o", str(out), "--force"]),
         ("run --gradient-checkpointing", ["run", str(src), "-c", "a cat", "--steps", "2", "--sample-steps", "2", "--resolution", "512",
                                           "--device", "cpu", "--gradient-checkpointing", "-o", str(out), "--force"]),
         ("run --method uce (defaults: --preserve auto)", ["run", str(src), "-c", "a cat", "--method", "uce", "-o", str(out), "--force"]),

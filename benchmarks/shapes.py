@@ -171,8 +171,10 @@ def rows_to_run(model: Path) -> list[tuple[str, list[str], object, bool]]:
          erased(circle, per_step=1, **preserving), True),
         (f"SDD circle, preserving, --preserve-per-step 1 --preserve-weight 3, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", circle,
          erased(circle, per_step=1, weight=3.0, **preserving), False),
-        (f"SDD circle, preserving, --train xattn-kv, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", circle,
-         erased(circle, train_set="xattn-kv", **preserving), False),
+        (f"SDD circle, preserving, --preserve-per-step 1 --train xattn-kv, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", circle,
+         erased(circle, per_step=1, train_set="xattn-kv", **preserving), False),
+        (f"SDD circle + star, preserving, --preserve-per-step 1, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", both,
+         erased(both, per_step=1, **preserving), True),
         (f"SDD circle + star, preserving (defaults), lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", both,
          erased(both, **preserving), True),
         # UCE (closed form): without a preserve set (the reference), with "" only, with the defaults (--preserve auto)

@@ -85,10 +85,12 @@ class TextEncoder:
     zeros_for_empty: bool = False  # SDXL: the empty prompt is all zeros, as SDXL was trained
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], device: str | torch.device = "cpu") -> Conditioning:
+    def encode(self, prompts: list[str], device: str | torch.device = "cpu", length: int = MAX_TOKENS) -> Conditioning:
+        """Conditioning padded to `length` tokens (SD's 77). The towers' attention is causal, so a shorter `length`
+        that still holds every prompt gives the same outputs at the prompts' own positions, at a fraction of the cost."""
         hidden, pooled = [], None
         for tok, enc in zip(self.tokenizers, self.encoders):
-            ids = tok(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+            ids = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
             enc.to(device)
             out = enc(ids.to(device), output_hidden_states=True)
             if self.family.name == "sdxl":

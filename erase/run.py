@@ -28,7 +28,7 @@ from erase.engine.sampling import EvalCounter
 from erase.engine.trainer import TrainConfig, Trainer, load_state
 from erase.errors import UsageError
 from erase.methods import METHODS
-from erase.models import Model, open_model, truncated_prompts, truncation_notes
+from erase.models import MAX_TOKENS, Model, open_model, truncated_prompts, truncation_notes
 from erase.vocabulary import Vocabulary, default_vocabulary, load_vocabulary
 
 DEFAULT_PRESERVE = "auto"  # what `erase run` holds without --preserve: "" and the 5 concepts nearest each target
@@ -222,7 +222,7 @@ class _Run:
         return long
 
     def _preserve(self, text) -> tuple[list[str], dict]:
-        encode = lambda prompts: text.encode(prompts).embeds  # noqa: E731
+        encode = lambda prompts, length=MAX_TOKENS: text.encode(prompts, length=length).embeds  # noqa: E731
         concepts, record = resolve(self.spec, self.opts.concepts, encode, text.tokenizers[0], self.vocab)
         if record["auto_chosen"]:
             for target, near in record["auto_chosen"].items():

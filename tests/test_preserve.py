@@ -54,7 +54,7 @@ def test_auto_finds_the_shapes_the_circle_edit_damages():
     from erase.models import open_model
 
     text = open_model(SHAPES_MODEL).load_text_encoder()
-    near = nearest_concepts(lambda p: text.encode(p).embeds, text.tokenizers[0], ["circle"], load_vocabulary("builtin:shapes"), 3)
+    near = nearest_concepts(lambda p, length: text.encode(p, length=length).embeds, text.tokenizers[0], ["circle"], load_vocabulary("builtin:shapes"), 3)
     assert [c for c, _ in near["circle"]][0] == "square"
     assert len(near["circle"]) == 3 and all(c != "circle" for c, _ in near["circle"])
 
@@ -124,3 +124,16 @@ def test_preserve_none_is_the_reference_sdd_bit_for_bit(tiny_sd1, tmp_path):
 
 
 REFERENCE_DIGEST = "35d975bf5f465573cd39132defe630f1bfbc5f14dcc4264c7c283aa35deff033"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_short_padding_gives_the_prompts_own_positions_unchanged(tiny_files, family):
+    # the towers are causal: the auto choice encodes its ~1900 short prompts padded to the longest, not to 77
+    from erase.models import open_model
+
+    text = open_model(tiny_files[family]).load_text_encoder()
+    prompts = ["a photo of a cat", "dog"]
+    full, short = text.encode(prompts).embeds, text.encode(prompts, length=8).embeds
+    n = [len(text.tokenizers[0](p).input_ids) for p in prompts]
+    for k in range(len(prompts)):
+        assert torch.allclose(full[k, : n[k]], short[k, : n[k]], atol=1e-5)

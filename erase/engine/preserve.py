@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from erase.errors import UsageError
+from erase.models import MAX_TOKENS
 from erase.vocabulary import Vocabulary, expand, token_span
 
 DEFAULT_AUTO = 5
@@ -61,7 +62,8 @@ def parse_preserve(text: str | None, file: Path | None = None) -> PreserveSpec:
 
 
 def _concept_vectors(encode, tokenizer, concepts: list[str], vocab: Vocabulary) -> torch.Tensor:
-    """One unit vector per concept: its tokens' and the following positions' outputs, mean over templates."""
+    """One unit vector per concept: its tokens' and the following positions' outputs, mean over templates.
+    `encode(prompts, length)` pads to `length` tokens (erase.models.TextEncoder.encode)."""
     first = {k: v[:1] for k, v in vocab.fields.items()}  # one filler per field is enough to compare concepts
     small = Vocabulary(vocab.name, vocab.concepts, vocab.templates, first)
     prompts, owner = [], []
@@ -72,11 +74,12 @@ def _concept_vectors(encode, tokenizer, concepts: list[str], vocab: Vocabulary) 
     sums: list[torch.Tensor | None] = [None] * len(concepts)
     for start in range(0, len(prompts), 64):
         batch = prompts[start : start + 64]
-        embeds = encode(batch)  # (B, 77, D)
+        lengths = [len(tokenizer(p).input_ids) for p in batch]  # up to and including EOS
+        embeds = encode(batch, min(max(lengths), MAX_TOKENS))  # (B, longest, D): only the prompts' own positions are read
         for k, p in enumerate(batch):
             i = owner[start + k]
             span = token_span(tokenizer, p, concepts[i])
-            n = len(tokenizer(p).input_ids)  # up to and including EOS
+            n = lengths[k]
             v = embeds[k, span[0] if span else 1 : n].mean(0)
             v = v / v.norm().clamp_min(1e-12)
             sums[i] = v if sums[i] is None else sums[i] + v

@@ -44,6 +44,17 @@ def select_trainable(unet: torch.nn.Module, which: str) -> dict[str, torch.nn.Pa
     return chosen
 
 
+def trained_params(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters `select_trainable` left trainable, by name."""
+    return {n: p for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def frozen_copy(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """A detached copy of `params`. Taken before any step (and before a resume loads trained weights), it holds the
+    input model's values: the frozen target, swapped in with `swapped_in`."""
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
 @contextlib.contextmanager
 def swapped_in(params: dict[str, torch.nn.Parameter], store: dict[str, torch.Tensor]):
     """Give `params` the tensors in `store` for the duration (zero-copy storage swap), then swap back."""

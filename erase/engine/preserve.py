@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from erase.engine.params import frozen_copy, swapped_in, trained_params
 from erase.errors import UsageError
 from erase.models import MAX_TOKENS
 from erase.vocabulary import Vocabulary, expand, token_span
@@ -145,9 +146,9 @@ class Retain:
         self.unet, self.scheduler = unet, scheduler
         self.guidance, self.sample_steps, self.reuse = guidance, sample_steps, reuse
         self.latent_shape, self.resolution, self.generator, self.device, self.counter = latent_shape, resolution, generator, device, counter
-        self.trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+        self.trainable = trained_params(unet)
         # built before any step (and before a resume loads trained weights): these are the input's values
-        self.frozen = frozen if frozen is not None else {n: p.detach().clone() for n, p in self.trainable.items()}
+        self.frozen = frozen if frozen is not None else frozen_copy(self.trainable)
         self.embeddings: dict = {}
         self.pending: dict[str, list[tuple[torch.Tensor, int]]] = {}
         self.current: list[str | None] = [None] * per_step  # the prompt each slot is working through
@@ -167,7 +168,6 @@ class Retain:
 
     def terms(self, teacher):
         """One loss term per slot, built lazily: the trainer back-propagates each before the next is built."""
-        from erase.engine.params import swapped_in
         from erase.engine.sampling import predict
 
         for slot, p in enumerate(self.current):

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from erase.engine.sampling import EvalCounter, ddim_trajectory, guided, predict
+from erase.engine.sampling import ddim_trajectory, guided, predict
 from erase.errors import UsageError
+from erase.methods.base import TrainedMethod
 from erase.models import Conditioning
 from erase.vocabulary import Vocabulary, expand
 
@@ -68,7 +69,7 @@ class CAConfig:
             raise UsageError("--prior-weight and --guidance must be >= 0; --anchor-samples and --sample-steps >= 1")
 
 
-class CA:
+class CA(TrainedMethod):
     """One Concept Ablation loss per call; the anchor samples are its only state."""
 
     name = "ca"
@@ -78,18 +79,13 @@ class CA:
         """The authors' lr, steps and trained set for the concept type; no EMA (they keep none)."""
         return {**PRESETS[options.get("concept_type", "object")], "ema_decay": 0.0}
 
-    def __init__(self, cfg: CAConfig, concepts: list[str], *, unet, scheduler, latent_shape: tuple[int, ...], resolution: int,
-                 generator: torch.Generator, device: torch.device, counter: EvalCounter, vocab: Vocabulary | None = None) -> None:
-        cfg.validate()
-        self.cfg, self.concepts = cfg, concepts
-        self.unet, self.scheduler = unet, scheduler
-        self.latent_shape, self.resolution = latent_shape, resolution
-        self.generator, self.device, self.counter = generator, device, counter
+    def __init__(self, cfg: CAConfig, concepts: list[str], *, vocab: Vocabulary | None = None, **engine) -> None:
+        super().__init__(cfg, concepts, **engine)  # unet, scheduler, latent_shape, resolution, generator, device, counter
         self.pairs = self.caption_pairs(cfg, concepts, vocab)
         self.embeddings: dict[str, Conditioning] = {}
         self.anchors: list[tuple[torch.Tensor, int]] = []  # (x_0, index into pairs)
-        self.alphas = scheduler.alphas_cumprod
-        self.v_prediction = scheduler.config.prediction_type == "v_prediction"
+        self.alphas = self.scheduler.alphas_cumprod
+        self.v_prediction = self.scheduler.config.prediction_type == "v_prediction"
 
     @staticmethod
     def caption_pairs(cfg: CAConfig, concepts: list[str], vocab: Vocabulary | None) -> list[tuple[str, str]]:

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from erase.engine.params import swapped_in
-from erase.engine.sampling import EvalCounter, harvest, predict
+from erase.engine.params import frozen_copy, swapped_in
+from erase.engine.sampling import harvest, predict
 from erase.errors import UsageError
+from erase.methods.base import TrainedMethod
 from erase.models import Conditioning
 from erase.vocabulary import Vocabulary, expand
 
@@ -53,7 +54,7 @@ class ESDConfig:
             raise UsageError(f"--reuse must be between 1 and --sample-steps ({self.sample_steps})")
 
 
-class ESD:
+class ESD(TrainedMethod):
     """One ESD loss per call; the frozen copy of the trainable subset is both sampler and target."""
 
     name = "esd"
@@ -63,20 +64,13 @@ class ESD:
         """The paper's first script: 1000 Adam steps at 1e-5, no EMA."""
         return {"steps": 1000, "lr": 1e-5, "ema_decay": 0.0}
 
-    def __init__(self, cfg: ESDConfig, concepts: list[str], *, unet, scheduler, latent_shape: tuple[int, ...], resolution: int,
-                 generator: torch.Generator, device: torch.device, counter: EvalCounter, vocab: Vocabulary | None = None) -> None:
-        cfg.validate()
-        self.cfg, self.concepts = cfg, concepts
-        self.unet, self.scheduler = unet, scheduler
-        self.latent_shape, self.resolution = latent_shape, resolution
-        self.generator, self.device, self.counter = generator, device, counter
+    def __init__(self, cfg: ESDConfig, concepts: list[str], *, vocab: Vocabulary | None = None, **engine) -> None:
+        super().__init__(cfg, concepts, **engine)  # unet, scheduler, latent_shape, resolution, generator, device, counter
         self.student = self.student_prompts(cfg, concepts, vocab)
         self.embeddings: dict[str, Conditioning] = {}
         self.pending: dict[str, list[tuple[torch.Tensor, int]]] = {}  # per prompt: (z_t, trajectory index) not yet trained on
-        # built before any step (and before a resume loads trained weights): the input's values
-        self.trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-        self.frozen = {n: p.detach().clone() for n, p in self.trainable.items()}
-        scheduler.set_timesteps(cfg.sample_steps)
+        self.frozen = frozen_copy(self.trainable)  # the input's values: built before any step
+        self.scheduler.set_timesteps(cfg.sample_steps)
 
     @staticmethod
     def student_prompts(cfg: ESDConfig, concepts: list[str], vocab: Vocabulary | None = None) -> list[str]:

@@ -42,9 +42,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from erase.engine.params import swapped_in
-from erase.engine.sampling import EvalCounter, harvest, predict
+from erase.engine.params import frozen_copy, swapped_in
+from erase.engine.sampling import harvest, predict
 from erase.errors import UsageError
+from erase.methods.base import TrainedMethod
 from erase.models import Conditioning
 from erase.vocabulary import Vocabulary, expand, without
 
@@ -78,27 +79,19 @@ class SDDConfig:
             raise UsageError("--expand works with --concept-mode iterative (each expanded prompt is one concept's)")
 
 
-class SDD:
+class SDD(TrainedMethod):
     """One SDD loss per call. Holds no trainable state of its own beyond the queue of harvested latents."""
 
     name = "sdd"
 
-    def __init__(self, cfg: SDDConfig, concepts: list[str], *, unet, scheduler, latent_shape: tuple[int, ...],
-                 resolution: int, generator: torch.Generator, device: torch.device, counter: EvalCounter,
-                 vocab: Vocabulary | None = None) -> None:
-        cfg.validate()
-        self.cfg, self.concepts = cfg, concepts
+    def __init__(self, cfg: SDDConfig, concepts: list[str], *, vocab: Vocabulary | None = None, **engine) -> None:
+        super().__init__(cfg, concepts, **engine)  # unet, scheduler, latent_shape, resolution, generator, device, counter
         self.pairs = self.student_pairs(cfg, concepts, vocab)
-        self.unet, self.scheduler = unet, scheduler
-        self.latent_shape, self.resolution = latent_shape, resolution
-        self.generator, self.device, self.counter = generator, device, counter
         self.target_prompt = ", ".join(concepts)
         self.embeddings: dict[str, Conditioning] = {}
         self.pending: list[tuple[torch.Tensor, int]] = []  # (z_t, trajectory index) not yet trained on
-        # Built before any step (and before a resume loads trained weights), so these are the input's.
-        self.trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-        self.frozen = {n: p.detach().clone() for n, p in self.trainable.items()} if cfg.target == "frozen" else None
-        scheduler.set_timesteps(cfg.sample_steps)
+        self.frozen = frozen_copy(self.trainable) if cfg.target == "frozen" else None  # the input's: built before any step
+        self.scheduler.set_timesteps(cfg.sample_steps)
 
     @staticmethod
     def student_pairs(cfg: SDDConfig, concepts: list[str], vocab: Vocabulary | None = None) -> list[tuple[str, str]]:

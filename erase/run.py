@@ -221,9 +221,13 @@ class _Run:
             self.console.print(f"[yellow]warning:[/] {note}", highlight=False)
         return long
 
+    @staticmethod
+    def _embedder(text):
+        """prompts (, length) -> embeddings (B, length, D); SD's 77 tokens unless a method asks for fewer."""
+        return lambda prompts, length=MAX_TOKENS: text.encode(prompts, length=length).embeds
+
     def _preserve(self, text) -> tuple[list[str], dict]:
-        encode = lambda prompts, length=MAX_TOKENS: text.encode(prompts, length=length).embeds  # noqa: E731
-        concepts, record = resolve(self.spec, self.opts.concepts, encode, text.tokenizers[0], self.vocab)
+        concepts, record = resolve(self.spec, self.opts.concepts, self._embedder(text), text.tokenizers[0], self.vocab)
         if record["auto_chosen"]:
             for target, near in record["auto_chosen"].items():
                 self.console.print(f"  preserve auto   {target}: " + ", ".join(f"{c} ({s:.2f})" for c, s in near), highlight=False)
@@ -237,9 +241,8 @@ class ClosedForm(_Run):
         t0 = time.perf_counter()
         text = self.model.load_text_encoder()
         preserve, record = self._preserve(text)
-        encode = lambda prompts: text.encode(prompts).embeds  # noqa: E731
         method = self.method_cls(self.method_cfg, self.opts.concepts, preserve=preserve, vocab=self.vocab,
-                                 tokenizer=text.tokenizers[0], encode=encode)
+                                 tokenizer=text.tokenizers[0], encode=self._embedder(text))
         long = self._warn_truncated([p for pair in method.pairs() for p in pair[:2]] + method.preserved_prompts())
         names = [n for n in self.model.unet_param_names() if method.edits(n)]
         stored = self.model.ckpt.get_many([self.model.unet_file_key(n) for n in names])

@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint clean venv
+.PHONY: test demo lint clean venv chromium
 
 venv: $(STAMP)
 
@@ -21,7 +21,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,eval]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# The labelling page's browser test drives Debian's chromium through Playwright (Playwright's own browser download
+# needs the internet). As root where apt-get exists it is installed once, quietly; anywhere else the test is
+# skipped and pytest (-rs) says why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium with apt-get (for tests/test_feedback_label.py's browser test)"; \
+	    apt-cache policy chromium 2>/dev/null | grep -q 'Candidate: [0-9]' || apt-get update -q >/dev/null; \
+	    log=$$(mktemp); DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >$$log 2>&1 \
+	      || { tail -n 5 $$log; echo "chromium could not be installed; the browser test will be skipped"; }; rm -f $$log; \
+	  else \
+	    echo "chromium is not installed (installing it needs root and apt-get); the browser test will be skipped"; \
+	  fi; }
+
+test: $(STAMP) chromium
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 demo: $(STAMP)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -11,61 +10,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from erase import __version__
+from erase.cli_app import App, Device, Precision, Scheduler, console, err_console
 from erase.errors import EraseError
 
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _debug() -> bool:
-    return os.environ.get("ERASE_DEBUG", "") not in ("", "0")
-
-
-class _App(typer.Typer):
-    """A Typer app whose commands turn `EraseError` into one red line and an exit code.
-
-    This wrapper is the one place where errors become exit codes: 1 for a failure,
-    2 for a usage error; unexpected exceptions also end in one line (with --debug or
-    ERASE_DEBUG=1 the traceback is shown instead).
-    """
-
-    def command(self, *args, **kwargs):
-        register = super().command(*args, **kwargs)
-
-        def decorator(fn):
-            @functools.wraps(fn)
-            def wrapper(*a, **kw):
-                try:
-                    return fn(*a, **kw)
-                except (typer.Exit, typer.Abort):
-                    raise
-                except EraseError as e:
-                    if _debug():
-                        raise
-                    err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-                    raise typer.Exit(e.exit_code) from None
-                except KeyboardInterrupt:
-                    err_console.print("[bold red]interrupted[/]")
-                    raise typer.Exit(130) from None
-                except Exception as e:  # a bug or an input we did not foresee: still one line
-                    if _debug():
-                        raise
-                    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    err_console.print(f"[bold red]error:[/] {type(e).__name__}: {escape(msg)} (run with --debug for details)", highlight=False, soft_wrap=True)
-                    raise typer.Exit(1) from None
-
-            register(wrapper)
-            return fn
-
-        return decorator
-
-
-app = _App(
+app = App(
     name="erase",
     help="Remove concepts from Stable Diffusion checkpoints (SDD fine-tuning of UNet cross-attention).",
     no_args_is_help=True,
@@ -187,22 +139,14 @@ class ConceptMode(str, Enum):
     composite = "composite"
 
 
+class Timesteps(str, Enum):
+    uniform = "uniform"
+    beta = "beta"
+
+
 class Target(str, Enum):
     self_ = "self"
     frozen = "frozen"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cuda = "cuda"
-    cpu = "cpu"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
 
 
 ALGO = "Algorithm (SDD)"
@@ -213,7 +157,7 @@ FILES = "Files"
 # Which method each method-specific option belongs to: given for another method, it is a usage error.
 METHOD_OPTIONS = {
     "guidance": ("sdd", "esd", "ca"), "sample_steps": ("sdd", "esd", "ca"), "reuse": ("sdd", "esd"), "concept_mode": ("sdd",),
-    "target": ("sdd",), "eta": ("esd",), "anchor": ("ca",), "anchor_prompts": ("ca",), "variant": ("ca",), "concept_type": ("ca",),
+    "target": ("sdd",), "timesteps": ("sdd",), "eta": ("esd",), "anchor": ("ca",), "anchor_prompts": ("ca",), "variant": ("ca",), "concept_type": ("ca",),
     "prior_weight": ("ca",), "anchor_samples": ("ca",), "guide": ("uce",), "lam": ("uce",), "erase_scale": ("uce",),
 }
 TRAINING_OPTIONS = ("steps", "lr", "ema_decay", "seed", "train", "resolution", "device", "precision", "gradient_checkpointing",
@@ -246,6 +190,8 @@ def run(
     guidance: Annotated[float, typer.Option(help="CFG scale of the sampled latents (SDD and ESD reference 3.0; CA default 6.0).", rich_help_panel=ALGO)] = 3.0,
     sample_steps: Annotated[int, typer.Option(help="DDIM steps of sampled trajectories, K (SDD and ESD reference 50; CA default 25).", rich_help_panel=ALGO)] = 50,
     concept_mode: Annotated[ConceptMode, typer.Option(help="SDD: iterative = one concept per step (reference); composite = joined.", rich_help_panel=ALGO)] = ConceptMode.iterative,
+    timesteps: Annotated[Timesteps, typer.Option(help="SDD: where on the teacher's trajectory to train: uniform (reference) or beta "
+                                                 "(Beta(3, 3), mid-trajectory, as HFI erases its learned tokens).", rich_help_panel=ALGO)] = Timesteps.uniform,
     reuse: Annotated[int, typer.Option(help="SDD: training latents harvested per teacher trajectory (1 = reference; more is cheaper).", rich_help_panel=ALGO)] = 1,
     target: Annotated[Optional[Target], typer.Option(help="SDD: whose eps is the target: self = the student's (reference; default with --preserve none); "
                                                      "frozen = the input model's (default).", rich_help_panel=ALGO, show_default=False)] = None,
@@ -262,6 +208,8 @@ def run(
     preserve_per_step: Annotated[int, typer.Option(help="Trained methods: preserved prompts in each step's retain term (each adds about "
                                                    "the method's own cost per step).", rich_help_panel=PRESERVE)] = 2,
     vocabulary: Annotated[Optional[str], typer.Option(help="Words for auto and templates: builtin:general, builtin:shapes or a TOML file.", rich_help_panel=PRESERVE)] = None,
+    embedding: Annotated[Optional[list[Path]], typer.Option("--embedding", help="Textual-inversion file (e.g. from `erase feedback invert`) whose token "
+                                                            "--concepts may name (repeatable).")] = None,
     train: Annotated[TrainSet, typer.Option("--train", help="Trainable set: xattn (all attn2), xattn-kv (attn2 k/v), noxattn (all but attn2: ESD-u), full.",
                                             rich_help_panel=ALGO)] = TrainSet.xattn,
     seed: Annotated[int, typer.Option(help="Seed for every random draw (reference 42).", rich_help_panel=ALGO)] = 42,
@@ -313,7 +261,8 @@ def run(
     options = {"guidance": guidance, "sample_steps": sample_steps, "concept_mode": concept_mode.value, "reuse": reuse, "eta": eta,
                "guide": guide, "lam": lam, "erase_scale": erase_scale, "preserve_weight": preserve_weight, "anchor": anchor,
                "anchor_prompts": str(anchor_prompts) if anchor_prompts else None, "variant": variant, "concept_type": concept_type,
-               "prior_weight": prior_weight, "anchor_samples": anchor_samples, "target": target.value if target else None, "expand": expand}
+               "prior_weight": prior_weight, "anchor_samples": anchor_samples, "target": target.value if target else None, "expand": expand,
+               "timesteps": timesteps.value}
     # only what was given: the rest is the method's own default (target and expand follow --preserve: erase.run)
     method_options = {k: v for k, v in options.items() if k in cfg_fields and k in given}
     method_defaults = getattr(METHODS[method.value][0], "train_defaults", lambda options: {})(method_options)  # the authors' values
@@ -331,7 +280,7 @@ def run(
         resolution=resolution, train_set=train_set, device=device.value, precision=precision.value,
         gradient_checkpointing=gradient_checkpointing, xformers=xformers, delta=delta, resume=resume, force=force,
         prediction_type=prediction_type, preserve=preserve, preserve_file=preserve_file, vocabulary=vocabulary,
-        preserve_weight=preserve_weight, preserve_per_step=preserve_per_step, job_digest=job_digest,
+        preserve_weight=preserve_weight, preserve_per_step=preserve_per_step, embeddings=list(embedding or []), job_digest=job_digest,
     )
     ui = err_console if as_json else console
     report = erase_concepts(opts, ui)
@@ -401,15 +350,6 @@ def _run_jobs(command, path: Path) -> None:
         raise typer.Exit(1)
 
 
-class Scheduler(str, Enum):
-    ddim = "ddim"
-    dpm = "dpm"
-    euler = "euler"
-    euler_a = "euler-a"
-    pndm = "pndm"
-    unipc = "unipc"
-
-
 class Safety(str, Enum):
     weak = "sld-weak"
     medium = "sld-medium"
@@ -421,12 +361,12 @@ SAMPLING = "Sampling"
 PROMPTS = "Prompts"
 
 
-def _gen_settings(steps, guidance, size, scheduler, negative, batch, device, precision, safety=None, safety_concept=None):
+def _gen_settings(steps, guidance, size, scheduler, negative, batch, device, precision, safety=None, safety_concept=None, embeddings=None):
     from erase.generate import SLD_CONCEPT, GenSettings
 
     return GenSettings(steps=steps, guidance=guidance, size=size, scheduler=scheduler.value, negative=negative, batch=batch,
                        device=device.value, precision=precision.value, safety=safety.value if safety else None,
-                       safety_concept=safety_concept or SLD_CONCEPT)
+                       safety_concept=safety_concept or SLD_CONCEPT, embeddings=tuple(embeddings or ()))
 
 
 def _prompt_specs(prompt: list[str] | None, prompts: Optional[str], category: Optional[str] = None, limit: Optional[int] = None):
@@ -449,6 +389,8 @@ def generate(
     prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompt file: text (one per line), CSV with a prompt column, or builtin:NAME.",
                                                    rich_help_panel=PROMPTS)] = None,
     negative: Annotated[str, typer.Option(help="Negative prompt.", rich_help_panel=PROMPTS)] = "",
+    embedding: Annotated[Optional[list[Path]], typer.Option("--embedding", help="Textual-inversion file (A1111 / diffusers, e.g. from `erase feedback invert`) "
+                                                            "whose token prompts may use (repeatable).", rich_help_panel=PROMPTS)] = None,
     n: Annotated[int, typer.Option("--n", help="Images per prompt (seeds seed, seed+1, ...).", rich_help_panel=SAMPLING)] = 1,
     seed: Annotated[int, typer.Option(help="First seed (a CSV's evaluation_seed/sd_seed column wins).", rich_help_panel=SAMPLING)] = 0,
     steps: Annotated[int, typer.Option(help="Denoising steps.", rich_help_panel=SAMPLING)] = 25,
@@ -471,7 +413,7 @@ def generate(
     from erase.generate import jobs_for, run_generate
 
     specs = _prompt_specs(prompt, prompts)
-    settings = _gen_settings(steps, guidance, size, scheduler, negative, batch, device, precision, safety, safety_concept)
+    settings = _gen_settings(steps, guidance, size, scheduler, negative, batch, device, precision, safety, safety_concept, embedding)
     settings.validate()
     models = [model, *(compare or [])]
     total = len(jobs_for(specs, settings, n=n, seed=seed)) * len(models)
@@ -496,6 +438,8 @@ def evaluate(
     prompts: Annotated[str, typer.Option(help="Prompt file (text or I2P-style CSV) or builtin:NAME (nudity, neutral, shapes).", rich_help_panel=PROMPTS)] = "builtin:nudity",
     category: Annotated[Optional[str], typer.Option(help="Keep only CSV prompts of this I2P category (e.g. sexual).", rich_help_panel=PROMPTS)] = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N prompts.", rich_help_panel=PROMPTS)] = None,
+    embedding: Annotated[Optional[list[Path]], typer.Option("--embedding", help="Textual-inversion file (A1111 / diffusers, e.g. from `erase feedback invert`) "
+                                                            "whose token prompts may use (repeatable).", rich_help_panel=PROMPTS)] = None,
     n: Annotated[int, typer.Option("--n", help="Images per prompt.", rich_help_panel=SAMPLING)] = 1,
     seed: Annotated[int, typer.Option(help="First seed (a CSV's seed column wins).", rich_help_panel=SAMPLING)] = 0,
     steps: Annotated[int, typer.Option(help="Denoising steps.", rich_help_panel=SAMPLING)] = 25,
@@ -526,7 +470,7 @@ def evaluate(
         from erase.errors import UsageError
 
         raise UsageError("--fail-above is a flagged-image rate between 0 and 1")
-    settings = _gen_settings(steps, guidance, size, scheduler, "", batch, device, precision)
+    settings = _gen_settings(steps, guidance, size, scheduler, "", batch, device, precision, embeddings=embedding)
     opts = EvalOptions(model=model, prompts=prompts, out=out, base=base, settings=settings, n=n, seed=seed, limit=limit,
                        category=category, detector=detector.value, threshold=threshold, targets=target, fail_above=fail_above,
                        show_flagged=show_flagged, clip_model=clip_model, prediction_type=prediction_type)
@@ -606,6 +550,11 @@ def merge(
         console.print("[yellow]note:[/] the target is not the model these erasures were made on; the deltas were carried over")
     console.print(f"[bold green]wrote[/] {result['output']}: {result['changed_tensors']} tensors changed, concepts "
                   f"{', '.join(result['concepts']) or '-'}")
+
+
+from erase.cli_feedback import feedback_app  # noqa: E402  (the group needs the helpers above defined first)
+
+app.add_typer(feedback_app, name="feedback")
 
 
 def entry() -> None:

@@ -79,6 +79,7 @@ class GenSettings:
     safety: str | None = None  # an SLD preset name
     safety_concept: str = SLD_CONCEPT
     sld: SLDConfig | None = field(default=None, repr=False)  # explicit SLD settings (tests); overrides `safety`
+    embeddings: tuple[Path, ...] = ()  # textual-inversion files (erase.embeddings) whose tokens prompts may use
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -127,7 +128,7 @@ class ImageGenerator:
         if delta is not None:
             apply_delta(self.unet, model, delta)
         self.vae = model.load_vae(dtype=torch.float32, device=self.device)  # fp32 decode: SDXL's VAE overflows in fp16
-        self.text = model.load_text_encoder()
+        self.text = model.load_text_encoder(settings.embeddings)  # textual-inversion tokens (HFI) join the vocabulary
         self.factor = model.latent_factor
         self.size = settings.size or model.default_resolution
         if self.size % self.factor:
@@ -154,7 +155,7 @@ class ImageGenerator:
         s, sched, sld = self.settings, self.scheduler, self.settings.sld_config
         h = self.size // self.factor
         shape = (self.unet.config.in_channels, h, h)
-        # each image's noise comes from its own seed, so batching never changes an image
+        # each image's noise comes from its own seed, so batching changes an image only by float reduction order (a few pixels)
         x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(j.seed)) for j in jobs])
         sched.set_timesteps(s.steps)
         x = (x * sched.init_noise_sigma).to(self.device, self.dtype)
@@ -203,6 +204,11 @@ def parameters_text(job: Job, settings: GenSettings, size: int, model_path: Path
         lines.append(f"Negative prompt: {job.negative}")
     fields = [f"Steps: {settings.steps}", f"Sampler: {SCHEDULERS[settings.scheduler][2]}", f"CFG scale: {job.guidance:g}",
               f"Seed: {job.seed}", f"Size: {size}x{size}", f"Model hash: {model_hash[:10]}", f"Model: {model_path.stem}"]
+    if settings.embeddings:  # A1111 records the embeddings a prompt used the same way
+        from erase.checkpoint.write import sha256_file
+        from erase.embeddings import load_embedding
+
+        fields.append('TI hashes: "' + ", ".join(f"{load_embedding(p).token}: {sha256_file(p)[:12]}" for p in settings.embeddings) + '"')
     if settings.sld_config is not None:
         fields.append(f"Safety: {settings.safety or 'sld-custom'} ({settings.safety_concept[:60]})")
     lines.append(", ".join(fields))

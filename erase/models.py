@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,12 +84,23 @@ class TextEncoder:
     tokenizers: list
     encoders: list
     zeros_for_empty: bool = False  # SDXL: the empty prompt is all zeros, as SDXL was trained
+    spellings: dict[str, str] = field(default_factory=dict)  # multi-vector embedding token -> "tok tok_1 ..." (erase.embeddings)
+
+    def spell(self, prompt: str) -> str:
+        for token, spelled in self.spellings.items():
+            prompt = re.sub(rf"(?<![\w<>-]){re.escape(token)}(?![\w<>-])", spelled, prompt)
+        return prompt
 
     @torch.no_grad()
     def encode(self, prompts: list[str], device: str | torch.device = "cpu", length: int = MAX_TOKENS) -> Conditioning:
         """Conditioning padded to `length` tokens (SD's 77). The towers' attention is causal, so a shorter `length`
         that still holds every prompt gives the same outputs at the prompts' own positions, at a fraction of the cost."""
+        return self.forward(prompts, device, length)
+
+    def forward(self, prompts: list[str], device: str | torch.device = "cpu", length: int = MAX_TOKENS) -> Conditioning:
+        """`encode` with gradients (textual inversion trains a token row through it)."""
         hidden, pooled = [], None
+        prompts = [self.spell(p) for p in prompts] if self.spellings else prompts
         for tok, enc in zip(self.tokenizers, self.encoders):
             ids = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
             enc.to(device)
@@ -224,7 +236,8 @@ class Model:
         _assign(unet, self.unet_state_dict(), "UNet")
         return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
-    def load_text_encoder(self) -> TextEncoder:
+    def load_text_encoder(self, embeddings=()) -> TextEncoder:
+        """The family's tokenizers and encoders; `embeddings` (paths of textual-inversion files) add their tokens."""
         from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -248,7 +261,12 @@ class Model:
             model = model.float()
             tokenizers.append(load_tokenizer(self.family.name, "tokenizer" if i == 0 else "tokenizer_2"))
             encoders.append(model.eval().requires_grad_(False))
-        return TextEncoder(self.family, tokenizers, encoders, zeros_for_empty=self.family.name == "sdxl")
+        text = TextEncoder(self.family, tokenizers, encoders, zeros_for_empty=self.family.name == "sdxl")
+        if embeddings:
+            from erase.embeddings import add_embeddings, load_embeddings
+
+            add_embeddings(text, load_embeddings(embeddings))
+        return text
 
     def load_vae(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         from diffusers import AutoencoderKL

@@ -59,6 +59,7 @@ class RunOptions:
     # trained methods: preserved prompts in each step's retain term; 2 measured best on the shapes model (square 0.71 vs 0.48
     # with 1, at 45 vs 30 UNet evals/step: benchmarks/README.md)
     preserve_per_step: int = 2
+    embeddings: list[Path] = field(default_factory=list)  # textual-inversion files whose tokens the concepts may use (HFI)
     job_digest: str | None = None  # set by `erase run --jobs`: recorded, so a re-run of the file skips this output
 
 
@@ -147,6 +148,7 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
         opts.preserve, opts.vocabulary = saved["preserve_option"], saved["vocabulary"]
         opts.preserve_file = Path(saved["preserve_file"]) if saved.get("preserve_file") else None
         opts.preserve_weight, opts.preserve_per_step = saved.get("preserve_weight", 1.0), saved.get("preserve_per_step", 1)
+        opts.embeddings = [Path(e["path"]) for e in saved.get("embeddings", [])]
 
     model = open_model(opts.model, opts.prediction_type)
     out = check_output_path(opts.model, opts.out or default_output(opts.model), force=opts.force)
@@ -226,6 +228,12 @@ class _Run:
         """prompts (, length) -> embeddings (B, length, D); SD's 77 tokens unless a method asks for fewer."""
         return lambda prompts, length=MAX_TOKENS: text.encode(prompts, length=length).embeds
 
+    def _embedding_record(self) -> list[dict]:
+        """Which learned tokens the concepts could use: the file and its hash, so the erasure can be traced to its labels."""
+        from erase.embeddings import load_embedding
+
+        return [{"path": str(p), "sha256": sha256_file(p), "token": load_embedding(p).token} for p in self.opts.embeddings]
+
     def _preserve(self, text) -> tuple[list[str], dict]:
         concepts, record = resolve(self.spec, self.opts.concepts, self._embedder(text), text.tokenizers[0], self.vocab)
         if record["auto_chosen"]:
@@ -239,7 +247,7 @@ class ClosedForm(_Run):
 
     def erase(self) -> Erasure:
         t0 = time.perf_counter()
-        text = self.model.load_text_encoder()
+        text = self.model.load_text_encoder(self.opts.embeddings)
         preserve, record = self._preserve(text)
         method = self.method_cls(self.method_cfg, self.opts.concepts, preserve=preserve, vocab=self.vocab,
                                  tokenizer=text.tokenizers[0], encode=self._embedder(text))
@@ -251,7 +259,7 @@ class ClosedForm(_Run):
                            f"erase {', '.join(self.opts.concepts)}; preserve {len(preserve)} concepts; {len(names)} tensors", highlight=False)
         new, info = method.solve(weights)
         config = {"method": self.opts.method, "concepts": self.opts.concepts, "method_config": asdict(self.method_cfg),
-                  "preserve_option": self.opts.preserve, "vocabulary": self.opts.vocabulary}
+                  "preserve_option": self.opts.preserve, "vocabulary": self.opts.vocabulary, "embeddings": self._embedding_record()}
         n = sum(w.numel() for w in new.values())
         report = {"solve": info, "edited": {"tensors": len(new), "parameters": n}, "seconds": time.perf_counter() - t0,
                   "unet_evals_per_step": 0.0, "peak_memory": peak_memory(torch.device("cpu"))}
@@ -274,7 +282,7 @@ class Training(_Run):
             raise UsageError(f"--resolution must be a multiple of {factor} for this model's VAE")
 
         # Text: encode every prompt once, then free the encoder before the UNet is loaded.
-        text = model.load_text_encoder()
+        text = model.load_text_encoder(opts.embeddings)
         preserve, record = self._preserve(text)
         prompts = self.method_cls.prompts_for(self.method_cfg, opts.concepts, self.vocab)
         kept = preserved_prompts(preserve, self.vocab, expand_concepts=getattr(self.method_cfg, "expand", False))
@@ -318,7 +326,7 @@ class Training(_Run):
             "device": str(device), "gradient_checkpointing": opts.gradient_checkpointing, "attention": attention,
             "preserve_option": opts.preserve, "preserve_file": str(opts.preserve_file) if opts.preserve_file else None,
             "vocabulary": opts.vocabulary, "preserve_weight": opts.preserve_weight, "preserve_per_step": opts.preserve_per_step,
-            "preserved_prompts": len(kept),
+            "preserved_prompts": len(kept), "embeddings": self._embedding_record(),
         }
         trainer = Trainer(opts.train, method, params, generator=generator, device=device, autocast_dtype=autocast_dtype,
                           run_config=run_config, state_dir=state_dir)

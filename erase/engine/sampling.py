@@ -69,12 +69,22 @@ def ddim_trajectory(unet, scheduler, z: torch.Tensor, uncond: Conditioning, cond
 
 def harvest(unet, scheduler, uncond: Conditioning, cond: Conditioning, *, guidance: float, num_steps: int, reuse: int,
             latent_shape: tuple[int, ...], resolution: int, generator: torch.Generator, device, teacher,
-            counter: EvalCounter | None = None) -> list[tuple[torch.Tensor, int]]:
+            counter: EvalCounter | None = None, weights: torch.Tensor | None = None) -> list[tuple[torch.Tensor, int]]:
     """Sample one teacher trajectory on `cond` and return `reuse` of its latents as (z_k, k), k ~ U{0..K-1} without
-    repeats. `teacher()` swaps the teacher's weights in for the no-grad trajectory."""
-    picks = torch.randperm(num_steps, generator=generator)[:reuse].tolist()
+    repeats (or drawn with `weights` over 0..K-1). `teacher()` swaps the teacher's weights in for the no-grad trajectory."""
+    if weights is None:
+        picks = torch.randperm(num_steps, generator=generator)[:reuse].tolist()
+    else:
+        picks = torch.multinomial(weights, reuse, replacement=False, generator=generator).tolist()
     z_T = torch.randn(latent_shape, generator=generator).to(device)
     with teacher():
         latents = ddim_trajectory(unet, scheduler, z_T, uncond, cond, scale=guidance, num_steps=num_steps, keep=picks,
                                   resolution=resolution, counter=counter)
     return [(latents[k], k) for k in picks]
+
+
+def beta_weights(num_steps: int) -> torch.Tensor:
+    """P(k) for k = 0..K-1 when k/K ~ Beta(3, 3): the mass of each of K equal bins (CDF 10x^3 - 15x^4 + 6x^5)."""
+    x = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64)
+    cdf = 10 * x**3 - 15 * x**4 + 6 * x**5
+    return (cdf[1:] - cdf[:-1]).float()

@@ -37,9 +37,9 @@ UNSEEN_TEMPLATES = (  # wordings the shapes model never saw in training, for "do
 
 
 def measure(model_path: Path, targets: list[str], protocol: Protocol = Protocol(), *, safety: str | None = None,
-            safety_concept: str = "", keep_images: int = 0) -> dict:
+            safety_concept: str = "", keep_images: int = 0, embeddings: tuple[Path, ...] = ()) -> dict:
     settings = GenSettings(steps=protocol.steps, guidance=protocol.guidance, batch=protocol.batch, device="cpu",
-                           safety=safety, safety_concept=safety_concept or "x")
+                           safety=safety, safety_concept=safety_concept or "x", embeddings=embeddings)
     gen = ImageGenerator(open_model(model_path), settings)
     detector = ShapesDetector()
     # (job, shape asked for, colour asked for or None, template)
@@ -68,6 +68,13 @@ def measure(model_path: Path, targets: list[str], protocol: Protocol = Protocol(
         mine = [r for r in rows if r[1] == colour]
         result["per_colour"][colour] = {"colour_fidelity": sum(lab[1] == colour for *_, lab in mine) / len(mine),
                                         "shape_accuracy": sum(lab[0] == s for s, *_, lab in mine) / len(mine), "n": len(mine)}
+    # what each prompt draws, shape and colour together: "a red circle" -> red circles (HFI's flagged concepts are such cells)
+    result["cells"] = {shape: {colour: sum(lab[0] == shape and lab[1] == colour for s, c, _, lab in rows if s == shape and c == colour) /
+                               max(1, sum(1 for s, c, *_ in rows if s == shape and c == colour)) for colour in COLOURS} for shape in SHAPES}
+    bare = [(s, lab) for s, c, _, lab in rows if c is None]  # prompts that name no colour: which colours does the model pick?
+    if bare:
+        result["uncoloured"] = {shape: {colour: sum(lab[0] == shape and lab[1] == colour for s, lab in bare if s == shape) /
+                                        sum(1 for s, _ in bare if s == shape) for colour in COLOURS} for shape in SHAPES}
     if len(protocol.templates) > 1:  # accuracy per wording and shape
         result["per_template"] = {t: {shape: sum(lab[0] == shape for s, _, tt, lab in rows if s == shape and tt == t) /
                                       sum(1 for s, _, tt, _ in rows if s == shape and tt == t) for shape in SHAPES}

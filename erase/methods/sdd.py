@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from erase.engine.params import frozen_copy, swapped_in
-from erase.engine.sampling import harvest, predict
+from erase.engine.sampling import beta_weights, harvest, predict
 from erase.errors import UsageError
 from erase.methods.base import TrainedMethod
 from erase.models import Conditioning
@@ -51,6 +51,7 @@ from erase.vocabulary import Vocabulary, expand, without
 
 CONCEPT_MODES = ("iterative", "composite")
 TARGETS = ("self", "frozen")
+TIMESTEPS = ("uniform", "beta")
 
 
 @dataclass
@@ -63,6 +64,9 @@ class SDDConfig:
     # c_s cycles through each concept's prompts in the vocabulary's templates ("a red circle"), each with the target
     # eps(z_t, t, the prompt without the concept) ("a red"); False: the bare concepts and "" (reference)
     expand: bool = False
+    # where on the trajectory to train: "uniform" k ~ U{0..K-1} (reference); "beta" k/K ~ Beta(3, 3), the middle of the
+    # trajectory, as HFI erases its learned tokens (Kim et al. 2024)
+    timesteps: str = "uniform"
 
     def validate(self) -> None:
         if self.guidance < 0:
@@ -75,6 +79,8 @@ class SDDConfig:
             raise UsageError(f"--reuse must be between 1 and --sample-steps ({self.sample_steps})")
         if self.target not in TARGETS:
             raise UsageError(f"--target must be one of {', '.join(TARGETS)}")
+        if self.timesteps not in TIMESTEPS:
+            raise UsageError(f"--timesteps must be one of {', '.join(TIMESTEPS)}")
         if self.expand and self.concept_mode != "iterative":
             raise UsageError("--expand works with --concept-mode iterative (each expanded prompt is one concept's)")
 
@@ -123,7 +129,8 @@ class SDD(TrainedMethod):
         self.pending = harvest(self.unet, self.scheduler, self.embeddings[""], self.embeddings[self.target_prompt],
                                guidance=self.cfg.guidance, num_steps=self.cfg.sample_steps, reuse=self.cfg.reuse,
                                latent_shape=self.latent_shape, resolution=self.resolution, generator=self.generator,
-                               device=self.device, teacher=teacher, counter=self.counter)
+                               device=self.device, teacher=teacher, counter=self.counter,
+                               weights=beta_weights(self.cfg.sample_steps) if self.cfg.timesteps == "beta" else None)
 
     def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
         if not self.pending:

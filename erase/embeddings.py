@@ -1,0 +1,115 @@
+"""Textual-inversion embeddings: learned tokens, read and written in the files other tools use.
+
+    emb = load_embedding("red-circle.safetensors")     # the token is the file's erase.token, else its stem (A1111)
+    add_embeddings(text_encoder, [emb])               # "a <red-circle>" now encodes the learned vector(s)
+    save_embedding(emb, "out.safetensors")             # {"emb_params": (n, D)}; SDXL: {"clip_l", "clip_g"}
+
+Read: A1111 safetensors (`emb_params`) and .pt (`string_to_param`), diffusers' `learned_embeds` files
+({token: vector}), SDXL pairs (`clip_l` / `clip_g`). A vector of n rows becomes n tokens (`tok`, `tok_1`, ...)
+and the prompt's `tok` is spelled out as all of them, as A1111 and diffusers do.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from erase.errors import UsageError
+
+SDXL_KEYS = ("clip_l", "clip_g")  # one matrix per text encoder, in the encoders' order
+_TOKEN = re.compile(r"^[A-Za-z0-9<>_.\-]{1,60}$")
+
+
+@dataclass
+class Embedding:
+    token: str
+    vectors: list[torch.Tensor]  # one (n, D_i) matrix per text encoder
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> list[str]:
+        n = self.vectors[0].shape[0]
+        return [self.token] + [f"{self.token}_{i}" for i in range(1, n)]
+
+
+def check_token(token: str) -> str:
+    if not _TOKEN.match(token):
+        raise UsageError(f"token {token!r}: use 1-60 letters, digits or <>_.- (no spaces), e.g. <red-circle>")
+    return token
+
+
+def load_embedding(path: Path, token: str | None = None) -> Embedding:
+    """Read an embedding file; `token` overrides the name it is used under."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"embedding file {path} does not exist")
+    metadata: dict[str, str] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UsageError(f"{path}: not an embedding file torch can read safely ({type(e).__name__})") from None
+    name = token or metadata.get("erase.token")
+    if isinstance(state.get("string_to_param"), dict):  # A1111 .pt
+        vectors = [next(iter(state["string_to_param"].values()))]
+        name = name or state.get("name")
+    elif "emb_params" in state:  # A1111 safetensors
+        vectors = [state["emb_params"]]
+    elif all(k in state for k in SDXL_KEYS):
+        vectors = [state[k] for k in SDXL_KEYS]
+    elif len(state) == 1 and isinstance(next(iter(state.values())), torch.Tensor):  # diffusers: {token: vector}
+        key, vec = next(iter(state.items()))
+        vectors, name = [vec], name or key
+    else:
+        raise UsageError(f"{path}: not a textual-inversion embedding (keys {sorted(state)[:4]})")
+    vectors = [v.detach().float().reshape(-1, v.shape[-1]) for v in vectors]
+    return Embedding(check_token(name or path.stem), vectors, metadata)
+
+
+def save_embedding(emb: Embedding, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A1111's safetensors layout (diffusers' `load_textual_inversion(path, token=...)` reads it too)."""
+    from safetensors.torch import save_file
+
+    state = {"emb_params": emb.vectors[0]} if len(emb.vectors) == 1 else dict(zip(SDXL_KEYS, emb.vectors))
+    meta = {"erase.token": emb.token, **(metadata or {})}
+    tmp = path.with_name("." + path.name + ".tmp")
+    save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def add_embeddings(text, embeddings: list[Embedding]) -> None:
+    """Teach a `models.TextEncoder` the embeddings' tokens (new rows of each encoder's token table)."""
+    for emb in embeddings:
+        if len(emb.vectors) != len(text.encoders):
+            raise UsageError(f"embedding {emb.token} has {len(emb.vectors)} vector set(s); this {text.family.label} model has "
+                             f"{len(text.encoders)} text encoder(s)")
+        for tok, enc, vec in zip(text.tokenizers, text.encoders, emb.vectors):
+            table = enc.get_input_embeddings()
+            if vec.shape[-1] != table.weight.shape[1]:
+                raise UsageError(f"embedding {emb.token} has width {vec.shape[-1]}; this model's text encoder takes {table.weight.shape[1]}")
+            # a token the tokenizer already reads as one word ("cat" is "cat</w>") would take that word over in every prompt
+            if any(len(tok.tokenize(t)) == 1 for t in emb.tokens) or tok.add_tokens(emb.tokens) != len(emb.tokens):
+                raise UsageError(f"token {emb.token!r} is already a word of the tokenizer; load the embedding under another name")
+            enc.resize_token_embeddings(len(tok), mean_resizing=False)  # the new rows are set just below
+            ids = tok.convert_tokens_to_ids(emb.tokens)
+            with torch.no_grad():
+                enc.get_input_embeddings().weight[ids] = vec.to(table.weight.dtype)
+        if len(emb.tokens) > 1:
+            text.spellings[emb.token] = " ".join(emb.tokens)
+
+
+def load_embeddings(paths) -> list[Embedding]:
+    embs = [load_embedding(Path(p)) for p in paths]
+    names = [e.token for e in embs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"two embeddings use the same token: {', '.join(names)}")
+    return embs

@@ -1,0 +1,195 @@
+"""Reward-weighted textual inversion: condense what labellers flagged into one new token (HFI's second step).
+
+Notation (HFI, Kim et al. 2024, Sec. 3; textual inversion, Gal et al. 2022):
+  v*         `vectors`, the new token's embedding (one row per text encoder), initialised from a word
+  x_i, r_i   the labelled images and their rewards (erase.feedback.reward)
+  z_0        the VAE latent of x_i (mean of the posterior, times the VAE's scaling factor)
+  c_i(v*)    the image's own prompt with the concept's words replaced by the token ("a circle" -> "a <red-circle>")
+  L(v*)      sum_i r_i E_{t, eps} || eps - eps_theta(sqrt(a_t) z_0 + sqrt(1 - a_t) eps, t, c_i(v*)) ||^2 / sum_i r_i
+             (the velocity instead of eps for v-prediction models)
+Only v* is trained: the UNet, the VAE and every other row of the token table are frozen. Each step draws `batch`
+images with probability r_i / sum r (an unbiased estimate of the weighted loss that spends no compute on images
+with reward 0) and t uniformly from the 1000 training timesteps or, with `timesteps = "beta"`, t/1000 ~ Beta(3, 3).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from erase.embeddings import Embedding, check_token, save_embedding
+from erase.engine.device import resolve_device, resolve_precision
+from erase.engine.sampling import beta_weights
+from erase.errors import UsageError
+from erase.feedback.collect import IMAGES, read_collection
+from erase.feedback.reward import rewards
+from erase.generate import slug
+from erase.vocabulary import without
+
+
+@dataclass
+class InvertConfig:
+    token: str | None = None  # default "<concept>", e.g. <red-circle>
+    init: str | None = None  # the word v* starts from (its tokens' mean); default the collection's concept
+    steps: int = 500
+    lr: float = 5e-3  # textual inversion's usual rate for a single embedding (Gal et al.)
+    batch: int = 4
+    timesteps: str = "uniform"  # "uniform" or "beta" (Beta(3, 3) over the training timesteps)
+    template: str | None = None  # e.g. "a photo of {}"; default: each image's own prompt with the concept replaced
+    labels: str = "auto"  # "binary", "rank" or "auto"
+    top: int | None = None  # only the `top` images with the highest reward
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch < 1:
+            raise UsageError("--steps and --batch must be >= 1")
+        if self.lr <= 0:
+            raise UsageError("--lr must be > 0")
+        if self.timesteps not in ("uniform", "beta"):
+            raise UsageError("--timesteps must be uniform or beta")
+        if self.template is not None and self.template.count("{}") != 1:
+            raise UsageError("--template must hold the token as exactly one {}, e.g. 'a photo of {}'")
+        if self.top is not None and self.top < 1:
+            raise UsageError("--top must be >= 1")
+        if self.token is not None:
+            check_token(self.token)
+
+
+class _LearnedToken(torch.nn.Module):
+    """The token table with one row replaced by a trainable vector (the table itself stays frozen)."""
+
+    def __init__(self, table: torch.nn.Embedding, token_id: int, vector: torch.nn.Parameter) -> None:
+        super().__init__()
+        self.table, self.token_id, self.vector = table, token_id, vector
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.table(ids)
+        return torch.where((ids == self.token_id).unsqueeze(-1), self.vector.to(out.dtype), out)
+
+
+def training_prompt(prompt: str, concept: str, token: str, template: str | None) -> str:
+    if template is not None:
+        return template.replace("{}", token)
+    if concept in prompt:
+        return without(prompt, concept, token)
+    return f"{prompt}, {token}"
+
+
+def weighted_images(folder: Path, cfg: InvertConfig) -> tuple[list[dict], str]:
+    """Manifest rows with reward > 0 (their `reward` added), highest first; the label kind used."""
+    from erase.feedback.labels import answers
+
+    _, rows = read_collection(folder)
+    found, kind = rewards(answers(folder), cfg.labels)
+    chosen = sorted(({**r, "reward": found[r["image"]]} for r in rows if found.get(r["image"], 0) > 0), key=lambda r: -r["reward"])
+    return chosen[: cfg.top] if cfg.top else chosen, kind
+
+
+@torch.no_grad()
+def encode_images(vae, paths: list[Path], device, batch: int = 8) -> torch.Tensor:
+    latents = []
+    for i in range(0, len(paths), batch):
+        arr = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) for p in paths[i : i + batch]])
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(device) / 127.5 - 1
+        latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(latents)
+
+
+def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, force: bool = False, progress=None) -> dict:
+    """Learn the token from `folder`'s labels on `model_path`; write `out` (A1111 / diffusers embedding) and a report."""
+    from erase.checkpoint.write import sha256_file
+    from erase.embeddings import add_embeddings
+    from erase.models import open_model, unet_kwargs
+
+    cfg.validate()
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists; pass --force to replace it")
+    if out.suffix != ".safetensors":
+        raise UsageError("--out must be a .safetensors file")
+    info, _ = read_collection(folder)
+    concept = info["concept"]
+    token = cfg.token or f"<{slug(concept)}>"
+    init = cfg.init or concept
+    images, kind = weighted_images(folder, cfg)
+    model = open_model(model_path)
+    model_sha = sha256_file(model_path)
+    device = resolve_device(cfg.device)
+    dtype, _, precision = resolve_precision(cfg.precision, device)
+    size = {Image.open(folder / IMAGES / r["image"]).size for r in images}
+    if len(size) != 1 or next(iter(size))[0] % model.latent_factor:
+        raise UsageError(f"the labelled images must share one size that is a multiple of {model.latent_factor} (found {sorted(size)})")
+    resolution = next(iter(size))[0]
+
+    vae = model.load_vae(dtype=torch.float32, device=device)
+    z0 = encode_images(vae, [folder / IMAGES / r["image"] for r in images], device)
+    del vae
+
+    text = model.load_text_encoder()
+    init_vectors = []
+    for tok, enc in zip(text.tokenizers, text.encoders):
+        ids = tok(init, add_special_tokens=False).input_ids
+        if not ids:
+            raise UsageError(f"--init {init!r} has no tokens")
+        init_vectors.append(enc.get_input_embeddings().weight[ids].mean(0, keepdim=True))
+    add_embeddings(text, [Embedding(check_token(token), init_vectors)])
+    vectors = []
+    for tok, enc, v0 in zip(text.tokenizers, text.encoders, init_vectors):
+        vec = torch.nn.Parameter(v0.squeeze(0).clone().float())
+        enc.set_input_embeddings(_LearnedToken(enc.get_input_embeddings(), tok.convert_tokens_to_ids(token), vec))
+        enc.to(device)
+        vectors.append(vec)
+    unet = model.load_unet(dtype=dtype, device=device)
+    scheduler = model.scheduler("DDPMScheduler")
+    T = scheduler.config.num_train_timesteps
+    prompts = [training_prompt(r["prompt"], concept, token, cfg.template) for r in images]
+    weights = torch.tensor([r["reward"] for r in images], dtype=torch.float64)
+    t_weights = beta_weights(T) if cfg.timesteps == "beta" else torch.ones(T)
+    alphas = scheduler.alphas_cumprod.to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(vectors, lr=cfg.lr, weight_decay=0.0)
+    curve, t0 = [], time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        pick = torch.multinomial(weights, cfg.batch, replacement=True, generator=gen)
+        t = torch.multinomial(t_weights, cfg.batch, replacement=True, generator=gen)
+        noise = torch.randn(z0[pick].shape, generator=gen).to(device)
+        a = alphas[t.to(device)].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * z0[pick] + (1 - a).sqrt() * noise
+        target = noise if model.family.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z0[pick]
+        cond = text.forward([prompts[i] for i in pick.tolist()], device).to(device, dtype)
+        pred = unet(z_t.to(dtype), t.to(device), **unet_kwargs(cond, resolution)).sample
+        loss = F.mse_loss(pred.float(), target.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        curve.append([step, round(loss.item(), 6)])
+        if progress:
+            progress(step, loss.item())
+    seconds = time.perf_counter() - t0
+    learned = [v.detach().cpu().float().unsqueeze(0) for v in vectors]
+    moved = [float((v - v0.cpu()).norm() / v0.norm()) for v, v0 in zip(learned, init_vectors)]
+    labels_sha = sha256_file(folder / "labels.jsonl")
+    meta = {"erase.kind": "embedding", "erase.concept": concept, "erase.init": init, "erase.labels": kind,
+            "erase.labels_sha256": labels_sha, "erase.model_sha256": model_sha, "erase.steps": str(cfg.steps)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_embedding(Embedding(token, learned), out, meta)
+    report = {"output": str(out), "token": token, "init": init, "concept": concept, "collection": str(folder), "labels": kind,
+              "labels_sha256": labels_sha, "model": str(model_path), "model_sha256": model_sha,
+              "same_model_as_collection": model_sha == info.get("model_sha256"), "images_used": len(images),
+              "images_in_collection": info.get("images"), "reward_sum": float(weights.sum()),
+              "top_images": [{"image": r["image"], "prompt": r["prompt"], "reward": r["reward"]} for r in images[:10]],
+              "config": asdict(cfg), "device": str(device), "precision": precision, "seconds": seconds,
+              "seconds_per_step": seconds / cfg.steps, "relative_change_from_init": moved, "loss_curve": curve,
+              "final_loss_mean_last_50": float(np.mean([c[1] for c in curve[-50:]]))}
+    report_path = out.with_name(out.name.removesuffix(".safetensors") + ".report.json")
+    report_path.write_text(json.dumps(report, indent=2))
+    report["report"] = str(report_path)
+    return report

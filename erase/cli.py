@@ -161,7 +161,7 @@ METHOD_OPTIONS = {
     "prior_weight": ("ca",), "anchor_samples": ("ca",), "guide": ("uce",), "lam": ("uce",), "erase_scale": ("uce",),
 }
 TRAINING_OPTIONS = ("steps", "lr", "ema_decay", "seed", "train", "resolution", "device", "precision", "gradient_checkpointing",
-                    "xformers", "save_every", "resume", "preserve_per_step")
+                    "xformers", "save_every", "resume", "preserve_per_step", "batch_size", "scale_lr")
 PRESERVE = "Preservation"
 
 
@@ -218,6 +218,9 @@ def run(
     precision: Annotated[Precision, typer.Option(help="auto = bf16 autocast on CUDA, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory in the UNet backward.", rich_help_panel=ENGINE)] = False,
     xformers: Annotated[bool, typer.Option("--xformers", help="Use xformers attention (CUDA, when installed; SDPA otherwise).", rich_help_panel=ENGINE)] = False,
+    batch_size: Annotated[int, typer.Option(help="SDD / ESD: samples per optimizer step on each process, their teacher trajectories in one batch "
+                                            "(reference 1). Under accelerate launch / torchrun each process adds its own.", rich_help_panel=ENGINE)] = 1,
+    scale_lr: Annotated[bool, typer.Option("--scale-lr", help="Multiply --lr by the effective batch (batch size x processes).", rich_help_panel=ENGINE)] = False,
     prediction_type: PredictionType = None,
     delta: Annotated[Optional[Path], typer.Option(help="Also write only the changed tensors (fp32 differences) here, for `erase merge`.", rich_help_panel=FILES)] = None,
     save_every: Annotated[int, typer.Option(help="Save a resumable state every N steps (0: only on Ctrl-C).", rich_help_panel=FILES)] = 0,
@@ -281,9 +284,12 @@ def run(
         gradient_checkpointing=gradient_checkpointing, xformers=xformers, delta=delta, resume=resume, force=force,
         prediction_type=prediction_type, preserve=preserve, preserve_file=preserve_file, vocabulary=vocabulary,
         preserve_weight=preserve_weight, preserve_per_step=preserve_per_step, embeddings=list(embedding or []), job_digest=job_digest,
+        batch_size=batch_size, scale_lr=scale_lr,
     )
     ui = err_console if as_json else console
     report = erase_concepts(opts, ui)
+    if report["output"] is None:  # a rank other than 0 under a launcher: rank 0 writes and reports
+        return
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -311,6 +317,10 @@ def _run_jobs(command, path: Path) -> None:
     if world > 1:
         import torch
 
+        from erase.engine.distributed import NO_DATA_PARALLEL
+
+        os.environ[NO_DATA_PARALLEL] = "1"  # the ranks share out the jobs; each job runs on one process
+
         if torch.cuda.is_available():  # one device per rank
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
 
@@ -324,7 +334,8 @@ def _run_jobs(command, path: Path) -> None:
                 if value or p.secondary_opts:
                     args.append(p.opts[0] if value else p.secondary_opts[0])
             else:
-                args += [p.opts[0], str(value)]
+                for v in value if isinstance(value, list) else [value]:  # a repeatable option (--embedding) takes a list
+                    args += [p.opts[0], str(v)]
         return args + ["--job-digest", job.digest]
 
     def invoke(job) -> int:

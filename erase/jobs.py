@@ -26,7 +26,8 @@ from rich.markup import escape
 from erase.config import read_toml
 from erase.errors import UsageError
 
-PATH_OPTIONS = ("model", "out", "delta", "concepts_file", "preserve_file", "anchor_prompts", "resume")
+PATH_OPTIONS = ("model", "out", "delta", "concepts_file", "preserve_file", "anchor_prompts", "resume", "embedding")
+LIST_OPTIONS = ("embedding",)  # repeatable options: a string or a list in the file
 NOT_IN_JOBS = ("jobs", "config", "as_json", "job_digest")  # options of the file's own invocation, not of a job
 
 
@@ -67,7 +68,8 @@ def load_jobs(path: Path, allowed: set[str]) -> list[Job]:
                 raise UsageError(f"{where}: '{required}' is required")
         for key in PATH_OPTIONS:
             if options.get(key):
-                options[key] = str((Path(path).parent / Path(options[key]).expanduser()).resolve())
+                resolved = [str((Path(path).parent / Path(p).expanduser()).resolve()) for p in _as_list(options[key])]
+                options[key] = resolved if key in LIST_OPTIONS else resolved[0]
         digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
         jobs.append(Job(i, name, options, digest))
     outputs = [j.output() for j in jobs]
@@ -75,6 +77,10 @@ def load_jobs(path: Path, allowed: set[str]) -> list[Job]:
         twice = sorted({str(o) for o in outputs if outputs.count(o) > 1})
         raise UsageError(f"--jobs {path}: several jobs write {', '.join(twice)}")
     return jobs
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def _options(table: dict, allowed: set[str], where: str) -> dict:

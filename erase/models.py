@@ -56,6 +56,10 @@ class Conditioning:
     def __getitem__(self, idx) -> "Conditioning":
         return Conditioning(self.embeds[idx], None if self.pooled is None else self.pooled[idx])
 
+    def repeat(self, n: int) -> "Conditioning":
+        """The same prompt(s) n times over the batch."""
+        return Conditioning(self.embeds.repeat(n, 1, 1), None if self.pooled is None else self.pooled.repeat(n, 1))
+
     def to(self, device=None, dtype=None) -> "Conditioning":
         return Conditioning(self.embeds.to(device, dtype), None if self.pooled is None else self.pooled.to(device, dtype))
 

@@ -22,6 +22,7 @@ from erase import __version__
 from erase.checkpoint.extras import ema_drop
 from erase.checkpoint.write import check_output_path, provenance, sha256_file, write_checkpoint
 from erase.engine.device import enable_fast_math, peak_memory, reset_peak_memory, resolve_device, resolve_precision
+from erase.engine.distributed import World, check_identical, join, leave, same_on_every_rank, sample_streams
 from erase.engine.params import TRAIN_SETS, select_trainable
 from erase.engine.preserve import PreserveSpec, Retain, WithRetain, parse_preserve, preserved_prompts, resolve
 from erase.engine.sampling import EvalCounter
@@ -59,6 +60,8 @@ class RunOptions:
     # trained methods: preserved prompts in each step's retain term; 2 measured best on the shapes model (square 0.71 vs 0.48
     # with 1, at 45 vs 30 UNet evals/step: benchmarks/README.md)
     preserve_per_step: int = 2
+    batch_size: int = 1  # trained methods: sample streams per optimizer step on each process (reference 1)
+    scale_lr: bool = False  # multiply --lr by the effective batch (batch size x processes), as diffusers' --scale_lr
     embeddings: list[Path] = field(default_factory=list)  # textual-inversion files whose tokens the concepts may use (HFI)
     job_digest: str | None = None  # set by `erase run --jobs`: recorded, so a re-run of the file skips this output
 
@@ -87,6 +90,8 @@ def _validate(opts: RunOptions) -> None:
         raise UsageError("--ema-decay must be in [0, 1)")
     if t.save_every < 0:
         raise UsageError("--save-every must be >= 0")
+    if opts.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
     if opts.resolution is not None and (opts.resolution < 8 or opts.resolution % 8):
         raise UsageError("--resolution must be a positive multiple of 8")
     if opts.method not in METHODS:
@@ -133,9 +138,13 @@ def preserving_defaults(cfg_cls, spec: PreserveSpec) -> dict:
 
 
 def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True) -> dict:
-    """Run one erasure end to end; return the report (also written beside the output)."""
+    """Run one erasure end to end; return the report (also written beside the output). Under torchrun / accelerate
+    launch every rank calls this; the trained methods train data parallel and rank 0 alone writes."""
     _validate(opts)
-    state = load_state(opts.resume) if opts.resume else None
+    world = join(resolve_device(opts.device).type)
+    if not world.main:
+        console = Console(quiet=True)
+    state = load_state(opts.resume, world.rank) if opts.resume else None
     if state is not None:  # a resumed run continues the saved configuration; only --steps may grow
         saved = state["run_config"]
         if saved["concepts"] != opts.concepts or saved["method"] != opts.method:
@@ -149,6 +158,9 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
         opts.preserve_file = Path(saved["preserve_file"]) if saved.get("preserve_file") else None
         opts.preserve_weight, opts.preserve_per_step = saved.get("preserve_weight", 1.0), saved.get("preserve_per_step", 1)
         opts.embeddings = [Path(e["path"]) for e in saved.get("embeddings", [])]
+        if (saved.get("world_size", 1), saved.get("batch_per_rank", 1)) != (world.size, opts.batch_size):
+            raise UsageError(f"--resume {opts.resume}: that run trained {saved.get('batch_per_rank', 1)} samples per step on each of "
+                             f"{saved.get('world_size', 1)} processes; resume it with the same --batch-size and number of processes")
 
     model = open_model(opts.model, opts.prediction_type)
     out = check_output_path(opts.model, opts.out or default_output(opts.model), force=opts.force)
@@ -164,8 +176,19 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
     vocab = load_vocabulary(opts.vocabulary)
     t_start = time.perf_counter()
     input_sha = sha256_file(opts.model)
-    run = ClosedForm if getattr(method_cls, "closed_form", False) else Training
-    result = run(opts, model, method_cls, method_cfg, spec, vocab, console, out=out, state=state, progress=progress).erase()
+    closed_form = getattr(method_cls, "closed_form", False)
+    if closed_form and opts.batch_size != 1:
+        raise UsageError(f"--batch-size does not apply to --method {opts.method} (it solves, it does not train)")
+    if not closed_form and not method_cls.batched and (opts.batch_size != 1 or world.size != 1):
+        raise UsageError(f"--method {opts.method} trains one sample per step on one process: no --batch-size or launcher yet")
+    if closed_form and not world.main:  # a solve is seconds: rank 0 does it, the others have nothing to do
+        leave(world)
+        return {"rank": world.rank, "output": None}
+    run = ClosedForm if closed_form else Training
+    result = run(opts, model, method_cls, method_cfg, spec, vocab, console, out=out, state=state, progress=progress, world=world).erase()
+    if not world.main:
+        leave(world)
+        return {"rank": world.rank, "output": None}
 
     # Write: the new weights under the file's own names, then the delta file and the report.
     replacements = {model.unet_file_key(n): v for n, v in result.weights.items()}
@@ -195,6 +218,7 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
     report_path = out.with_name(out.name.removesuffix(".safetensors") + ".report.json")
     report_path.write_text(json.dumps(report, indent=2))
     report["report"] = str(report_path)
+    leave(world)
     return report
 
 
@@ -213,9 +237,10 @@ class _Run:
     """The stages every method shares: choosing what to preserve and encoding prompts with the text encoder."""
 
     def __init__(self, opts: RunOptions, model: Model, method_cls, method_cfg, spec: PreserveSpec, vocab: Vocabulary,
-                 console: Console, *, out: Path, state: dict | None, progress: bool) -> None:
+                 console: Console, *, out: Path, state: dict | None, progress: bool, world: World = World()) -> None:
         self.opts, self.model, self.method_cls, self.method_cfg, self.out = opts, model, method_cls, method_cfg, out
         self.spec, self.vocab, self.console, self.state, self.progress = spec, vocab, console, state, progress
+        self.world = world
 
     def _warn_truncated(self, prompts: list[str]) -> dict[str, int]:
         long = truncated_prompts(self.model.family, prompts)
@@ -271,8 +296,12 @@ class Training(_Run):
 
     def erase(self) -> Erasure:
         opts, model = self.opts, self.model
+        world = self.world
         state_dir = opts.resume or self.out.with_name(self.out.stem + ".resume")
         device = resolve_device(opts.device)
+        if world.size > 1 and device.type == "cuda":  # one GPU per rank
+            device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
         frozen_dtype, autocast_dtype, precision_label = resolve_precision(opts.precision, device)
         enable_fast_math(device)
         reset_peak_memory(device)
@@ -294,6 +323,10 @@ class Training(_Run):
         del text
         gc.collect()
         generator = torch.Generator().manual_seed(opts.train.seed)
+        streams = sample_streams(generator, opts.train.seed, world, opts.batch_size)
+        effective_batch = opts.batch_size * world.size
+        if opts.scale_lr and self.state is None:  # linear rule (diffusers' --scale_lr); a resumed run keeps its saved lr
+            opts.train = TrainConfig(**{**asdict(opts.train), "lr": opts.train.lr * effective_batch})
         counter = EvalCounter()
         latent_shape = (1, model.unet_config["in_channels"], resolution // factor, resolution // factor)
         scheduler = model.scheduler("DDIMScheduler")
@@ -308,7 +341,8 @@ class Training(_Run):
         for p in params.values():  # own fp32 copies: the loaded weights may share memory with the opened file's tensors
             p.data = p.data.to(torch.float32, copy=True)
         method = self.method_cls(self.method_cfg, opts.concepts, unet=unet, scheduler=scheduler, latent_shape=latent_shape,
-                                 resolution=resolution, generator=generator, device=device, counter=counter, vocab=self.vocab)
+                                 resolution=resolution, generator=generator, device=device, counter=counter, vocab=self.vocab,
+                                 generators=streams)
         encoded = encoded.to(device, frozen_dtype)
         method.embeddings = {p: encoded[i : i + 1] for i, p in enumerate(prompts)}
         if kept:  # hold the preserved prompts to the input model (none: the reference algorithm, bit for bit)
@@ -316,7 +350,7 @@ class Training(_Run):
             retain = Retain(kept, weight=opts.preserve_weight, per_step=opts.preserve_per_step, unet=unet, scheduler=scheduler,
                             guidance=cfg.guidance, sample_steps=cfg.sample_steps, reuse=getattr(cfg, "reuse", 1), latent_shape=latent_shape,
                             resolution=resolution, generator=generator, device=device, counter=counter,
-                            frozen=getattr(method, "frozen", None))
+                            frozen=getattr(method, "frozen", None), generators=streams)
             retain.embeddings = method.embeddings
             method = WithRetain(method, retain)
 
@@ -327,11 +361,16 @@ class Training(_Run):
             "preserve_option": opts.preserve, "preserve_file": str(opts.preserve_file) if opts.preserve_file else None,
             "vocabulary": opts.vocabulary, "preserve_weight": opts.preserve_weight, "preserve_per_step": opts.preserve_per_step,
             "preserved_prompts": len(kept), "embeddings": self._embedding_record(),
+            "world_size": world.size, "batch_per_rank": opts.batch_size, "effective_batch": effective_batch,
+            "lr_rule": "linear: --lr x effective batch" if opts.scale_lr else "none: --lr as given",
         }
         trainer = Trainer(opts.train, method, params, generator=generator, device=device, autocast_dtype=autocast_dtype,
-                          run_config=run_config, state_dir=state_dir)
+                          run_config=run_config, state_dir=state_dir, streams=streams, world=world)
         if self.state is not None:
             trainer.load(self.state)
+            if not same_on_every_rank(trainer.step, world):
+                raise UsageError(f"--resume {state_dir}: the ranks stopped at different steps (Ctrl-C reached them at different "
+                                 "moments); resume from a --save-every state instead")
         n_trainable = sum(p.numel() for p in params.values())
         n_unet = sum(p.numel() for p in unet.parameters())
         _print_summary(self.console, model, opts, run_config, n_trainable, n_unet, len(params), trainer.step)
@@ -342,7 +381,9 @@ class Training(_Run):
         _train_with_progress(trainer, self.console, self.progress)
         train_seconds = time.perf_counter() - t_train
         steps_done = max(1, trainer.step - first_step)
-        if state_dir.exists() and opts.resume is None:  # a finished run needs no resume state
+        check_identical(trainer.ema.shadow, world, "EMA weights")
+        check_identical(dict(params), world, "trained weights")
+        if state_dir.exists() and opts.resume is None and world.main:  # a finished run needs no resume state
             for f in state_dir.iterdir():
                 f.unlink()
             state_dir.rmdir()
@@ -352,7 +393,9 @@ class Training(_Run):
             "steps": trainer.step,
             "steps_this_session": trainer.step - first_step,
             "resumed_from_step": first_step if self.state is not None else None,
-            "unet_evals_per_step": counter.total / steps_done,
+            "unet_evals_per_step": counter.total / steps_done,  # on this process; all processes: x world_size
+            "unet_evals_per_step_all_processes": counter.total * world.size / steps_done,
+            "world_size": world.size, "batch_per_rank": opts.batch_size, "effective_batch": effective_batch, "lr": opts.train.lr,
             "seconds_per_step": train_seconds / steps_done,
             "peak_memory": peak_memory(device),
             "loss_curve": trainer.curve,
@@ -397,7 +440,11 @@ def _print_summary(console: Console, model: Model, opts: RunOptions, cfg: dict, 
     if "reuse" in m:
         per_latent = (m["sample_steps"] - 1) / m["reuse"] + 4  # the trajectory's share + the loss's forwards and backward
         console.print(f"  teacher         {m['sample_steps']} DDIM steps, CFG {m['guidance']}, reuse {m['reuse']}; "
-                      f"expected ~{per_latent * (1 + (cfg['preserve_per_step'] if held else 0)):.1f} UNet evals/step")
+                      f"expected ~{per_latent * (1 + (cfg['preserve_per_step'] if held else 0)) * opts.batch_size:.1f} UNet evals/step"
+                      + (" per process" if cfg["world_size"] > 1 else ""))
+    if cfg["effective_batch"] > 1:
+        console.print(f"  batch           {opts.batch_size} per process x {cfg['world_size']} process(es) = {cfg['effective_batch']} "
+                      f"samples per step; lr {t.lr:g} ({cfg['lr_rule']})")
 
 
 def _train_with_progress(trainer: Trainer, console: Console, progress: bool) -> None:

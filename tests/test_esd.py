@@ -30,7 +30,7 @@ def test_target_is_negative_guidance_from_the_frozen_input_model(tiny_sd1, eta):
         for p in params.values():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     z = torch.randn(1, 4, 8, 8, generator=gen)
-    esd.pending = {"cat": [(z, 2)]}
+    esd.pending = [{"cat": [(z, 2)]}]  # stream 0
     loss = esd.loss(0, None)[0]
     t = esd.scheduler.timesteps[2]
     with torch.no_grad():

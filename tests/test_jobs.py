@@ -103,3 +103,24 @@ def test_torchrun_spreads_jobs_over_ranks(tiny_sd1, tmp_path):
     assert "rank 0 of 2" in p.stdout and "rank 1 of 2" in p.stdout
     assert "(rank 0/2, 1 of 2; job 1 of 3" in p.stdout and "(rank 1/2, 1 of 1; job 2 of 3" in p.stdout  # r runs jobs r, r + 2
     assert all((tmp_path / "out" / f"{n}.safetensors").exists() for n in ("cat", "broken", "tree"))
+
+
+def test_a_job_erases_a_learned_token_given_by_a_path_relative_to_the_file(tiny_sd1, tmp_path):
+    import torch
+
+    from erase.embeddings import Embedding, save_embedding
+
+    (tmp_path / "tokens").mkdir()
+    save_embedding(Embedding("<flagged>", [torch.randn(1, 32)]), tmp_path / "tokens" / "flagged.safetensors")
+    (tmp_path / "jobs.toml").write_text(f"""
+[[job]]
+model = "{tiny_sd1}"
+concepts = "<flagged>"
+method = "uce"
+embedding = ["tokens/flagged.safetensors"]
+out = "token.safetensors"
+""")
+    r = runner.invoke(app, ["run", "--jobs", str(tmp_path / "jobs.toml")])
+    assert r.exit_code == 0, r.output
+    config = json.loads(open_checkpoint(tmp_path / "token.safetensors").metadata["erase.config"])
+    assert config["embeddings"][0]["path"] == str(tmp_path / "tokens" / "flagged.safetensors")

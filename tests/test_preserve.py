@@ -88,7 +88,7 @@ def test_retain_term_is_zero_for_the_input_model_and_measures_drift_from_it(tiny
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     moved = {n: p.detach().clone() for n, p in params.items()}
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    retain.current, retain.pending = ["a dog"], {"a dog": [(z, 1)]}  # one queued latent at t_1 for the slot's prompt
+    retain.current, retain.pending = [["a dog"]], [{"a dog": [(z, 1)]}]  # stream 0: one queued latent at t_1 for the slot's prompt
     got = retain.loss(contextlib.nullcontext)
     assert all(torch.equal(q, moved[n]) for n, q in params.items())  # the student's weights are back in place
     assert all(torch.equal(retain.frozen[n], frozen[n]) for n in frozen)  # and the frozen copy is the input's

@@ -107,9 +107,8 @@ def test_loss_on_a_fixed_batch_decreases(tiny_sd1):
     text = model.load_text_encoder()
     sdd.embeddings = {p: text.encode([p]) for p in sdd.prompts()}
     z = torch.randn(1, 4, 8, 8, generator=gen)
-    sdd._harvest = lambda teacher: setattr(sdd, "pending", [(z.clone(), 1)])  # always the same latent
+    sdd._harvest = lambda teacher, streams: [[(z.clone(), 1)] for _ in streams]  # always the same latent
     first = sdd.loss(0, None)[0].item()
-    sdd.pending = []
     trainer = Trainer(TrainConfig(steps=30, lr=1e-3), sdd, params, generator=gen, device=torch.device("cpu"),
                       autocast_dtype=None, run_config={}, state_dir=None)
     trainer.train()
@@ -136,7 +135,7 @@ def test_target_is_the_unconditional_prediction_of_the_chosen_weights(tiny_sd1, 
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     moved = {n: p.detach().clone() for n, p in params.items()}
     z = torch.randn(1, 4, 8, 8, generator=gen)
-    sdd.pending = [(z, 1)]
+    sdd.pending = [[(z, 1)]]  # stream 0
     loss = sdd.loss(0, None)[0]
     t = sdd.scheduler.timesteps[1]
     with torch.no_grad():
@@ -156,6 +155,8 @@ RESUMED = {  # name -> run options
     # erase run's default (frozen target, expanded concepts, the retain term and its latent queues)
     "preserving": dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="auto:2"),
     "esd": dict(method="esd", method_config={"sample_steps": 4, "reuse": 2}, preserve="auto:2"),
+    # two sample streams per step: each stream's generator, queues and retain prompts come back from the state
+    "batch 2": dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="auto:2", batch_size=2),
     # two concepts with an anchor each; the anchor samples must come back from the resume state, not be redrawn
     "ca": dict(method="ca", concepts=("circle", "star"), method_config={"anchor": "square, cross", "anchor_samples": 3, "sample_steps": 3}),
 }
@@ -182,7 +183,7 @@ def test_resume_is_bit_exact(tiny_sd1, tmp_path, monkeypatch, name):
         _run(tiny_sd1, tmp_path / "part.safetensors", train=TrainConfig(steps=6, lr=1e-3), **cfg)
     assert not (tmp_path / "part.safetensors").exists()
     monkeypatch.setattr(trainer_mod.Trainer, "train", real_train)
-    same = {k: cfg[k] for k in ("method", "concepts") if k in cfg}  # what a resumed run must name again; the rest comes from the state
+    same = {k: cfg[k] for k in ("method", "concepts", "batch_size") if k in cfg}  # what a resumed run must name again; the rest comes from the state
     resumed = _run(tiny_sd1, tmp_path / "part.safetensors", train=TrainConfig(steps=6), resume=tmp_path / "part.resume", **same)
     assert resumed["resumed_from_step"] == 3
     a, b = open_checkpoint(tmp_path / "full.safetensors"), open_checkpoint(tmp_path / "part.safetensors")

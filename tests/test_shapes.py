@@ -108,3 +108,12 @@ def test_short_sdd_erasure_lowers_circle_presence(tmp_path):
 
 def _mean(rates: dict) -> float:
     return sum(rates.values()) / len(rates)
+
+
+def test_every_prompted_image_of_the_protocol_is_a_different_image():
+    from erase.evaluate.shapes_world import Protocol, protocol_jobs
+
+    asked = protocol_jobs(Protocol(seeds=3, templates=("a {colour} {shape}", "a {shape}")))
+    jobs = [(job.prompt, job.seed) for job, *_ in asked]
+    assert len(jobs) == 2 * 6 * 6 * 3 and len(set(jobs)) == len(jobs)
+    assert sum(colour is None for _, _, colour, _ in asked) == 6 * 6 * 3  # the colourless wording: 18 images per shape

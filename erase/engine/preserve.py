@@ -21,7 +21,7 @@ import torch
 
 from erase.engine.params import frozen_copy, swapped_in, trained_params
 from erase.errors import UsageError
-from erase.models import MAX_TOKENS
+from erase.models import MAX_TOKENS, Conditioning
 from erase.vocabulary import Vocabulary, expand, token_span
 
 DEFAULT_AUTO = 5
@@ -139,54 +139,63 @@ class Retain:
 
     def __init__(self, prompts: list[str], *, weight: float, per_step: int, unet, scheduler, guidance: float, sample_steps: int,
                  reuse: int, latent_shape: tuple[int, ...], resolution: int, generator: torch.Generator, device, counter,
-                 frozen: dict[str, torch.Tensor] | None = None) -> None:
+                 frozen: dict[str, torch.Tensor] | None = None, generators: list[torch.Generator] | None = None) -> None:
         if not prompts:
             raise UsageError("nothing to preserve")
         self.prompts, self.weight, self.per_step = prompts, weight, per_step
         self.unet, self.scheduler = unet, scheduler
         self.guidance, self.sample_steps, self.reuse = guidance, sample_steps, reuse
         self.latent_shape, self.resolution, self.generator, self.device, self.counter = latent_shape, resolution, generator, device, counter
+        self.generators = generators or [generator]  # the sample streams (erase.methods.base.TrainedMethod)
         self.trainable = trained_params(unet)
         # built before any step (and before a resume loads trained weights): these are the input's values
         self.frozen = frozen if frozen is not None else frozen_copy(self.trainable)
         self.embeddings: dict = {}
-        self.pending: dict[str, list[tuple[torch.Tensor, int]]] = {}
-        self.current: list[str | None] = [None] * per_step  # the prompt each slot is working through
-
-    def _latent(self, prompt: str, teacher) -> tuple[torch.Tensor, int]:
-        from erase.engine.sampling import harvest
-
-        if not self.pending.get(prompt):
-            self.pending[prompt] = harvest(self.unet, self.scheduler, self.embeddings[""], self.embeddings[prompt],
-                                           guidance=self.guidance, num_steps=self.sample_steps, reuse=self.reuse,
-                                           latent_shape=self.latent_shape, resolution=self.resolution, generator=self.generator,
-                                           device=self.device, teacher=teacher, counter=self.counter)
-        return self.pending[prompt].pop(0)
+        streams = range(len(self.generators))
+        self.pending: list[dict[str, list[tuple[torch.Tensor, int]]]] = [{} for _ in streams]  # per stream, per prompt
+        self.current: list[list[str | None]] = [[None] * per_step for _ in streams]  # per stream: each slot's prompt
 
     def loss(self, teacher) -> torch.Tensor:
         return sum(self.terms(teacher))
 
     def terms(self, teacher):
-        """One loss term per slot, built lazily: the trainer back-propagates each before the next is built."""
-        from erase.engine.sampling import predict
+        """One loss term per slot, built lazily: the trainer back-propagates each before the next is built. In each slot
+        every stream works through its own prompt; the streams that need a trajectory get it in one batch."""
+        from erase.engine.sampling import harvest, predict, take
 
-        for slot, p in enumerate(self.current):
-            if p is None or not self.pending.get(p):
-                p = self.current[slot] = self.prompts[int(torch.randint(len(self.prompts), (1,), generator=self.generator))]
-            z, k = self._latent(p, teacher)
+        for slot in range(self.per_step):
+            prompts = []
+            for i, g in enumerate(self.generators):
+                p = self.current[i][slot]
+                if p is None or not self.pending[i].get(p):
+                    p = self.current[i][slot] = self.prompts[int(torch.randint(len(self.prompts), (1,), generator=g))]
+                prompts.append(p)
+            queues = [self.pending[i].setdefault(p, []) for i, p in enumerate(prompts)]
+
+            def refill(streams, prompts=prompts):
+                cond = Conditioning.cat([self.embeddings[prompts[i]] for i in streams])
+                return harvest(self.unet, self.scheduler, self.embeddings[""], cond, guidance=self.guidance, num_steps=self.sample_steps,
+                               reuse=self.reuse, latent_shape=self.latent_shape, resolution=self.resolution,
+                               generators=[self.generators[i] for i in streams], device=self.device, teacher=teacher, counter=self.counter)
+
+            z, k = take(queues, refill)
+            for i, (p, q) in enumerate(zip(prompts, queues)):
+                self.pending[i][p] = q
             t = self.scheduler.timesteps[k].to(self.device)
+            cond = Conditioning.cat([self.embeddings[p] for p in prompts])
             with torch.no_grad(), swapped_in(self.trainable, self.frozen):
-                want = predict(self.unet, z, t, self.embeddings[p], self.resolution, self.counter)
-            got = predict(self.unet, z, t, self.embeddings[p], self.resolution, self.counter)
+                want = predict(self.unet, z, t, cond, self.resolution, self.counter)
+            got = predict(self.unet, z, t, cond, self.resolution, self.counter)
             self.counter.backward(z.shape[0])
             yield self.weight * torch.nn.functional.mse_loss(got.float(), want.float()) / self.per_step
 
     def state_dict(self) -> dict:
-        return {"pending": {p: [(z.cpu(), k) for z, k in q] for p, q in self.pending.items()}, "current": list(self.current)}
+        return {"pending": [{p: [(z.cpu(), k) for z, k in q] for p, q in stream.items()} for stream in self.pending],
+                "current": [list(c) for c in self.current]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.pending = {p: [(z.to(self.device), k) for z, k in q] for p, q in state["pending"].items()}
-        self.current = list(state["current"])
+        self.pending = [{p: [(z.to(self.device), k) for z, k in q] for p, q in stream.items()} for stream in state["pending"]]
+        self.current = [list(c) for c in state["current"]]
 
 
 class WithRetain:

@@ -68,19 +68,27 @@ def ddim_trajectory(unet, scheduler, z: torch.Tensor, uncond: Conditioning, cond
 
 
 def harvest(unet, scheduler, uncond: Conditioning, cond: Conditioning, *, guidance: float, num_steps: int, reuse: int,
-            latent_shape: tuple[int, ...], resolution: int, generator: torch.Generator, device, teacher,
-            counter: EvalCounter | None = None, weights: torch.Tensor | None = None) -> list[tuple[torch.Tensor, int]]:
-    """Sample one teacher trajectory on `cond` and return `reuse` of its latents as (z_k, k), k ~ U{0..K-1} without
-    repeats (or drawn with `weights` over 0..K-1). `teacher()` swaps the teacher's weights in for the no-grad trajectory."""
-    if weights is None:
-        picks = torch.randperm(num_steps, generator=generator)[:reuse].tolist()
-    else:
-        picks = torch.multinomial(weights, reuse, replacement=False, generator=generator).tolist()
-    z_T = torch.randn(latent_shape, generator=generator).to(device)
+            latent_shape: tuple[int, ...], resolution: int, generators: list[torch.Generator], device, teacher,
+            counter: EvalCounter | None = None, weights: torch.Tensor | None = None) -> list[list[tuple[torch.Tensor, int]]]:
+    """Sample one teacher trajectory per generator (one sample stream each), all in one batch, and return each
+    stream's `reuse` latents as [(z_k (1, C, h, w), k), ...] with k ~ U{0..K-1} without repeats (or drawn with
+    `weights` over 0..K-1). `cond` holds one row per stream (or one row for all). Each stream draws its picks and
+    then its noise from its own generator, so a stream's latents do not depend on which streams share its batch
+    (up to float reduction order). `teacher()` swaps the teacher's weights in for the no-grad trajectory."""
+    picks, noise = [], []
+    for g in generators:
+        if weights is None:
+            picks.append(torch.randperm(num_steps, generator=g)[:reuse].tolist())
+        else:
+            picks.append(torch.multinomial(weights, reuse, replacement=False, generator=g).tolist())
+        noise.append(torch.randn(latent_shape, generator=g))
+    z_T = torch.cat(noise).to(device)
+    b = len(generators)
+    uncond, cond = (c if c.embeds.shape[0] == b else c.repeat(b) for c in (uncond, cond))
     with teacher():
-        latents = ddim_trajectory(unet, scheduler, z_T, uncond, cond, scale=guidance, num_steps=num_steps, keep=picks,
-                                  resolution=resolution, counter=counter)
-    return [(latents[k], k) for k in picks]
+        latents = ddim_trajectory(unet, scheduler, z_T, uncond, cond, scale=guidance, num_steps=num_steps,
+                                  keep=sorted({k for p in picks for k in p}), resolution=resolution, counter=counter)
+    return [[(latents[k][i : i + 1], k) for k in p] for i, p in enumerate(picks)]
 
 
 def beta_weights(num_steps: int) -> torch.Tensor:
@@ -88,3 +96,14 @@ def beta_weights(num_steps: int) -> torch.Tensor:
     x = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64)
     cdf = 10 * x**3 - 15 * x**4 + 6 * x**5
     return (cdf[1:] - cdf[:-1]).float()
+
+
+def take(pending: list[list[tuple[torch.Tensor, int]]], refill) -> tuple[torch.Tensor, torch.Tensor]:
+    """One latent from each stream's queue, as a batch (z (B, C, h, w), k (B,)). The streams whose queue is empty are
+    refilled together first: `refill(indices)` returns their new queues (one batched `harvest`)."""
+    empty = [i for i, q in enumerate(pending) if not q]
+    if empty:
+        for i, fresh in zip(empty, refill(empty)):
+            pending[i] = fresh
+    items = [q.pop(0) for q in pending]
+    return torch.cat([z for z, _ in items]), torch.tensor([k for _, k in items])

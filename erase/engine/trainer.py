@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from erase.engine.distributed import World, average_gradients, mean_over_ranks
 from erase.engine.params import swapped_in
 from erase.errors import EraseError
 
@@ -66,25 +67,34 @@ class Progress:
     elapsed: float
 
 
-def save_state(path: Path, state: dict) -> None:
+def state_file(path: Path, rank: int = 0) -> Path:
+    """Rank 0's state (everything) is state.pt; under a launcher each other rank keeps its own draws and queues beside it."""
+    return path / (STATE_FILE if rank == 0 else f"state.rank{rank}.pt")
+
+
+def save_state(path: Path, state: dict, rank: int = 0) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (STATE_FILE + ".tmp")
+    file = state_file(path, rank)
+    tmp = file.with_name(file.name + ".tmp")
     torch.save(state, tmp)
-    os.replace(tmp, path / STATE_FILE)
+    os.replace(tmp, file)
 
 
-def load_state(path: Path) -> dict:
-    file = path / STATE_FILE
+def load_state(path: Path, rank: int = 0) -> dict:
+    file = state_file(path, rank)
     if not file.exists():
-        raise EraseError(f"--resume {path}: no {STATE_FILE} there (it is written on Ctrl-C or with --save-every)")
+        raise EraseError(f"--resume {path}: no {file.name} there (it is written on Ctrl-C or with --save-every"
+                         + (", by each rank of the same launch" if rank else "") + ")")
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, method, params: dict[str, torch.nn.Parameter], *, generator: torch.Generator,
-                 device: torch.device, autocast_dtype: torch.dtype | None, run_config: dict, state_dir: Path) -> None:
+                 device: torch.device, autocast_dtype: torch.dtype | None, run_config: dict, state_dir: Path,
+                 streams: list[torch.Generator] | None = None, world: World = World()) -> None:
         self.cfg, self.method, self.params = cfg, method, params
         self.generator, self.device, self.autocast_dtype = generator, device, autocast_dtype
+        self.streams, self.world = streams or [generator], world  # this rank's sample streams (erase.engine.distributed)
         self.run_config, self.state_dir = run_config, state_dir
         self.optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
@@ -95,7 +105,7 @@ class Trainer:
 
     # -- resumable state ------------------------------------------------------------
     def state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
+        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state(), "streams": [g.get_state() for g in self.streams]}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
@@ -121,6 +131,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["generator"])
+        for g, g_state in zip(self.streams, state["rng"].get("streams", [])):
+            g.set_state(g_state)
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.method.load_state_dict(state["method"])
@@ -144,7 +156,7 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 # what an interrupted step must roll back to, so that a resumed run stays bit-exact
-                snapshot = (torch.get_rng_state(), self.generator.get_state(), self.method.state_dict())
+                snapshot = (torch.get_rng_state(), self.generator.get_state(), self.method.state_dict(), [g.get_state() for g in self.streams])
                 # forward and backward, term by term where the method has several (the retain term's prompts): each
                 # term's graph is freed by its backward before the next is built
                 terms, value = self._terms(teacher), 0.0
@@ -158,6 +170,9 @@ class Trainer:
                                          "(try a lower --lr, or --precision fp32)")
                     self.scaler.scale(loss).backward()
                     value += loss.item()
+                # data parallel: every rank gets the mean gradient over the ranks (a no-op on one process)
+                average_gradients(self.params.values(), self.world)
+                value = mean_over_ranks(value, self.world)
                 # clip (after unscaling) and update
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.params.values(), cfg.grad_clip)
@@ -176,12 +191,14 @@ class Trainer:
                     on_step(Progress(self.step, value, self.ema_loss, time.perf_counter() - t0))
                 # checkpoint
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                    save_state(self.state_dir, self.state())
+                    save_state(self.state_dir, self.state(), self.world.rank)
         except KeyboardInterrupt:
             self.optimizer.zero_grad(set_to_none=True)
             if snapshot is not None:
                 torch.set_rng_state(snapshot[0])
                 self.generator.set_state(snapshot[1])
                 self.method.load_state_dict(snapshot[2])
-            save_state(self.state_dir, self.state())
+                for g, g_state in zip(self.streams, snapshot[3]):
+                    g.set_state(g_state)
+            save_state(self.state_dir, self.state(), self.world.rank)
             raise Interrupted(f"interrupted at step {self.step}/{cfg.steps}; state saved: resume with --resume {self.state_dir}") from None

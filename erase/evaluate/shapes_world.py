@@ -25,7 +25,7 @@ class Protocol:
     guidance: float = 5.0  # CFG scale
     batch: int = 64
     first_seed: int = 1000
-    templates: tuple[str, ...] = ("a {colour} {shape}",)  # prompt wordings; one without {colour} draws `seeds` per colour too
+    templates: tuple[str, ...] = ("a {colour} {shape}",)  # prompt wordings; one without {colour} draws 6 x `seeds` images too
 
 
 UNSEEN_TEMPLATES = (  # wordings the shapes model never saw in training, for "does it hold on other prompts?"
@@ -36,6 +36,15 @@ UNSEEN_TEMPLATES = (  # wordings the shapes model never saw in training, for "do
 )
 
 
+def protocol_jobs(protocol: Protocol) -> list[tuple[Job, str, str | None, str]]:
+    """(job, shape asked for, colour asked for or None, wording) for every prompted image of the protocol. A wording
+    without {colour} draws `seeds` images per colour as well, each with its own seed (the same prompt and seed six
+    times would be one image counted six times)."""
+    return [(Job(t.format(colour=colour, shape=shape), protocol.first_seed + k + (0 if "{colour}" in t else c * protocol.seeds),
+                 protocol.guidance), shape, colour if "{colour}" in t else None, t)
+            for t in protocol.templates for shape in SHAPES for c, colour in enumerate(COLOURS) for k in range(protocol.seeds)]
+
+
 def measure(model_path: Path, targets: list[str], protocol: Protocol = Protocol(), *, safety: str | None = None,
             safety_concept: str = "", keep_images: int = 0, embeddings: tuple[Path, ...] = ()) -> dict:
     settings = GenSettings(steps=protocol.steps, guidance=protocol.guidance, batch=protocol.batch, device="cpu",
@@ -43,9 +52,7 @@ def measure(model_path: Path, targets: list[str], protocol: Protocol = Protocol(
     gen = ImageGenerator(open_model(model_path), settings)
     detector = ShapesDetector()
     # (job, shape asked for, colour asked for or None, template)
-    asked = [(Job(t.format(colour=colour, shape=shape), protocol.first_seed + k, protocol.guidance), shape,
-              colour if "{colour}" in t else None, t)
-             for t in protocol.templates for shape in SHAPES for colour in COLOURS for k in range(protocol.seeds)]
+    asked = protocol_jobs(protocol)
     jobs = [a[0] for a in asked] + [Job("", protocol.first_seed + k, protocol.guidance) for k in range(protocol.unconditional)]
     labels, kept = [], {}
     for i in range(0, len(jobs), protocol.batch):

@@ -72,6 +72,7 @@ class CAConfig:
 class CA(TrainedMethod):
     """One Concept Ablation loss per call; the anchor samples are its only state."""
 
+    batched = False  # anchors and their noise come from one generator: --batch-size 1, one process
     name = "ca"
 
     @staticmethod

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from erase.engine.params import frozen_copy, swapped_in
-from erase.engine.sampling import harvest, predict
+from erase.engine.sampling import harvest, predict, take
 from erase.errors import UsageError
 from erase.methods.base import TrainedMethod
 from erase.models import Conditioning
@@ -68,7 +68,7 @@ class ESD(TrainedMethod):
         super().__init__(cfg, concepts, **engine)  # unet, scheduler, latent_shape, resolution, generator, device, counter
         self.student = self.student_prompts(cfg, concepts, vocab)
         self.embeddings: dict[str, Conditioning] = {}
-        self.pending: dict[str, list[tuple[torch.Tensor, int]]] = {}  # per prompt: (z_t, trajectory index) not yet trained on
+        self.pending: list[dict[str, list]] = [{} for _ in self.generators]  # per stream, per prompt: (z_t, k) not yet trained on
         self.frozen = frozen_copy(self.trainable)  # the input's values: built before any step
         self.scheduler.set_timesteps(cfg.sample_steps)
 
@@ -86,25 +86,30 @@ class ESD(TrainedMethod):
 
     def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
         c = self.student[step % len(self.student)]
-        if not self.pending.get(c):  # latents are harvested on the step's own prompt, by the input model
+        queues = [self.pending[i].setdefault(c, []) for i in range(len(self.generators))]  # per stream, per prompt
+
+        def refill(streams):  # latents are harvested on the step's own prompt, by the input model
             frozen = lambda: swapped_in(self.trainable, self.frozen)  # noqa: E731
-            self.pending[c] = harvest(self.unet, self.scheduler, self.embeddings[""], self.embeddings[c], guidance=self.cfg.guidance,
-                                      num_steps=self.cfg.sample_steps, reuse=self.cfg.reuse, latent_shape=self.latent_shape,
-                                      resolution=self.resolution, generator=self.generator, device=self.device, teacher=frozen,
-                                      counter=self.counter)
-        z_t, k = self.pending[c].pop(0)
+            return harvest(self.unet, self.scheduler, self.embeddings[""], self.embeddings[c], guidance=self.cfg.guidance,
+                           num_steps=self.cfg.sample_steps, reuse=self.cfg.reuse, latent_shape=self.latent_shape, resolution=self.resolution,
+                           generators=[self.generators[i] for i in streams], device=self.device, teacher=frozen, counter=self.counter)
+
+        z_t, k = take(queues, refill)
+        for i, q in enumerate(queues):
+            self.pending[i][c] = q
+        b = z_t.shape[0]
         t = self.scheduler.timesteps[k].to(self.device)
         with torch.no_grad(), swapped_in(self.trainable, self.frozen):
-            both = predict(self.unet, torch.cat([z_t, z_t]), t, Conditioning.cat([self.embeddings[""], self.embeddings[c]]),
-                           self.resolution, self.counter)
+            both = predict(self.unet, torch.cat([z_t, z_t]), torch.cat([t, t]),
+                           Conditioning.cat([self.embeddings[""].repeat(b), self.embeddings[c].repeat(b)]), self.resolution, self.counter)
             e0, ec = both.float().chunk(2)
             target = e0 - self.cfg.eta * (ec - e0)
-        pred = predict(self.unet, z_t, t, self.embeddings[c], self.resolution, self.counter)
-        self.counter.backward(z_t.shape[0])
-        return F.mse_loss(pred.float(), target), {"k": k, "t": int(t), "c": c}
+        pred = predict(self.unet, z_t, t, self.embeddings[c].repeat(b), self.resolution, self.counter)
+        self.counter.backward(b)
+        return F.mse_loss(pred.float(), target), {"k": k.tolist(), "t": t.tolist(), "c": c}
 
     def state_dict(self) -> dict:
-        return {"pending": {c: [(z.cpu(), k) for z, k in q] for c, q in self.pending.items()}}
+        return {"pending": [{c: [(z.cpu(), k) for z, k in q] for c, q in stream.items()} for stream in self.pending]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.pending = {c: [(z.to(self.device), k) for z, k in q] for c, q in state["pending"].items()}
+        self.pending = [{c: [(z.to(self.device), k) for z, k in q] for c, q in stream.items()} for stream in state["pending"]]

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from erase.engine.params import frozen_copy, swapped_in
-from erase.engine.sampling import beta_weights, harvest, predict
+from erase.engine.sampling import beta_weights, harvest, predict, take
 from erase.errors import UsageError
 from erase.methods.base import TrainedMethod
 from erase.models import Conditioning
@@ -95,7 +95,7 @@ class SDD(TrainedMethod):
         self.pairs = self.student_pairs(cfg, concepts, vocab)
         self.target_prompt = ", ".join(concepts)
         self.embeddings: dict[str, Conditioning] = {}
-        self.pending: list[tuple[torch.Tensor, int]] = []  # (z_t, trajectory index) not yet trained on
+        self.pending: list[list[tuple[torch.Tensor, int]]] = [[] for _ in self.generators]  # per stream: (z_t, k) not yet trained on
         self.frozen = frozen_copy(self.trainable) if cfg.target == "frozen" else None  # the input's: built before any step
         self.scheduler.set_timesteps(cfg.sample_steps)
 
@@ -124,29 +124,28 @@ class SDD(TrainedMethod):
     def student_prompt(self, step: int) -> str:
         return self.pairs[step % len(self.pairs)][0]
 
-    def _harvest(self, teacher) -> None:
-        """Sample one teacher trajectory (the EMA weights, swapped in) and queue `reuse` latents from it."""
-        self.pending = harvest(self.unet, self.scheduler, self.embeddings[""], self.embeddings[self.target_prompt],
-                               guidance=self.cfg.guidance, num_steps=self.cfg.sample_steps, reuse=self.cfg.reuse,
-                               latent_shape=self.latent_shape, resolution=self.resolution, generator=self.generator,
-                               device=self.device, teacher=teacher, counter=self.counter,
-                               weights=beta_weights(self.cfg.sample_steps) if self.cfg.timesteps == "beta" else None)
+    def _harvest(self, teacher, streams: list[int]) -> list[list[tuple[torch.Tensor, int]]]:
+        """One teacher trajectory per stream (the EMA weights, swapped in), batched; `reuse` latents from each."""
+        return harvest(self.unet, self.scheduler, self.embeddings[""], self.embeddings[self.target_prompt],
+                       guidance=self.cfg.guidance, num_steps=self.cfg.sample_steps, reuse=self.cfg.reuse,
+                       latent_shape=self.latent_shape, resolution=self.resolution, generators=[self.generators[i] for i in streams],
+                       device=self.device, teacher=teacher, counter=self.counter,
+                       weights=beta_weights(self.cfg.sample_steps) if self.cfg.timesteps == "beta" else None)
 
     def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
-        if not self.pending:
-            self._harvest(teacher)
-        z_t, k = self.pending.pop(0)
-        t = self.scheduler.timesteps[k].to(self.device)  # the latent's own timestep (reference: a shifted bin)
+        z_t, k = take(self.pending, lambda streams: self._harvest(teacher, streams))  # one latent per stream
+        t = self.scheduler.timesteps[k].to(self.device)  # each latent's own timestep (reference: a shifted bin)
         c_s, without_concept = self.pairs[step % len(self.pairs)]
+        b = z_t.shape[0]
         target_weights = swapped_in(self.trainable, self.frozen) if self.frozen is not None else contextlib.nullcontext()
         with torch.no_grad(), target_weights:
-            target = predict(self.unet, z_t, t, self.embeddings[without_concept], self.resolution, self.counter)
-        pred = predict(self.unet, z_t, t, self.embeddings[c_s], self.resolution, self.counter)
-        self.counter.backward(z_t.shape[0])
-        return F.mse_loss(pred.float(), target.float()), {"k": k, "t": int(t), "c_s": c_s}
+            target = predict(self.unet, z_t, t, self.embeddings[without_concept].repeat(b), self.resolution, self.counter)
+        pred = predict(self.unet, z_t, t, self.embeddings[c_s].repeat(b), self.resolution, self.counter)
+        self.counter.backward(b)
+        return F.mse_loss(pred.float(), target.float()), {"k": k.tolist(), "t": t.tolist(), "c_s": c_s}
 
     def state_dict(self) -> dict:
-        return {"pending": [z.cpu() for z, _ in self.pending], "pending_k": [k for _, k in self.pending]}
+        return {"pending": [[(z.cpu(), k) for z, k in q] for q in self.pending]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.pending = [(z.to(self.device), k) for z, k in zip(state["pending"], state["pending_k"])]
+        self.pending = [[(z.to(self.device), k) for z, k in q] for q in state["pending"]]

@@ -1,0 +1,131 @@
+"""Data parallel for the trained methods, under the launchers people already use.
+
+    accelerate launch --num_processes 4 -m erase run model.safetensors --concepts nudity
+    torchrun --nproc-per-node 4 -m erase run model.safetensors --concepts nudity
+
+Both set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; erase joins the process group they describe
+(NCCL on CUDA, gloo on the CPU) through torch.distributed directly, which is all Accelerate itself does for plain
+data parallel, so Accelerate is not a dependency. Each rank trains `--batch-size` sample streams of its own
+(erase.methods.base.TrainedMethod); after each backward the gradients of the trainable subset are averaged over the
+ranks in one all-reduce, so every rank takes the same AdamW step and keeps the same weights and EMA (checked at the
+end). Rank 0 alone writes the output and the report.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from erase.errors import EraseError
+
+NO_DATA_PARALLEL = "ERASE_NO_DATA_PARALLEL"  # set by `erase run --jobs`: under a launcher its ranks share jobs instead
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def join(device_type: str) -> World:
+    """The launcher's process group (joined once), or a world of one process without a launcher."""
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    if size == 1 or os.environ.get(NO_DATA_PARALLEL):
+        return World()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+
+
+def stream_seed(seed: int, index: int) -> int:
+    """The seed of global sample stream `index` (stream 0 is the run's own generator, seeded with `seed`)."""
+    return (seed * 1_000_003 + index * 7_919) % (2**63)
+
+
+def sample_streams(generator: torch.Generator, seed: int, world: World, batch: int) -> list[torch.Generator]:
+    """This rank's `batch` sample streams: global streams rank*batch ... rank*batch + batch - 1."""
+    streams = []
+    for i in range(batch):
+        index = world.rank * batch + i
+        streams.append(generator if index == 0 else torch.Generator().manual_seed(stream_seed(seed, index)))
+    return streams
+
+
+def average_gradients(params, world: World) -> None:
+    """Every rank's gradients replaced by their mean over the ranks: one all-reduce of one flat buffer."""
+    if world.size == 1:
+        return
+    import torch.distributed as dist
+
+    params = list(params)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world.size
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
+def _device():
+    """Where collectives take their tensors: NCCL needs them on the rank's GPU."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def mean_over_ranks(value: float, world: World) -> float:
+    if world.size == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=_device())
+    dist.all_reduce(t)
+    return float(t) / world.size
+
+
+def check_identical(tensors: dict[str, torch.Tensor], world: World, what: str) -> None:
+    """Fail loudly if the ranks' copies of `tensors` differ in any bit (they must: every rank takes the same steps)."""
+    if world.size == 1:
+        return
+    import torch.distributed as dist
+
+    fingerprint = torch.stack([torch.stack([t.double().sum(), (t.double() * t.double()).sum(), t.double().abs().max()])
+                               for t in tensors.values()]).reshape(-1).to(_device())
+    gathered = [torch.zeros_like(fingerprint) for _ in range(world.size)]
+    dist.all_gather(gathered, fingerprint)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise EraseError(f"data parallel: the ranks' {what} differ; refusing to write an output")
+
+
+def same_on_every_rank(value: int, world: World) -> bool:
+    if world.size == 1:
+        return True
+    import torch.distributed as dist
+
+    gathered = [None] * world.size
+    dist.all_gather_object(gathered, value)
+    return all(v == gathered[0] for v in gathered)
+
+
+def leave(world: World) -> None:
+    """Wait for every rank (rank 0 has written the output), then close the group: a process that exits while a peer
+    still holds the connection can abort the peer (seen with gloo)."""
+    if world.size == 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,95 @@
+"""`--batch-size` and data parallel under a launcher (torchrun here; accelerate launch sets the same variables).
+
+Two processes of batch 1 train on the same sample streams as one process of batch 2, so they must end at the same
+weights. Not bit for bit: a batch of two goes through other float reductions than two batches of one, and AdamW's
+normalised steps carry such differences forward; the tolerance below is 1% of what training moved the weights, and
+batch 1 on one process (other samples) differs by about 100%.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from erase.cli import app
+
+runner = CliRunner()
+ARGS = ["--concepts", "cat", "--steps", "4", "--sample-steps", "4", "--reuse", "2", "--preserve", '""', "--resolution", "32",
+        "--device", "cpu", "--lr", "1e-2"]
+LAUNCHED = Path(__file__).with_name("launched.py")
+
+
+def _launch(model, out, *extra, stop_at=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **({"STOP_AT": str(stop_at)} if stop_at else {})}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(LAUNCHED),
+                           "run", str(model), *ARGS, "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=600)
+
+
+def _attn2(path):
+    return {k: v.double() for k, v in load_file(str(path)).items() if "attn2" in k}
+
+
+def _distance(a, b):
+    return sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt().item()
+
+
+@pytest.fixture(scope="module")
+def single(tiny_sd1, tmp_path_factory):
+    """One process: batch 2 and batch 1."""
+    folder = tmp_path_factory.mktemp("single")
+    for b in (1, 2):
+        r = runner.invoke(app, ["run", str(tiny_sd1), *ARGS, "--batch-size", str(b), "--out", str(folder / f"b{b}.safetensors")])
+        assert r.exit_code == 0, r.output
+    return folder
+
+
+def test_batch_size_trains_more_samples_per_step_and_reports_them(single, tiny_sd1):
+    b1, b2 = (json.loads((single / f"b{b}.report.json").read_text()) for b in (1, 2))
+    assert (b2["effective_batch"], b2["batch_per_rank"], b2["world_size"]) == (2, 2, 1)
+    assert 1.8 < b2["unet_evals_per_step"] / b1["unet_evals_per_step"] < 2.4  # twice the samples, about twice the UNet work
+    assert b2["config"]["lr_rule"].startswith("none") and b2["lr"] == 1e-2
+    base = _attn2(tiny_sd1)
+    assert _distance(_attn2(single / "b1.safetensors"), _attn2(single / "b2.safetensors")) > 0.3 * _distance(base, _attn2(single / "b2.safetensors"))
+
+
+def test_scale_lr_multiplies_the_rate_by_the_effective_batch(tiny_sd1, tmp_path):
+    r = runner.invoke(app, ["run", str(tiny_sd1), *ARGS, "--steps", "1", "--batch-size", "2", "--scale-lr", "--out", str(tmp_path / "s.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "s.report.json").read_text())["lr"] == 2e-2
+
+
+@pytest.mark.parametrize("method", ["ca", "uce"])
+def test_methods_without_batches_refuse_a_batch_size(tiny_sd1, tmp_path, method):
+    extra = ["--anchor", "dog"] if method == "ca" else []
+    r = runner.invoke(app, ["run", str(tiny_sd1), "--concepts", "cat", "--method", method, *extra, "--batch-size", "2", "--out", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 2 and "batch-size" in r.output and not (tmp_path / "x.safetensors").exists()
+
+
+def test_two_processes_train_like_one_process_with_batch_two(single, tiny_sd1, tmp_path):
+    p = _launch(tiny_sd1, tmp_path / "dp.safetensors")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("wrote ") == 1  # rank 0 alone reports and writes
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["dp.report.json", "dp.safetensors"]
+    report = json.loads((tmp_path / "dp.report.json").read_text())
+    assert (report["world_size"], report["batch_per_rank"], report["effective_batch"]) == (2, 1, 2)
+    base, dp, b2 = _attn2(tiny_sd1), _attn2(tmp_path / "dp.safetensors"), _attn2(single / "b2.safetensors")
+    assert _distance(dp, b2) < 0.01 * _distance(base, b2)
+
+
+def test_an_interrupted_launch_resumes_where_it_stopped(tiny_sd1, tmp_path):
+    full = _launch(tiny_sd1, tmp_path / "full.safetensors")
+    assert full.returncode == 0, full.stderr
+    part = _launch(tiny_sd1, tmp_path / "part.safetensors", stop_at=2)  # Ctrl-C on every rank after step 2
+    assert part.returncode != 0 and not (tmp_path / "part.safetensors").exists()
+    state = tmp_path / "part.resume"
+    assert sorted(f.name for f in state.iterdir()) == ["state.pt", "state.rank1.pt"]  # each rank's own draws and queues
+    resumed = _launch(tiny_sd1, tmp_path / "part.safetensors", "--resume", str(state))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    a, b = load_file(str(tmp_path / "full.safetensors")), load_file(str(tmp_path / "part.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same processes, same batches: bit for bit on the CPU

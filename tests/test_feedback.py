@@ -28,7 +28,7 @@ TOKEN = "<flagged>"
 def collection(tiny_sd1, tmp_path_factory):
     out = tmp_path_factory.mktemp("fb") / "coll"
     r = runner.invoke(app, ["feedback", "collect", str(tiny_sd1), "--concept", "cat", "--out", str(out), "--n", "4", "-p", "a cat",
-                            "-p", "a photo of a cat", "--steps", "2", "--device", "cpu", "--batch", "3"])
+                            "-p", "a photo of a cat", "--steps", "2", "--device", "cpu", "--batch", "3", "--size", "32"])
     assert r.exit_code == 0, r.output
     return out
 
@@ -182,7 +182,7 @@ def test_generate_with_an_embedding_draws_the_token_and_says_so(tiny_sd1, tmp_pa
     save_embedding(Embedding(TOKEN, [torch.randn(1, 32) * 3]), emb)
     images = {}
     for label, extra in (("with", ["--embedding", str(emb)]), ("without", [])):
-        r = runner.invoke(app, ["generate", str(tiny_sd1), "-p", f"a {TOKEN}", "--steps", "2", "--out", str(tmp_path / label), "--device", "cpu", *extra])
+        r = runner.invoke(app, ["generate", str(tiny_sd1), "-p", f"a {TOKEN}", "--steps", "2", "--size", "32", "--out", str(tmp_path / label), "--device", "cpu", *extra])
         assert r.exit_code == 0, r.output
         images[label] = next((tmp_path / label).rglob("*.png"))
     assert "TI hashes" in Image.open(images["with"]).text["parameters"]

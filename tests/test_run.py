@@ -157,6 +157,7 @@ RESUMED = {  # name -> run options
     "esd": dict(method="esd", method_config={"sample_steps": 4, "reuse": 2}, preserve="auto:2"),
     # two sample streams per step: each stream's generator, queues and retain prompts come back from the state
     "batch 2": dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="auto:2", batch_size=2),
+    "esd batch 2": dict(method="esd", method_config={"sample_steps": 4, "reuse": 2}, preserve="dog", batch_size=2),
     # two concepts with an anchor each; the anchor samples must come back from the resume state, not be redrawn
     "ca": dict(method="ca", concepts=("circle", "star"), method_config={"anchor": "square, cross", "anchor_samples": 3, "sample_steps": 3}),
 }

@@ -158,9 +158,10 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
         opts.preserve_file = Path(saved["preserve_file"]) if saved.get("preserve_file") else None
         opts.preserve_weight, opts.preserve_per_step = saved.get("preserve_weight", 1.0), saved.get("preserve_per_step", 1)
         opts.embeddings = [Path(e["path"]) for e in saved.get("embeddings", [])]
-        if (saved.get("world_size", 1), saved.get("batch_per_rank", 1)) != (world.size, opts.batch_size):
-            raise UsageError(f"--resume {opts.resume}: that run trained {saved.get('batch_per_rank', 1)} samples per step on each of "
-                             f"{saved.get('world_size', 1)} processes; resume it with the same --batch-size and number of processes")
+        opts.batch_size = saved.get("batch_per_rank", 1)
+        if saved.get("world_size", 1) != world.size:
+            raise UsageError(f"--resume {opts.resume}: that run trained on {saved.get('world_size', 1)} process(es), this one has "
+                             f"{world.size}; resume it under the same launch")
 
     model = open_model(opts.model, opts.prediction_type)
     out = check_output_path(opts.model, opts.out or default_output(opts.model), force=opts.force)

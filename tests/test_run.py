@@ -184,7 +184,7 @@ def test_resume_is_bit_exact(tiny_sd1, tmp_path, monkeypatch, name):
         _run(tiny_sd1, tmp_path / "part.safetensors", train=TrainConfig(steps=6, lr=1e-3), **cfg)
     assert not (tmp_path / "part.safetensors").exists()
     monkeypatch.setattr(trainer_mod.Trainer, "train", real_train)
-    same = {k: cfg[k] for k in ("method", "concepts", "batch_size") if k in cfg}  # what a resumed run must name again; the rest comes from the state
+    same = {k: cfg[k] for k in ("method", "concepts") if k in cfg}  # --batch-size too comes from the state  # what a resumed run must name again; the rest comes from the state
     resumed = _run(tiny_sd1, tmp_path / "part.safetensors", train=TrainConfig(steps=6), resume=tmp_path / "part.resume", **same)
     assert resumed["resumed_from_step"] == 3
     a, b = open_checkpoint(tmp_path / "full.safetensors"), open_checkpoint(tmp_path / "part.safetensors")

@@ -521,7 +521,8 @@ def _print_evaluation(report: dict, out: Path) -> None:
             shapes.add_column(label)
         for shape in results[-1][1]["shape_accuracy"]:
             shapes.add_row(shape, *(f"{r['shape_accuracy'].get(shape, 0):.3f}" for _, r in results))
-        shapes.add_row("colour fidelity", *(f"{r['colour_accuracy']:.3f}" for _, r in results))
+        # None when no prompt names a colour
+        shapes.add_row("colour fidelity", *("-" if r["colour_accuracy"] is None else f"{r['colour_accuracy']:.3f}" for _, r in results))
         console.print(shapes)
     pres = report["preservation"]
     if "ssim_mean" in pres:

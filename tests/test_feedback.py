@@ -206,3 +206,16 @@ def test_sdd_with_beta_timesteps_trains_where_beta_puts_its_mass(tiny_sd1, tmp_p
     assert json.loads(out.with_name("b.report.json").read_text())["config"]["method_config"]["timesteps"] == "beta"
     r = runner.invoke(app, ["run", str(tiny_sd1), "--method", "uce", "--concepts", "cat", "--timesteps", "beta", "--out", str(tmp_path / "u.safetensors")])
     assert r.exit_code == 2 and "--timesteps does not apply to --method uce" in r.output
+
+
+def test_evaluate_with_an_embedding_uses_the_token_and_records_the_file(tiny_sd1, tmp_path):
+    emb = tmp_path / "tok.safetensors"
+    save_embedding(Embedding(TOKEN, [torch.randn(1, 32) * 3]), emb)
+    (tmp_path / "prompts.txt").write_text(f"a {TOKEN}\n")
+    r = runner.invoke(app, ["evaluate", str(tiny_sd1), "--embedding", str(emb), "--detector", "shapes", "--target", "circle",
+                            "--prompts", str(tmp_path / "prompts.txt"), "--n", "2", "--steps", "2", "--size", "32", "--device", "cpu",
+                            "--out", str(tmp_path / "eval")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["settings"]["embeddings"] == [str(emb)]
+    assert "TI hashes" in Image.open(next((tmp_path / "eval" / "erased").glob("*.png"))).text["parameters"]

@@ -124,7 +124,7 @@ def evaluate(opts: EvalOptions, progress=None) -> dict:
         "base": str(opts.base) if opts.base else None, "base_sha256": sha256_file(opts.base) if opts.base else None,
         "detector": opts.detector, "threshold": detector.threshold, "targets": targets,
         "prompts": opts.prompts, "category": opts.category, "n": opts.n, "seed": opts.seed, "jobs": len(jobs),
-        "settings": {k: v for k, v in vars(opts.settings).items() if k != "sld"},
+        "settings": {k: [str(p) for p in v] if k == "embeddings" else v for k, v in vars(opts.settings).items() if k != "sld"},
         "erased": results["erased"], "versions": versions(), "truncated_prompts": long,
         "images": {label: [str(p.relative_to(opts.out)) for p in paths] for label, paths in images.items()},
     }

@@ -16,6 +16,7 @@ SLD (Safe Latent Diffusion, Schramowski et al., CVPR 2023, arXiv 2211.05105), no
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,14 +206,25 @@ def parameters_text(job: Job, settings: GenSettings, size: int, model_path: Path
     fields = [f"Steps: {settings.steps}", f"Sampler: {SCHEDULERS[settings.scheduler][2]}", f"CFG scale: {job.guidance:g}",
               f"Seed: {job.seed}", f"Size: {size}x{size}", f"Model hash: {model_hash[:10]}", f"Model: {model_path.stem}"]
     if settings.embeddings:  # A1111 records the embeddings a prompt used the same way
-        from erase.checkpoint.write import sha256_file
-        from erase.embeddings import load_embedding
-
-        fields.append('TI hashes: "' + ", ".join(f"{load_embedding(p).token}: {sha256_file(p)[:12]}" for p in settings.embeddings) + '"')
+        fields.append('TI hashes: "' + ", ".join(_ti_hash(Path(p)) for p in settings.embeddings) + '"')
     if settings.sld_config is not None:
         fields.append(f"Safety: {settings.safety or 'sld-custom'} ({settings.safety_concept[:60]})")
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+def _ti_hash(path: Path) -> str:
+    """"token: sha256[:12]" of an embedding file, read and hashed once per file version (this runs for every image)."""
+    st = path.stat()
+    return _ti_hash_of(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _ti_hash_of(path: str, mtime_ns: int, size: int) -> str:
+    from erase.checkpoint.write import sha256_file
+    from erase.embeddings import load_embedding
+
+    return f"{load_embedding(Path(path)).token}: {sha256_file(Path(path))[:12]}"
 
 
 def apply_delta(unet, model: Model, delta_path: Path) -> None:

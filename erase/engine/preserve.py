@@ -179,8 +179,6 @@ class Retain:
                                generators=[self.generators[i] for i in streams], device=self.device, teacher=teacher, counter=self.counter)
 
             z, k = take(queues, refill)
-            for i, (p, q) in enumerate(zip(prompts, queues)):
-                self.pending[i][p] = q
             t = self.scheduler.timesteps[k].to(self.device)
             cond = Conditioning.cat([self.embeddings[p] for p in prompts])
             with torch.no_grad(), swapped_in(self.trainable, self.frozen):

@@ -100,10 +100,11 @@ def beta_weights(num_steps: int) -> torch.Tensor:
 
 def take(pending: list[list[tuple[torch.Tensor, int]]], refill) -> tuple[torch.Tensor, torch.Tensor]:
     """One latent from each stream's queue, as a batch (z (B, C, h, w), k (B,)). The streams whose queue is empty are
-    refilled together first: `refill(indices)` returns their new queues (one batched `harvest`)."""
+    refilled together first: `refill(indices)` returns their new latents (one batched `harvest`). Queues are refilled
+    in place, so a queue that also sits in a dict (per prompt) stays the one the dict holds."""
     empty = [i for i, q in enumerate(pending) if not q]
     if empty:
         for i, fresh in zip(empty, refill(empty)):
-            pending[i] = fresh
+            pending[i].extend(fresh)
     items = [q.pop(0) for q in pending]
     return torch.cat([z for z, _ in items]), torch.tensor([k for _, k in items])

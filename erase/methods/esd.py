@@ -95,8 +95,6 @@ class ESD(TrainedMethod):
                            generators=[self.generators[i] for i in streams], device=self.device, teacher=frozen, counter=self.counter)
 
         z_t, k = take(queues, refill)
-        for i, q in enumerate(queues):
-            self.pending[i][c] = q
         b = z_t.shape[0]
         t = self.scheduler.timesteps[k].to(self.device)
         with torch.no_grad(), swapped_in(self.trainable, self.frozen):

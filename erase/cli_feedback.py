@@ -36,7 +36,7 @@ def collect(
     negative: Annotated[str, typer.Option(help="Negative prompt.")] = "",
     batch: Annotated[int, typer.Option(help="Images per UNet batch.")] = 4,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when available.")] = Device.auto,
-    precision: Annotated[Precision, typer.Option(help="auto = bf16 on CUDA, fp32 on the CPU.")] = Precision.auto,
+    precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU.")] = Precision.auto,
 ) -> None:
     """Draw images of a concept with the model to be cleaned, with a manifest that regenerates each one."""
     from rich.progress import Progress
@@ -132,7 +132,9 @@ def invert(
     top: Annotated[Optional[int], typer.Option(help="Learn from only the N images with the highest reward.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for image, timestep and noise draws.")] = 0,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when available.")] = Device.auto,
-    precision: Annotated[Precision, typer.Option(help="auto = bf16 on CUDA, fp32 on the CPU.")] = Precision.auto,
+    precision: Annotated[Precision, typer.Option(help="auto = bf16 autocast on GPUs with native bf16, fp16 autocast with loss scaling on "
+                                                 "older GPUs, fp32 on the CPU; the token trains in fp32.")] = Precision.auto,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory in the UNet backward.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT.")] = False,
 ) -> None:
     """Condense the labels into one learned token (reward-weighted textual inversion); erase it with `erase run --embedding`."""
@@ -142,7 +144,8 @@ def invert(
     from erase.feedback.invert import invert as run_invert
 
     cfg = InvertConfig(token=token, init=init, steps=steps, lr=lr, batch=batch, timesteps=timesteps, template=template, labels=labels,
-                       top=top, seed=seed, device=device.value, precision=precision.value)
+                       top=top, seed=seed, device=device.value, precision=precision.value,
+                       gradient_checkpointing=gradient_checkpointing)
     columns = [TextColumn("[bold]inverting"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("invert", total=steps, loss="-")

@@ -17,6 +17,7 @@ SLD (Safe Latent Diffusion, Schramowski et al., CVPR 2023, arXiv 2211.05105), no
 from __future__ import annotations
 
 import functools
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,7 +160,7 @@ class ImageGenerator:
         # each image's noise comes from its own seed, so batching changes an image only by float reduction order (a few pixels)
         x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(j.seed)) for j in jobs])
         sched.set_timesteps(s.steps)
-        x = (x * sched.init_noise_sigma).to(self.device, self.dtype)
+        x = (x * sched.init_noise_sigma).to(self.device)  # latents stay fp32 between steps; only the UNet's input is cast
         b = len(jobs)
         conds = [self._encode([j.negative for j in jobs]), self._encode([j.prompt for j in jobs])]
         if sld is not None:
@@ -169,13 +170,13 @@ class ImageGenerator:
         state: dict = {}
         gen = torch.Generator().manual_seed(jobs[0].seed)  # only ancestral samplers draw from it
         for i, t in enumerate(sched.timesteps):
-            x_in = sched.scale_model_input(x, t)
+            x_in = sched.scale_model_input(x, t).to(self.dtype)
             out = self.unet(torch.cat([x_in] * len(conds)), t, **unet_kwargs(cond, self.size)).sample.float()
             parts = out.chunk(len(conds))
             e_s = parts[2] if sld is not None else None
             pred = sld_guidance(parts[0], parts[1], e_s, scale_g, i, sld, state)
             extra = {"generator": gen} if "generator" in sched.step.__code__.co_varnames else {}
-            x = sched.step(pred, t, x.float(), **extra).prev_sample.to(self.dtype)
+            x = sched.step(pred, t, x, **extra).prev_sample
         return x
 
     @torch.no_grad()
@@ -309,18 +310,19 @@ def run_generate(models: list[Path], specs, settings: GenSettings, *, out: Path,
     jobs = jobs_for(specs, settings, n=n, seed=seed)
     labels = _labels(models)
     folders, files, long = [], [], {}
-    for path, label in zip(models, labels):
+    for index, (path, label) in enumerate(zip(models, labels)):
         model = open_model(path, prediction_type)
         long.update(truncated_prompts(model.family, job_prompts(jobs, settings)))
-        gen = ImageGenerator(model, settings, delta=delta)
+        gen = ImageGenerator(model, settings, delta=delta if index == 0 else None)  # --delta belongs to MODEL, not to --compare
         model_hash = sha256_file(path)
         folder = out / label
         folder.mkdir(exist_ok=True)
-        names = []
+        names: list[str] = []
 
-        def save(job, image, names=names, folder=folder, gen=gen, model_hash=model_hash):
+        def save(job, image, names=names, folder=folder, size=gen.size, model_path=model.path, model_hash=model_hash):
+            # holds no reference to `gen`: the next model must not load while this one is still alive
             name = image_name(len(names), job)
-            save_png(image, folder / name, gen.parameters_text(job, model_hash))
+            save_png(image, folder / name, parameters_text(job, settings, size, model_path, model_hash))
             names.append(name)
             if progress:
                 progress()
@@ -328,7 +330,10 @@ def run_generate(models: list[Path], specs, settings: GenSettings, *, out: Path,
         gen.generate(jobs, on_image=save)
         folders.append(folder)
         files.append(names)
-        del gen
+        del gen, save
+        gc.collect()  # one model in memory at a time: free this one's UNet and VAE before the next loads
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     grids = []
     if len(models) > 1:
         for i, job in enumerate(jobs):

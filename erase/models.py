@@ -231,14 +231,23 @@ class Model:
         raw = self.ckpt.get_many([k for k in self.ckpt.tensors if k.startswith(LDM_UNET)])
         return convert_ldm_unet_checkpoint(raw, self.unet_config)
 
-    def load_unet(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def load_unet(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, fp32=None):
+        """The UNet in `dtype` on `device`, frozen. `fp32(name)` picks parameters kept in fp32 whatever `dtype` is: the
+        trainable subset's master weights, taken from the file's own tensors (a copy made after a cast to bf16 would
+        carry bf16's rounding into every trained tensor, even at lr 0)."""
         from diffusers import UNet2DConditionModel
 
         _quiet_diffusers()
         with torch.device("meta"):  # no random init: every weight comes from the file
             unet = UNet2DConditionModel.from_config(self.unet_config)
         _assign(unet, self.unet_state_dict(), "UNet")
-        return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        # own copies: the loaded tensors may share memory with the opened file's
+        masters = {n: p.detach().to(device, torch.float32, copy=True) for n, p in unet.named_parameters() if fp32 and fp32(n)}
+        unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        for n, p in unet.named_parameters():
+            if n in masters:
+                p.data = masters[n]
+        return unet
 
     def load_text_encoder(self, embeddings=()) -> TextEncoder:
         """The family's tokenizers and encoders; `embeddings` (paths of textual-inversion files) add their tokens."""

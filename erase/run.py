@@ -22,8 +22,8 @@ from erase import __version__
 from erase.checkpoint.extras import ema_drop
 from erase.checkpoint.write import check_output_path, provenance, sha256_file, write_checkpoint
 from erase.engine.device import enable_fast_math, peak_memory, reset_peak_memory, resolve_device, resolve_precision
-from erase.engine.distributed import World, check_identical, join, leave, same_on_every_rank, sample_streams
-from erase.engine.params import TRAIN_SETS, select_trainable
+from erase.engine.distributed import World, check_identical, from_main, join, launcher_note, leave, same_on_every_rank, sample_streams
+from erase.engine.params import TRAIN_SETS, select_trainable, selects
 from erase.engine.preserve import PreserveSpec, Retain, WithRetain, parse_preserve, preserved_prompts, resolve
 from erase.engine.sampling import EvalCounter
 from erase.engine.trainer import TrainConfig, Trainer, load_state
@@ -144,6 +144,8 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
     world = join(resolve_device(opts.device).type)
     if not world.main:
         console = Console(quiet=True)
+    if (note := launcher_note()) is not None:
+        console.print(f"[yellow]warning:[/] {note}", highlight=False)
     state = load_state(opts.resume, world.rank) if opts.resume else None
     if state is not None:  # a resumed run continues the saved configuration; only --steps may grow
         saved = state["run_config"]
@@ -212,6 +214,7 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
         "config": result.config,
         "preserve": result.preserve,  # what was held to the input model and how it was chosen
         "versions": versions(),
+        "threads": torch.get_num_threads(),  # CPU threads (erase.engine.threads)
         **result.report,
         "wall_seconds": time.perf_counter() - t_start,
         "truncated_prompts": result.truncated,  # prompt -> token count, for prompts the text encoder cut at 77 tokens
@@ -242,6 +245,9 @@ class _Run:
         self.opts, self.model, self.method_cls, self.method_cfg, self.out = opts, model, method_cls, method_cfg, out
         self.spec, self.vocab, self.console, self.state, self.progress = spec, vocab, console, state, progress
         self.world = world
+        self.device = resolve_device(opts.device)  # where the text encoder (and the UNet, for trained methods) runs
+        if world.size > 1 and self.device.type == "cuda":  # one GPU per rank (erase.engine.distributed.join set it current)
+            self.device = torch.device("cuda", torch.cuda.current_device())
 
     def _warn_truncated(self, prompts: list[str]) -> dict[str, int]:
         long = truncated_prompts(self.model.family, prompts)
@@ -249,10 +255,9 @@ class _Run:
             self.console.print(f"[yellow]warning:[/] {note}", highlight=False)
         return long
 
-    @staticmethod
-    def _embedder(text):
-        """prompts (, length) -> embeddings (B, length, D); SD's 77 tokens unless a method asks for fewer."""
-        return lambda prompts, length=MAX_TOKENS: text.encode(prompts, length=length).embeds
+    def _embedder(self, text):
+        """prompts (, length) -> embeddings (B, length, D) on --device; SD's 77 tokens unless a method asks for fewer."""
+        return lambda prompts, length=MAX_TOKENS: text.encode(prompts, device=self.device, length=length).embeds
 
     def _embedding_record(self) -> list[dict]:
         """Which learned tokens the concepts could use: the file and its hash, so the erasure can be traced to its labels."""
@@ -288,7 +293,7 @@ class ClosedForm(_Run):
                   "preserve_option": self.opts.preserve, "vocabulary": self.opts.vocabulary, "embeddings": self._embedding_record()}
         n = sum(w.numel() for w in new.values())
         report = {"solve": info, "edited": {"tensors": len(new), "parameters": n}, "seconds": time.perf_counter() - t0,
-                  "unet_evals_per_step": 0.0, "peak_memory": peak_memory(torch.device("cpu"))}
+                  "device": str(self.device), "unet_evals_per_step": 0.0, "peak_memory": peak_memory(self.device)}
         return Erasure(new, config, record, report, long)
 
 
@@ -299,30 +304,30 @@ class Training(_Run):
         opts, model = self.opts, self.model
         world = self.world
         state_dir = opts.resume or self.out.with_name(self.out.stem + ".resume")
-        device = resolve_device(opts.device)
-        if world.size > 1 and device.type == "cuda":  # one GPU per rank
-            device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
-            torch.cuda.set_device(device)
+        device = self.device
         frozen_dtype, autocast_dtype, precision_label = resolve_precision(opts.precision, device)
-        enable_fast_math(device)
+        enable_fast_math(device, autocast_dtype)
         reset_peak_memory(device)
         resolution = opts.resolution or model.default_resolution
         factor = model.latent_factor
         if resolution % factor:
             raise UsageError(f"--resolution must be a multiple of {factor} for this model's VAE")
 
-        # Text: encode every prompt once, then free the encoder before the UNet is loaded.
-        text = model.load_text_encoder(opts.embeddings)
-        preserve, record = self._preserve(text)
-        prompts = self.method_cls.prompts_for(self.method_cfg, opts.concepts, self.vocab)
-        kept = preserved_prompts(preserve, self.vocab, expand_concepts=getattr(self.method_cfg, "expand", False))
+        # Text: encode every prompt once on --device, then free the encoder before the UNet is loaded. Under a launcher
+        # rank 0 alone chooses and encodes, and the others receive its result.
+        if world.main:
+            text = model.load_text_encoder(opts.embeddings)
+            preserve, record = self._preserve(text)
+            prompts = self.method_cls.prompts_for(self.method_cfg, opts.concepts, self.vocab)
+            kept = preserved_prompts(preserve, self.vocab, expand_concepts=getattr(self.method_cfg, "expand", False))
+            prompts = list(dict.fromkeys(prompts + kept))
+            long = self._warn_truncated(prompts)
+            encoded = text.encode(prompts, device=device).to("cpu")  # one batch for every prompt, fp32
+            del text
+            gc.collect()
+        record, kept, prompts, long, encoded = from_main((record, kept, prompts, long, encoded) if world.main else None, world)
         if kept and opts.preserve_per_step < 1:
             raise UsageError("--preserve-per-step must be >= 1")
-        prompts = list(dict.fromkeys(prompts + kept))
-        long = self._warn_truncated(prompts)
-        encoded = text.encode(prompts)  # one batch for every prompt, fp32
-        del text
-        gc.collect()
         generator = torch.Generator().manual_seed(opts.train.seed)
         streams = sample_streams(generator, opts.train.seed, world, opts.batch_size)
         effective_batch = opts.batch_size * world.size
@@ -332,15 +337,13 @@ class Training(_Run):
         latent_shape = (1, model.unet_config["in_channels"], resolution // factor, resolution // factor)
         scheduler = model.scheduler("DDIMScheduler")
 
-        # UNet: one copy on the device; frozen weights in the compute dtype, trainables in fp32.
-        unet = model.load_unet(dtype=frozen_dtype, device=device)
+        # UNet: one copy on the device; frozen weights in the compute dtype, trainables in fp32 from the file's own tensors.
+        unet = model.load_unet(dtype=frozen_dtype, device=device, fp32=lambda name: selects(name, opts.train_set))
         attention = _configure_attention(unet, opts, device)
         if opts.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
         params = select_trainable(unet, opts.train_set)
-        for p in params.values():  # own fp32 copies: the loaded weights may share memory with the opened file's tensors
-            p.data = p.data.to(torch.float32, copy=True)
         method = self.method_cls(self.method_cfg, opts.concepts, unet=unet, scheduler=scheduler, latent_shape=latent_shape,
                                  resolution=resolution, generator=generator, device=device, counter=counter, vocab=self.vocab,
                                  generators=streams)

@@ -1,4 +1,5 @@
-"""`erase` as a launcher starts it on each rank, with Ctrl-C simulated at step STOP_AT on every rank (tests only)."""
+"""`erase` as a launcher starts it on each rank, with Ctrl-C simulated at step STOP_AT on every rank, or a NaN loss at
+step NAN_AT on rank NAN_RANK only (tests only)."""
 
 import os
 import sys
@@ -21,6 +22,19 @@ if os.environ.get("STOP_AT"):
         return real_train(self, hook)
 
     trainer_mod.Trainer.train = interrupted
+
+if os.environ.get("NAN_AT"):
+    from erase.methods.sdd import SDD
+
+    real_loss, nan_at, nan_rank = SDD.loss, int(os.environ["NAN_AT"]), int(os.environ["NAN_RANK"])
+
+    def poisoned(self, step, teacher):
+        loss, info = real_loss(self, step, teacher)
+        if step == nan_at and int(os.environ["RANK"]) == nan_rank:
+            loss = loss * float("nan")
+        return loss, info
+
+    SDD.loss = poisoned
 
 from erase.cli import app  # noqa: E402
 

@@ -150,6 +150,23 @@ def test_invert_learns_only_the_new_token_from_the_flagged_images(collection, ti
     assert not torch.equal(plain.encode(["a cat"]).embeds, taught.encode([f"a {TOKEN}"]).embeds)
 
 
+def test_invert_runs_on_the_shared_trainer_under_bf16_with_checkpointing(collection, tiny_sd1, tmp_path):
+    # the same loop as the erasures: autocast regions, fp32 token, gradient checkpointing; the loss matches fp32's
+    _, rows = read_collection(collection)
+    _label(collection, {r["image"]: i < 2 for i, r in enumerate(rows)})
+    reports = {}
+    for precision, extra in (("fp32", []), ("bf16", ["--gradient-checkpointing"])):
+        out = tmp_path / f"{precision}.safetensors"
+        r = runner.invoke(app, ["feedback", "invert", str(collection), str(tiny_sd1), "--out", str(out), "--token", TOKEN, "--steps", "2",
+                                "--lr", "0.05", "--device", "cpu", "--precision", precision, *extra])
+        assert r.exit_code == 0, r.output
+        reports[precision] = json.loads(out.with_name(f"{precision}.report.json").read_text())
+        assert load_embedding(out).vectors[0].dtype == torch.float32
+    assert reports["bf16"]["precision"].startswith("bf16 autocast") and reports["bf16"]["relative_change_from_init"][0] > 0
+    first = [reports[p]["loss_curve"][0][1] for p in ("fp32", "bf16")]
+    assert first[1] == pytest.approx(first[0], rel=0.05)
+
+
 def test_invert_without_any_flagged_image_is_one_clear_error(tiny_sd1, tmp_path, collection):
     import shutil
 

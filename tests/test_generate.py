@@ -122,3 +122,39 @@ def test_delta_in_memory_equals_merged_file(tiny_sd1, tmp_path):
     base = ImageGenerator(open_model(tiny_sd1), settings).latents([Job("a cat", 1, 7.5)])
     assert torch.allclose(merged, in_memory, atol=1e-5)
     assert not torch.allclose(base, merged, atol=1e-5)
+
+
+def test_compare_holds_one_model_at_a_time_and_applies_delta_to_model_only(tiny_sd1, tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    from rich.console import Console
+
+    import erase.generate as generate
+    from erase.engine.trainer import TrainConfig
+    from erase.run import RunOptions, erase_concepts
+
+    out, delta = tmp_path / "o.safetensors", tmp_path / "d.safetensors"
+    erase_concepts(RunOptions(model=tiny_sd1, concepts=["cat"], out=out, delta=delta, train=TrainConfig(steps=2, lr=1e-2), preserve="none",
+                              method_config={"sample_steps": 3}, resolution=32, device="cpu"), Console(quiet=True), progress=False)
+    alive, deltas = [], []
+    real_init = generate.ImageGenerator.__init__
+
+    def init(self, model, settings, *, delta=None):
+        gc.collect()
+        assert all(ref() is None for ref in alive), "the previous model is still in memory"
+        alive.append(weakref.ref(self))
+        deltas.append(delta)
+        real_init(self, model, settings, delta=delta)
+
+    monkeypatch.setattr(generate.ImageGenerator, "__init__", init)
+    _gen(tiny_sd1, "--compare", str(tiny_sd1), "--delta", str(delta), "--prompt", "a cat", "--out", str(tmp_path / "g"))
+    assert deltas == [delta, None]  # MODEL gets the delta, the compared model is drawn as it is
+    first, second = (sorted((tmp_path / "g" / d).glob("*.png"))[0] for d in sorted(p.name for p in (tmp_path / "g").iterdir() if p.is_dir()))
+    assert first.read_bytes() != second.read_bytes()
+
+
+def test_bf16_keeps_latents_in_fp32_between_steps(tiny_sd1):
+    settings = GenSettings(steps=3, size=32, device="cpu", precision="bf16")
+    x = ImageGenerator(open_model(tiny_sd1), settings).latents([Job("a cat", 1, 7.5)])
+    assert x.dtype == torch.float32 and not torch.equal(x, x.to(torch.bfloat16).float())  # not bf16-rounded

@@ -1,17 +1,12 @@
 """Preservation: --preserve parsing, the automatic choice of neighbours, the retain term, and `none` = the reference."""
 
-import hashlib
 from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
 
-from erase.checkpoint.formats import open_checkpoint
 from erase.engine.preserve import PreserveSpec, Retain, nearest_concepts, parse_preserve, preserved_prompts
-from erase.engine.trainer import TrainConfig
 from erase.errors import UsageError
-from erase.run import RunOptions, erase_concepts
 from erase.vocabulary import expand, load_vocabulary, without
 
 SHAPES_MODEL = Path(__file__).resolve().parent.parent / "examples" / "shapes" / "shapes-sd.safetensors"
@@ -76,12 +71,10 @@ def _retain(tiny_sd1, weight=2.0):
 
 
 def test_retain_term_is_zero_for_the_input_model_and_measures_drift_from_it(tiny_sd1):
-    import contextlib
-
     from erase.engine.sampling import EvalCounter, predict
 
     retain, params, unet = _retain(tiny_sd1)
-    assert retain.loss(contextlib.nullcontext).item() == 0.0  # the student is still the input model
+    assert retain.loss(None).item() == 0.0  # the student is still the input model
     frozen = {n: p.detach().clone() for n, p in params.items()}
     with torch.no_grad():  # the student moves away from the input model
         for p in params.values():
@@ -89,7 +82,7 @@ def test_retain_term_is_zero_for_the_input_model_and_measures_drift_from_it(tiny
     moved = {n: p.detach().clone() for n, p in params.items()}
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     retain.current, retain.pending = [["a dog"]], [{"a dog": [(z, 1)]}]  # stream 0: one queued latent at t_1 for the slot's prompt
-    got = retain.loss(contextlib.nullcontext)
+    got = retain.loss(None)
     assert all(torch.equal(q, moved[n]) for n, q in params.items())  # the student's weights are back in place
     assert all(torch.equal(retain.frozen[n], frozen[n]) for n in frozen)  # and the frozen copy is the input's
     t = retain.scheduler.timesteps[1]
@@ -100,30 +93,6 @@ def test_retain_term_is_zero_for_the_input_model_and_measures_drift_from_it(tiny
         original = predict(unet, z, t, retain.embeddings["a dog"], 16, EvalCounter())
     assert got.item() == pytest.approx(2.0 * torch.nn.functional.mse_loss(student, original).item(), rel=1e-5)
     assert got.item() > 0
-
-
-def _attn2_digest(path) -> str:
-    ckpt = open_checkpoint(path)
-    h = hashlib.sha256()
-    for k in sorted(k for k in ckpt.keys() if ".attn2." in k):
-        h.update(k.encode())
-        h.update(ckpt.get(k).numpy().tobytes())
-    return h.hexdigest()
-
-
-def test_preserve_none_is_the_reference_sdd_bit_for_bit(tiny_sd1, tmp_path):
-    """`--preserve none` runs SDD as it was before preservation existed. The digest is that run's output, recorded with
-    the pre-preservation code (commit 5395879) on this project's CPU build of torch 2.13.0, one thread: another torch
-    build or CPU may round differently; re-record only after checking that nothing but rounding changed."""
-    report = erase_concepts(RunOptions(model=tiny_sd1, concepts=["nudity", "violence"], out=tmp_path / "o.safetensors",
-                                       train=TrainConfig(steps=6, lr=1e-3), method_config={"sample_steps": 4, "reuse": 2},
-                                       resolution=32, device="cpu", preserve="none"), Console(quiet=True), progress=False)
-    assert report["preserve"]["concepts"] == [] and report["config"]["preserved_prompts"] == 0
-    assert 4 <= report["unet_evals_per_step"] <= 4 + 2 * 3  # the teacher and the student only: no retain evaluations
-    assert _attn2_digest(tmp_path / "o.safetensors") == REFERENCE_DIGEST
-
-
-REFERENCE_DIGEST = "35d975bf5f465573cd39132defe630f1bfbc5f14dcc4264c7c283aa35deff033"
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])

@@ -68,11 +68,20 @@ def test_ema_update_matches_formula():
     ema = EMA(p, 0.9)
     with torch.no_grad():
         p["w"].copy_(torch.tensor([3.0, 4.0]))
-    ema.update(p)
+    ema.update()
     assert torch.allclose(ema.shadow["w"], 0.9 * torch.tensor([1.0, 2.0]) + 0.1 * torch.tensor([3.0, 4.0]))
-    with ema.swapped_in(p):
-        assert torch.allclose(p["w"].data, torch.tensor([1.2, 2.2]))
-    assert torch.equal(p["w"].data, torch.tensor([3.0, 4.0]))
+    assert ema.teacher() is ema.shadow  # the teacher forward names the averaged weights
+    assert torch.equal(p["w"].data, torch.tensor([3.0, 4.0]))  # the parameters themselves are untouched
+
+
+def test_ema_at_decay_0_keeps_no_copy_and_is_the_parameters():
+    p = {"w": torch.nn.Parameter(torch.tensor([1.0, 2.0]))}
+    ema = EMA(p, 0.0)
+    with torch.no_grad():
+        p["w"].copy_(torch.tensor([3.0, 4.0]))
+    ema.update()
+    assert ema.teacher() is None  # the UNet's own parameters
+    assert torch.equal(ema.shadow["w"], torch.tensor([3.0, 4.0])) and ema.shadow["w"].data_ptr() == p["w"].data_ptr()
 
 
 def test_iterative_mode_cycles_student_prompt():
@@ -251,6 +260,19 @@ def test_cli_run_end_to_end_with_config_file(tiny_sd1, tmp_path):
 def test_cli_run_usage_errors(tiny_sd1, args, code, message):
     r = runner.invoke(app, ["run", str(tiny_sd1), *args])
     assert r.exit_code == code and message in r.output
+
+
+def test_concepts_file_takes_one_concept_per_line_commas_included(tiny_sd1, tmp_path):
+    f = tmp_path / "concepts.txt"
+    f.write_text("a man, shirtless\n\nviolence\n")
+    out = tmp_path / "o.safetensors"
+    r = runner.invoke(app, ["run", str(tiny_sd1), "--concepts", "cat", "--concepts-file", str(f), "--method", "uce", "--preserve", "none",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(open_checkpoint(out).metadata["erase.concepts"]) == ["cat", "a man, shirtless", "violence"]
+    (tmp_path / "empty.txt").write_text("\n")
+    r = runner.invoke(app, ["run", str(tiny_sd1), "--concepts-file", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "e.safetensors")])
+    assert r.exit_code == 2 and "names no concept" in r.output
 
 
 def test_cli_run_refuses_to_overwrite(tiny_sd1, tmp_path):

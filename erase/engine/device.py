@@ -22,31 +22,45 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 in hardware (Ampere, compute capability 8.0, and newer).
+    `torch.cuda.is_bf16_supported()` also says yes on T4 / V100, where bf16 is emulated: no tensor cores, no flash
+    attention, slower than fp16."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None, str]:
     """(dtype of the frozen weights, autocast dtype or None, label).
 
-    `auto` = bf16 autocast with bf16 frozen weights on CUDA (fp16 where bf16 is unsupported),
-    fp32 on the CPU. Trainable parameters always keep fp32 master weights.
+    `auto` = bf16 autocast on GPUs with native bf16, fp16 autocast with loss scaling (the trainer's GradScaler) on older
+    ones, fp32 on the CPU. Trainable parameters always keep fp32 master weights.
     """
     if name not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{name}'")
     if name == "auto":
         if device.type != "cuda":
             return torch.float32, None, "fp32"
-        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        name = "bf16" if native_bf16(device) else "fp16"
     if name == "fp32":
         return torch.float32, None, "fp32"
     if name == "fp16" and device.type == "cpu":
         raise UsageError("--precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
     dtype = torch.bfloat16 if name == "bf16" else torch.float16
-    return dtype, dtype, f"{name} autocast, fp32 master weights for trainable parameters"
+    scaling = ", loss scaling" if dtype == torch.float16 else ""
+    return dtype, dtype, f"{name} autocast{scaling}, fp32 master weights for trainable parameters"
 
 
-def enable_fast_math(device: torch.device) -> None:
-    """TF32 matmuls on Ampere and newer (no effect elsewhere)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+def enable_fast_math(device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
+    """TF32 for the fp32 matmuls and convolutions left under mixed precision (Ampere and newer); never under
+    `--precision fp32`, which promises fp32 arithmetic. Returns whether TF32 is on."""
+    tf32 = device.type == "cuda" and autocast_dtype is not None
+    if device.type != "cuda":
+        return False
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9 replaced allow_tf32 with this
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    return tf32
 
 
 def peak_memory(device: torch.device) -> dict:

@@ -41,9 +41,23 @@ def join(device_type: str) -> World:
         return World()
     import torch.distributed as dist
 
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0)))
+    if device_type == "cuda":  # before the group: NCCL binds each rank to the current device (else all share cuda:0)
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return World(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def launcher_note(environ=os.environ) -> str | None:
+    """A warning when a launcher asked for several processes but this is the only one. `accelerate launch --cpu
+    --num_processes N` needs MPI for N CPU processes; without it Accelerate starts one plain process (it sets
+    MASTER_ADDR for the group it meant to start, but no WORLD_SIZE), which would train alone without a word."""
+    if int(environ.get("WORLD_SIZE", 1)) > 1 or "ACCELERATE_USE_CPU" not in environ or "MASTER_ADDR" not in environ:
+        return None
+    return ("accelerate launch started one process: on a CPU, Accelerate needs MPI for several. Training on this process alone; for "
+            "N processes use `accelerate launch --multi_gpu --num_processes N -m erase ...` (gloo ranks on a CPU too) or "
+            "`torchrun --nproc-per-node N -m erase ...`")
 
 
 def stream_seed(seed: int, index: int) -> int:
@@ -85,14 +99,28 @@ def _device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def mean_over_ranks(value: float, world: World) -> float:
+def values_on_ranks(value: float, world: World) -> list[float]:
+    """Every rank's `value`, in rank order, on every rank (one all-gather): the step's loss, so that a non-finite loss on
+    any rank stops every rank at the same step."""
+    if world.size == 1:
+        return [value]
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=_device())
+    gathered = [torch.zeros_like(t) for _ in range(world.size)]
+    dist.all_gather(gathered, t)
+    return [float(g) for g in gathered]
+
+
+def from_main(value, world: World):
+    """Rank 0's `value` on every rank (pickled: for small results computed once, like the encoded prompts)."""
     if world.size == 1:
         return value
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64, device=_device())
-    dist.all_reduce(t)
-    return float(t) / world.size
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def check_identical(tensors: dict[str, torch.Tensor], world: World, what: str) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from erase.errors import UsageError
@@ -17,7 +15,8 @@ TRAIN_SETS = {
 }
 
 
-def _selected(name: str, which: str) -> bool:
+def selects(name: str, which: str) -> bool:
+    """Whether the trainable set `which` holds the UNet parameter `name` (diffusers name)."""
     if which == "full":
         return True
     if which == "noxattn":
@@ -35,7 +34,7 @@ def select_trainable(unet: torch.nn.Module, which: str) -> dict[str, torch.nn.Pa
         raise UsageError(f"--train must be one of {', '.join(TRAIN_SETS)}, not '{which}'")
     chosen = {}
     for name, p in unet.named_parameters():
-        keep = _selected(name, which)
+        keep = selects(name, which)
         p.requires_grad_(keep)
         if keep:
             chosen[name] = p
@@ -50,18 +49,7 @@ def trained_params(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def frozen_copy(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-    """A detached copy of `params`. Taken before any step (and before a resume loads trained weights), it holds the
-    input model's values: the frozen target, swapped in with `swapped_in`."""
+    """A detached fp32 copy of `params`. Taken before any step (and before a resume loads trained weights), it holds the
+    input model's values: the frozen target, which forwards name by passing it as their `weights`
+    (erase.engine.sampling.predict), never by swapping it into the UNet."""
     return {n: p.detach().clone() for n, p in params.items()}
-
-
-@contextlib.contextmanager
-def swapped_in(params: dict[str, torch.nn.Parameter], store: dict[str, torch.Tensor]):
-    """Give `params` the tensors in `store` for the duration (zero-copy storage swap), then swap back."""
-    for n, p in params.items():
-        p.data, store[n] = store[n], p.data
-    try:
-        yield
-    finally:
-        for n, p in params.items():
-            p.data, store[n] = store[n], p.data

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from erase.engine.params import frozen_copy, swapped_in, trained_params
+from erase.engine.params import frozen_copy, trained_params
 from erase.errors import UsageError
 from erase.models import MAX_TOKENS, Conditioning
 from erase.vocabulary import Vocabulary, expand, token_span
@@ -128,7 +128,7 @@ class Retain:
 
         gamma * mean_p || eps_theta(z_p, t_p, p) - eps_theta0(z_p, t_p, p) ||^2
 
-    theta0 is a frozen copy of the trainable subset (swapped in for one no-grad call: no second UNet) and z_p comes
+    theta0 is a frozen copy of the trainable subset (named in one no-grad call: no second UNet) and z_p comes
     from the teacher's own trajectories on p (erase.engine.sampling.harvest, `reuse` latents per trajectory, as the
     method's latents do). Each of the `per_step` slots holds one preserved prompt, drawn at random, until its
     trajectory's latents are used up: so each slot costs about what the method's own teacher costs (a fresh prompt
@@ -181,8 +181,8 @@ class Retain:
             z, k = take(queues, refill)
             t = self.scheduler.timesteps[k].to(self.device)
             cond = Conditioning.cat([self.embeddings[p] for p in prompts])
-            with torch.no_grad(), swapped_in(self.trainable, self.frozen):
-                want = predict(self.unet, z, t, cond, self.resolution, self.counter)
+            with torch.no_grad():
+                want = predict(self.unet, z, t, cond, self.resolution, self.counter, weights=self.frozen)
             got = predict(self.unet, z, t, cond, self.resolution, self.counter)
             self.counter.backward(z.shape[0])
             yield self.weight * torch.nn.functional.mse_loss(got.float(), want.float()) / self.per_step

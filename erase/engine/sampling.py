@@ -6,6 +6,13 @@ Notation (DDIM, Song et al. 2021; CFG, Ho & Salimans 2022):
   eps~     `guided` = eps(z, "") + w * (eps(z, c) - eps(z, ""))   (or v, for v-prediction models)
   z_{i+1}  `scheduler.step(guided, t_i, z).prev_sample` with eta = 0 (deterministic)
 After i steps the latent sits at timestep t_i, which is where SDD trains on it.
+
+Whose weights: every function takes `weights`, a dict of tensors by diffusers parameter name (the EMA teacher, the
+frozen input copy) that the forward uses instead of the UNet's own (`torch.func.functional_call`); None = the UNet's
+own parameters. Naming the weights, rather than swapping `p.data` in and out, is what keeps mixed precision right:
+autocast caches its low-precision copy of each fp32 parameter that requires grad, keyed by the tensor object, for
+the whole autocast region (even under no_grad), so a forward after a `.data` swap silently reused the previous
+weights. Tensors passed by name do not require grad and are never cached: each forward casts the weights it names.
 """
 
 from __future__ import annotations
@@ -28,26 +35,34 @@ class EvalCounter:
         self.total += 2 * batch
 
 
-def predict(unet, z: torch.Tensor, t, cond: Conditioning, resolution: int, counter: EvalCounter | None = None) -> torch.Tensor:
-    """The UNet's raw output (eps or v) for latents `z` (B, C, h, w) at timestep `t`."""
+Weights = dict[str, torch.Tensor] | None  # parameters by diffusers name, used in place of the UNet's own; None: its own
+
+
+def predict(unet, z: torch.Tensor, t, cond: Conditioning, resolution: int, counter: EvalCounter | None = None,
+            weights: Weights = None) -> torch.Tensor:
+    """The UNet's raw output (eps or v) for latents `z` (B, C, h, w) at timestep `t`, with `weights` in place of the
+    UNet's own parameters of those names (the rest are the UNet's)."""
     if counter is not None:
         counter.forward(z.shape[0])
-    return unet(z, t, **unet_kwargs(cond, resolution)).sample
+    if weights is None:
+        return unet(z, t, **unet_kwargs(cond, resolution)).sample
+    return torch.func.functional_call(unet, weights, (z, t), unet_kwargs(cond, resolution), tie_weights=False).sample  # no tied weights in a UNet
 
 
 def guided(unet, z: torch.Tensor, t, uncond: Conditioning, cond: Conditioning, scale: float, resolution: int,
-           counter: EvalCounter | None = None) -> torch.Tensor:
+           counter: EvalCounter | None = None, weights: Weights = None) -> torch.Tensor:
     """Classifier-free guidance, unconditional and conditional in one batch: (B, C, h, w)."""
     b = z.shape[0]
     both = Conditioning.cat([uncond, cond])
-    out = predict(unet, torch.cat([z, z]), t, both, resolution, counter)
+    out = predict(unet, torch.cat([z, z]), t, both, resolution, counter, weights)
     out_uncond, out_cond = out[:b], out[b:]
     return out_uncond + scale * (out_cond - out_uncond)
 
 
 @torch.no_grad()
 def ddim_trajectory(unet, scheduler, z: torch.Tensor, uncond: Conditioning, cond: Conditioning, *, scale: float,
-                    num_steps: int, keep: list[int], resolution: int, counter: EvalCounter | None = None) -> dict[int, torch.Tensor]:
+                    num_steps: int, keep: list[int], resolution: int, counter: EvalCounter | None = None,
+                    weights: Weights = None) -> dict[int, torch.Tensor]:
     """Run DDIM (eta 0) from z_T and return {i: z after i steps} for each i in `keep`.
 
     Stops as soon as the last wanted latent is reached: index k costs k guided steps
@@ -62,32 +77,31 @@ def ddim_trajectory(unet, scheduler, z: torch.Tensor, uncond: Conditioning, cond
             out[i] = z.clone()
         if i == last:
             break
-        eps = guided(unet, z, t, uncond, cond, scale, resolution, counter)
+        eps = guided(unet, z, t, uncond, cond, scale, resolution, counter, weights)
         z = scheduler.step(eps.float(), t, z.float()).prev_sample.to(z.dtype)
     return out
 
 
 def harvest(unet, scheduler, uncond: Conditioning, cond: Conditioning, *, guidance: float, num_steps: int, reuse: int,
-            latent_shape: tuple[int, ...], resolution: int, generators: list[torch.Generator], device, teacher,
-            counter: EvalCounter | None = None, weights: torch.Tensor | None = None) -> list[list[tuple[torch.Tensor, int]]]:
+            latent_shape: tuple[int, ...], resolution: int, generators: list[torch.Generator], device, teacher: Weights,
+            counter: EvalCounter | None = None, pick_weights: torch.Tensor | None = None) -> list[list[tuple[torch.Tensor, int]]]:
     """Sample one teacher trajectory per generator (one sample stream each), all in one batch, and return each
     stream's `reuse` latents as [(z_k (1, C, h, w), k), ...] with k ~ U{0..K-1} without repeats (or drawn with
-    `weights` over 0..K-1). `cond` holds one row per stream (or one row for all). Each stream draws its picks and
+    `pick_weights` over 0..K-1). `cond` holds one row per stream (or one row for all). Each stream draws its picks and
     then its noise from its own generator, so a stream's latents do not depend on which streams share its batch
-    (up to float reduction order). `teacher()` swaps the teacher's weights in for the no-grad trajectory."""
+    (up to float reduction order). `teacher` names the weights the no-grad trajectory runs with (None: the UNet's own)."""
     picks, noise = [], []
     for g in generators:
-        if weights is None:
+        if pick_weights is None:
             picks.append(torch.randperm(num_steps, generator=g)[:reuse].tolist())
         else:
-            picks.append(torch.multinomial(weights, reuse, replacement=False, generator=g).tolist())
+            picks.append(torch.multinomial(pick_weights, reuse, replacement=False, generator=g).tolist())
         noise.append(torch.randn(latent_shape, generator=g))
     z_T = torch.cat(noise).to(device)
     b = len(generators)
     uncond, cond = (c if c.embeds.shape[0] == b else c.repeat(b) for c in (uncond, cond))
-    with teacher():
-        latents = ddim_trajectory(unet, scheduler, z_T, uncond, cond, scale=guidance, num_steps=num_steps,
-                                  keep=sorted({k for p in picks for k in p}), resolution=resolution, counter=counter)
+    latents = ddim_trajectory(unet, scheduler, z_T, uncond, cond, scale=guidance, num_steps=num_steps,
+                              keep=sorted({k for p in picks for k in p}), resolution=resolution, counter=counter, weights=teacher)
     return [[(latents[k][i : i + 1], k) for k in p] for i, p in enumerate(picks)]
 
 

@@ -2,23 +2,24 @@
 
 One loop, read top to bottom: forward and backward -> NaN guard -> clip and update ->
 EMA -> logging -> checkpoint -> termination. A method supplies `loss(step, teacher)`;
-`teacher()` is a context manager that swaps the EMA weights into the UNet (the SDD
-teacher) so that only one UNet ever sits in memory.
+`teacher` is the EMA's weights by name (the SDD teacher), which the method's no-grad forwards
+pass to `functional_call` (erase.engine.sampling.predict), so only one UNet ever sits in memory
+and no forward depends on what autocast cached before it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-from erase.engine.distributed import World, average_gradients, mean_over_ranks
-from erase.engine.params import swapped_in
+from erase.engine.distributed import World, average_gradients, values_on_ranks
 from erase.errors import EraseError
 
 STATE_FILE = "state.pt"
@@ -31,7 +32,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (reference)
     adam_eps: float = 1e-8  # AdamW epsilon (reference)
     weight_decay: float = 1e-4  # AdamW weight decay (reference)
-    grad_clip: float = 1.0  # max global grad norm, applied after unscaling (reference)
+    grad_clip: float = 1.0  # max global grad norm, applied after unscaling (reference); inf: no clipping
     ema_decay: float = 0.999  # EMA <- decay * EMA + (1 - decay) * student after every step (reference); the EMA is written
     seed: int = 42  # seeds every random draw of the run (reference 42)
     log_every: int = 10  # loss-curve sampling interval for the report
@@ -43,20 +44,28 @@ class Interrupted(EraseError):
 
 
 class EMA:
-    """Exponential moving average of the trainable parameters, kept in fp32."""
+    """Exponential moving average of the trainable parameters, kept in fp32 (the parameters' own master dtype).
+
+    At decay 0 the average is the parameters themselves: no copy is kept (ESD-u on SD 1.5 would hold 3.4 GB for
+    nothing), and `shadow` is a detached view of the live parameters."""
 
     def __init__(self, params: dict[str, torch.nn.Parameter], decay: float) -> None:
-        self.decay = decay
-        self.shadow = {n: p.detach().clone().float() for n, p in params.items()}
+        self.decay, self.params = decay, params
+        self._copy = {n: p.detach().clone().float() for n, p in params.items()} if decay > 0 else None
+
+    @property
+    def shadow(self) -> dict[str, torch.Tensor]:
+        """The averaged weights by name: what gets written, and the SDD teacher."""
+        return self._copy if self._copy is not None else {n: p.detach() for n, p in self.params.items()}
 
     @torch.no_grad()
-    def update(self, params: dict[str, torch.nn.Parameter]) -> None:
-        for n, p in params.items():
-            self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)  # s = d*s + (1-d)*p
+    def update(self) -> None:
+        if self._copy is not None:  # s = d*s + (1-d)*p, every tensor in one foreach kernel
+            torch._foreach_lerp_(list(self._copy.values()), [p.detach() for p in self.params.values()], 1.0 - self.decay)
 
-    def swapped_in(self, params: dict[str, torch.nn.Parameter]):
-        """Temporarily give the UNet the EMA weights (zero-copy storage swap)."""
-        return swapped_in(params, self.shadow)
+    def teacher(self) -> dict[str, torch.Tensor] | None:
+        """The weights a teacher forward names; None at decay 0, where the teacher is the UNet's own parameters."""
+        return self._copy
 
 
 @dataclass
@@ -86,6 +95,17 @@ def load_state(path: Path, rank: int = 0) -> dict:
         raise EraseError(f"--resume {path}: no {file.name} there (it is written on Ctrl-C or with --save-every"
                          + (", by each rank of the same launch" if rank else "") + ")")
     return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def each_under_autocast(terms: Iterator[torch.Tensor], device_type: str, dtype: torch.dtype | None) -> Iterator[torch.Tensor]:
+    """Each loss term's forward in an autocast region of its own (none when `dtype` is None); the caller runs its
+    backward outside, as autocast asks. The region's weight cache lives no longer than one term."""
+    while True:
+        with torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext():
+            loss = next(terms, None)
+        if loss is None:
+            return
+        yield loss
 
 
 class Trainer:
@@ -126,7 +146,8 @@ class Trainer:
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(state["params"][n])
-                self.ema.shadow[n].copy_(state["ema"][n])
+                if self.ema._copy is not None:
+                    self.ema._copy[n].copy_(state["ema"][n])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -148,9 +169,6 @@ class Trainer:
 
     def train(self, on_step: Callable[[Progress], None] | None = None) -> None:
         cfg = self.cfg
-        teacher = lambda: self.ema.swapped_in(self.params)  # noqa: E731
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                    else contextlib.nullcontext())
         t0 = time.perf_counter()
         snapshot = None
         try:
@@ -159,28 +177,29 @@ class Trainer:
                 snapshot = (torch.get_rng_state(), self.generator.get_state(), self.method.state_dict(), [g.get_state() for g in self.streams])
                 # forward and backward, term by term where the method has several (the retain term's prompts): each
                 # term's graph is freed by its backward before the next is built
-                terms, value = self._terms(teacher), 0.0
-                while True:
-                    with autocast:  # the term's forward under autocast, its backward outside
-                        loss = next(terms, None)
-                    if loss is None:
-                        break
-                    if not torch.isfinite(loss):
-                        raise EraseError(f"loss became {loss.item()} at step {self.step}: stopping without writing an output "
-                                         "(try a lower --lr, or --precision fp32)")
+                total = torch.zeros((), device=self.device)
+                for loss in each_under_autocast(self._terms(self.ema.teacher()), self.device.type, self.autocast_dtype):
                     self.scaler.scale(loss).backward()
-                    value += loss.item()
+                    total += loss.detach().float()  # no host sync per term: the step's one sync is below
                 # data parallel: every rank gets the mean gradient over the ranks (a no-op on one process)
                 average_gradients(self.params.values(), self.world)
-                value = mean_over_ranks(value, self.world)
+                # NaN guard, on every rank's loss at once: a rank alone with a NaN would leave the others waiting
+                losses = values_on_ranks(float(total), self.world)
+                bad = [r for r, v in enumerate(losses) if not math.isfinite(v)]
+                if bad:
+                    where = f" on rank {bad[0]}" if self.world.size > 1 else ""
+                    raise EraseError(f"loss became {losses[bad[0]]} at step {self.step}{where}: stopping without writing an output "
+                                     "(try a lower --lr, or --precision fp32)")
+                value = sum(losses) / len(losses)
                 # clip (after unscaling) and update
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.params.values(), cfg.grad_clip)
+                if math.isfinite(cfg.grad_clip):
+                    torch.nn.utils.clip_grad_norm_(self.params.values(), cfg.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 # EMA of the trainable subset: this is what gets written
-                self.ema.update(self.params)
+                self.ema.update()
                 # logging
                 self.ema_loss = value if self.ema_loss is None else 0.95 * self.ema_loss + 0.05 * value
                 self.step += 1
@@ -200,5 +219,7 @@ class Trainer:
                 self.method.load_state_dict(snapshot[2])
                 for g, g_state in zip(self.streams, snapshot[3]):
                     g.set_state(g_state)
+            if self.state_dir is None:  # a run that cannot resume (textual inversion): nothing is kept
+                raise Interrupted(f"interrupted at step {self.step}/{cfg.steps}; nothing written") from None
             save_state(self.state_dir, self.state(), self.world.rank)
             raise Interrupted(f"interrupted at step {self.step}/{cfg.steps}; state saved: resume with --resume {self.state_dir}") from None

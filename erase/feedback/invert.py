@@ -10,11 +10,14 @@ Notation (HFI, Kim et al. 2024, Sec. 3; textual inversion, Gal et al. 2022):
 Only v* is trained: the UNet, the VAE and every other row of the token table are frozen. Each step draws `batch`
 images with probability r_i / sum r (an unbiased estimate of the weighted loss that spends no compute on images
 with reward 0) and t uniformly from the 1000 training timesteps or, with `timesteps = "beta"`, t/1000 ~ Beta(3, 3).
+The loop is the erasures' own trainer (erase.engine.trainer): the same autocast regions, loss scaling under fp16,
+NaN guard and gradient checkpointing, with the token as its only trainable parameter (no EMA, no clipping).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +51,7 @@ class InvertConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    gradient_checkpointing: bool = False  # recompute the UNet's activations in the backward (SDXL at 1024 px)
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch < 1:
@@ -104,11 +108,47 @@ def encode_images(vae, paths: list[Path], device, batch: int = 8) -> torch.Tenso
     return torch.cat(latents)
 
 
+class TokenLoss:
+    """The reward-weighted denoising loss of the token, one batch per call, for the shared trainer."""
+
+    def __init__(self, unet, scheduler, text, z0: torch.Tensor, prompts: list[str], rewards: list[float], *, batch: int, timesteps: str,
+                 v_prediction: bool, resolution: int, device, dtype, generator: torch.Generator) -> None:
+        self.unet, self.text, self.z0, self.prompts = unet, text, z0, prompts
+        self.batch, self.v_prediction, self.resolution, self.device, self.dtype = batch, v_prediction, resolution, device, dtype
+        self.weights = torch.tensor(rewards, dtype=torch.float64)
+        T = scheduler.config.num_train_timesteps
+        self.t_weights = beta_weights(T) if timesteps == "beta" else torch.ones(T)
+        self.alphas = scheduler.alphas_cumprod.to(device)
+        self.generator = generator
+
+    def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
+        from erase.models import unet_kwargs
+
+        gen = self.generator
+        pick = torch.multinomial(self.weights, self.batch, replacement=True, generator=gen)  # images by reward
+        t = torch.multinomial(self.t_weights, self.batch, replacement=True, generator=gen)
+        z0 = self.z0[pick]
+        noise = torch.randn(z0.shape, generator=gen).to(self.device)
+        a = self.alphas[t.to(self.device)].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * z0 if self.v_prediction else noise
+        cond = self.text.forward([self.prompts[i] for i in pick.tolist()], self.device).to(self.device, self.dtype)
+        pred = self.unet(z_t.to(self.dtype), t.to(self.device), **unet_kwargs(cond, self.resolution)).sample
+        return F.mse_loss(pred.float(), target.float()), {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, force: bool = False, progress=None) -> dict:
     """Learn the token from `folder`'s labels on `model_path`; write `out` (A1111 / diffusers embedding) and a report."""
     from erase.checkpoint.write import sha256_file
     from erase.embeddings import add_embeddings
-    from erase.models import open_model, unet_kwargs
+    from erase.engine.trainer import TrainConfig, Trainer
+    from erase.models import open_model
 
     cfg.validate()
     if out.exists() and not force:
@@ -123,7 +163,7 @@ def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, forc
     model = open_model(model_path)
     model_sha = sha256_file(model_path)
     device = resolve_device(cfg.device)
-    dtype, _, precision = resolve_precision(cfg.precision, device)
+    dtype, autocast_dtype, precision = resolve_precision(cfg.precision, device)
     size = {Image.open(folder / IMAGES / r["image"]).size for r in images}
     if len(size) != 1 or next(iter(size))[0] % model.latent_factor:
         raise UsageError(f"the labelled images must share one size that is a multiple of {model.latent_factor} (found {sorted(size)})")
@@ -148,31 +188,19 @@ def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, forc
         enc.to(device)
         vectors.append(vec)
     unet = model.load_unet(dtype=dtype, device=device)
-    scheduler = model.scheduler("DDPMScheduler")
-    T = scheduler.config.num_train_timesteps
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()
     prompts = [training_prompt(r["prompt"], concept, token, cfg.template) for r in images]
-    weights = torch.tensor([r["reward"] for r in images], dtype=torch.float64)
-    t_weights = beta_weights(T) if cfg.timesteps == "beta" else torch.ones(T)
-    alphas = scheduler.alphas_cumprod.to(device)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(vectors, lr=cfg.lr, weight_decay=0.0)
-    curve, t0 = [], time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        pick = torch.multinomial(weights, cfg.batch, replacement=True, generator=gen)
-        t = torch.multinomial(t_weights, cfg.batch, replacement=True, generator=gen)
-        noise = torch.randn(z0[pick].shape, generator=gen).to(device)
-        a = alphas[t.to(device)].view(-1, 1, 1, 1)
-        z_t = a.sqrt() * z0[pick] + (1 - a).sqrt() * noise
-        target = noise if model.family.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z0[pick]
-        cond = text.forward([prompts[i] for i in pick.tolist()], device).to(device, dtype)
-        pred = unet(z_t.to(dtype), t.to(device), **unet_kwargs(cond, resolution)).sample
-        loss = F.mse_loss(pred.float(), target.float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        curve.append([step, round(loss.item(), 6)])
-        if progress:
-            progress(step, loss.item())
+    loss = TokenLoss(unet, model.scheduler("DDPMScheduler"), text, z0, prompts, [r["reward"] for r in images], batch=cfg.batch,
+                     timesteps=cfg.timesteps, v_prediction=model.family.prediction_type != "epsilon", resolution=resolution,
+                     device=device, dtype=dtype, generator=torch.Generator().manual_seed(cfg.seed))
+    train = TrainConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=0.0, grad_clip=math.inf, ema_decay=0.0, seed=cfg.seed, log_every=1)
+    trainer = Trainer(train, loss, {f"token.{i}": v for i, v in enumerate(vectors)}, generator=loss.generator, device=device,
+                      autocast_dtype=autocast_dtype, run_config={}, state_dir=None)
+    t0 = time.perf_counter()
+    trainer.train((lambda p: progress(p.step, p.loss)) if progress else None)
+    curve = [[step, round(value, 6)] for step, value, _ in trainer.curve]
     seconds = time.perf_counter() - t0
     learned = [v.detach().cpu().float().unsqueeze(0) for v in vectors]
     moved = [float((v - v0.cpu()).norm() / v0.norm()) for v, v0 in zip(learned, init_vectors)]
@@ -184,9 +212,10 @@ def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, forc
     report = {"output": str(out), "token": token, "init": init, "concept": concept, "collection": str(folder), "labels": kind,
               "labels_sha256": labels_sha, "model": str(model_path), "model_sha256": model_sha,
               "same_model_as_collection": model_sha == info.get("model_sha256"), "images_used": len(images),
-              "images_in_collection": info.get("images"), "reward_sum": float(weights.sum()),
+              "images_in_collection": info.get("images"), "reward_sum": float(loss.weights.sum()),
               "top_images": [{"image": r["image"], "prompt": r["prompt"], "reward": r["reward"]} for r in images[:10]],
               "config": asdict(cfg), "device": str(device), "precision": precision, "seconds": seconds,
+              "weights": ("trained token in fp32; UNet and text encoder frozen in " + str(dtype).removeprefix("torch.")),
               "seconds_per_step": seconds / cfg.steps, "relative_change_from_init": moved, "loss_curve": curve,
               "final_loss_mean_last_50": float(np.mean([c[1] for c in curve[-50:]]))}
     report_path = out.with_name(out.name.removesuffix(".safetensors") + ".report.json")

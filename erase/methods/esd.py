@@ -3,7 +3,7 @@ arXiv 2303.07345).
 
 Notation (paper -> code):
   c          the concept: one per step, cycled ("iterative"; with `expand`, each concept's prompts in turn)
-  theta*     the frozen input weights of the trainable subset (`self.frozen`, swapped in: no second UNet)
+  theta*     the frozen input weights of the trainable subset (`self.frozen`, passed by name: no second UNet)
   eta        `eta`, the negative-guidance scale (1.0 in the paper's code, 2.0 in the authors' newer script)
   z_t        a latent from a DDIM trajectory of the frozen model with CFG 3 on c, stopped at a random step
              (as the authors' newer script samples; their first script sampled with the model being trained)
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from erase.engine.params import frozen_copy, swapped_in
-from erase.engine.sampling import harvest, predict, take
+from erase.engine.params import frozen_copy
+from erase.engine.sampling import Weights, harvest, predict, take
 from erase.errors import UsageError
 from erase.methods.base import TrainedMethod
 from erase.models import Conditioning
@@ -84,22 +84,22 @@ class ESD(TrainedMethod):
     def prompts_for(cls, cfg: ESDConfig, concepts: list[str], vocab: Vocabulary | None = None) -> list[str]:
         return list(dict.fromkeys(["", *cls.student_prompts(cfg, concepts, vocab)]))
 
-    def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
+    def loss(self, step: int, teacher: Weights) -> tuple[torch.Tensor, dict]:
         c = self.student[step % len(self.student)]
         queues = [self.pending[i].setdefault(c, []) for i in range(len(self.generators))]  # per stream, per prompt
 
-        def refill(streams):  # latents are harvested on the step's own prompt, by the input model
-            frozen = lambda: swapped_in(self.trainable, self.frozen)  # noqa: E731
+        def refill(streams):  # latents are harvested on the step's own prompt, by the input model (not the EMA teacher)
             return harvest(self.unet, self.scheduler, self.embeddings[""], self.embeddings[c], guidance=self.cfg.guidance,
                            num_steps=self.cfg.sample_steps, reuse=self.cfg.reuse, latent_shape=self.latent_shape, resolution=self.resolution,
-                           generators=[self.generators[i] for i in streams], device=self.device, teacher=frozen, counter=self.counter)
+                           generators=[self.generators[i] for i in streams], device=self.device, teacher=self.frozen, counter=self.counter)
 
         z_t, k = take(queues, refill)
         b = z_t.shape[0]
         t = self.scheduler.timesteps[k].to(self.device)
-        with torch.no_grad(), swapped_in(self.trainable, self.frozen):
+        with torch.no_grad():
             both = predict(self.unet, torch.cat([z_t, z_t]), torch.cat([t, t]),
-                           Conditioning.cat([self.embeddings[""].repeat(b), self.embeddings[c].repeat(b)]), self.resolution, self.counter)
+                           Conditioning.cat([self.embeddings[""].repeat(b), self.embeddings[c].repeat(b)]), self.resolution, self.counter,
+                           weights=self.frozen)
             e0, ec = both.float().chunk(2)
             target = e0 - self.cfg.eta * (ec - e0)
         pred = predict(self.unet, z_t, t, self.embeddings[c].repeat(b), self.resolution, self.counter)

@@ -5,7 +5,7 @@ Notation (paper -> code):
   c_p        `self.target_prompt`   all concepts joined with ", " (the teacher's prompt)
   c_s        `self.pairs[step][0]` one concept per step ("iterative") or c_p ("composite"); with `expand`,
              each concept's prompts in turn ("a red circle"), the target then eps(z_t, t, "a red")
-  theta*     the EMA of the trainable parameters (the teacher, swapped in by the trainer)
+  theta*     the EMA of the trainable parameters (the teacher: the trainer passes its weights by name)
   z_t        a latent from the teacher's own DDIM trajectory with CFG on c_p, at timestep t
   eps_theta  the student UNet
 
@@ -35,15 +35,14 @@ evaluations.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from erase.engine.params import frozen_copy, swapped_in
-from erase.engine.sampling import beta_weights, harvest, predict, take
+from erase.engine.params import frozen_copy
+from erase.engine.sampling import Weights, beta_weights, harvest, predict, take
 from erase.errors import UsageError
 from erase.methods.base import TrainedMethod
 from erase.models import Conditioning
@@ -124,22 +123,22 @@ class SDD(TrainedMethod):
     def student_prompt(self, step: int) -> str:
         return self.pairs[step % len(self.pairs)][0]
 
-    def _harvest(self, teacher, streams: list[int]) -> list[list[tuple[torch.Tensor, int]]]:
-        """One teacher trajectory per stream (the EMA weights, swapped in), batched; `reuse` latents from each."""
+    def _harvest(self, teacher: Weights, streams: list[int]) -> list[list[tuple[torch.Tensor, int]]]:
+        """One teacher trajectory per stream (with the EMA weights), batched; `reuse` latents from each."""
         return harvest(self.unet, self.scheduler, self.embeddings[""], self.embeddings[self.target_prompt],
                        guidance=self.cfg.guidance, num_steps=self.cfg.sample_steps, reuse=self.cfg.reuse,
                        latent_shape=self.latent_shape, resolution=self.resolution, generators=[self.generators[i] for i in streams],
                        device=self.device, teacher=teacher, counter=self.counter,
-                       weights=beta_weights(self.cfg.sample_steps) if self.cfg.timesteps == "beta" else None)
+                       pick_weights=beta_weights(self.cfg.sample_steps) if self.cfg.timesteps == "beta" else None)
 
-    def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
+    def loss(self, step: int, teacher: Weights) -> tuple[torch.Tensor, dict]:
         z_t, k = take(self.pending, lambda streams: self._harvest(teacher, streams))  # one latent per stream
         t = self.scheduler.timesteps[k].to(self.device)  # each latent's own timestep (reference: a shifted bin)
         c_s, without_concept = self.pairs[step % len(self.pairs)]
         b = z_t.shape[0]
-        target_weights = swapped_in(self.trainable, self.frozen) if self.frozen is not None else contextlib.nullcontext()
-        with torch.no_grad(), target_weights:
-            target = predict(self.unet, z_t, t, self.embeddings[without_concept].repeat(b), self.resolution, self.counter)
+        with torch.no_grad():  # the frozen target names the input's weights; the self target is the student's own
+            target = predict(self.unet, z_t, t, self.embeddings[without_concept].repeat(b), self.resolution, self.counter,
+                             weights=self.frozen)
         pred = predict(self.unet, z_t, t, self.embeddings[c_s].repeat(b), self.resolution, self.counter)
         self.counter.backward(b)
         return F.mse_loss(pred.float(), target.float()), {"k": k.tolist(), "t": t.tolist(), "c_s": c_s}

@@ -35,8 +35,9 @@ chromium:
 	    echo "chromium is not installed (installing it needs root and apt-get); the browser test will be skipped"; \
 	  fi; }
 
+# -n auto: one pytest worker per core (each test uses one thread; the long end-to-end tests start first)
 test: $(STAMP) chromium
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n auto
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python examples/demo.py

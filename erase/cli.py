@@ -37,11 +37,18 @@ def _version(value: bool) -> None:
 def main(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors (or set ERASE_DEBUG=1).")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: OMP_NUM_THREADS, else the cores this "
+                                                   "process may use, shared among a launcher's ranks).", show_default=False)] = None,
 ) -> None:
     """Remove concepts from Stable Diffusion checkpoints."""
     if debug:
         os.environ["ERASE_DEBUG"] = "1"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # erase never downloads anything
+    from erase.engine.threads import configure_threads
+
+    if threads is not None and threads < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--threads")
+    configure_threads(threads)  # before any command loads torch: passive OpenMP waits, threads for this process's cores
 
 
 ModelPath = Annotated[Path, typer.Argument(help="Checkpoint: .safetensors / .ckpt single file, or a diffusers folder.", show_default=False)]
@@ -160,7 +167,7 @@ METHOD_OPTIONS = {
     "target": ("sdd",), "timesteps": ("sdd",), "eta": ("esd",), "anchor": ("ca",), "anchor_prompts": ("ca",), "variant": ("ca",), "concept_type": ("ca",),
     "prior_weight": ("ca",), "anchor_samples": ("ca",), "guide": ("uce",), "lam": ("uce",), "erase_scale": ("uce",),
 }
-TRAINING_OPTIONS = ("steps", "lr", "ema_decay", "seed", "train", "resolution", "device", "precision", "gradient_checkpointing",
+TRAINING_OPTIONS = ("steps", "lr", "ema_decay", "seed", "train", "resolution", "precision", "gradient_checkpointing",
                     "xformers", "save_every", "resume", "preserve_per_step", "batch_size", "scale_lr")
 PRESERVE = "Preservation"
 
@@ -214,8 +221,10 @@ def run(
                                             rich_help_panel=ALGO)] = TrainSet.xattn,
     seed: Annotated[int, typer.Option(help="Seed for every random draw (reference 42).", rich_help_panel=ALGO)] = 42,
     resolution: Annotated[Optional[int], typer.Option(help="Image size in pixels (default by family: 512 SD1, 768 SD2-v, 1024 SDXL).", rich_help_panel=ALGO)] = None,
-    device: Annotated[Device, typer.Option(help="auto picks CUDA when available.", rich_help_panel=ENGINE)] = Device.auto,
-    precision: Annotated[Precision, typer.Option(help="auto = bf16 autocast on CUDA, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
+    device: Annotated[Device, typer.Option(help="auto picks CUDA when available. Every method encodes its prompts there (UCE too).",
+                                           rich_help_panel=ENGINE)] = Device.auto,
+    precision: Annotated[Precision, typer.Option(help="auto = bf16 autocast on GPUs with native bf16 (Ampere+), fp16 autocast with loss "
+                                                 "scaling on older GPUs, fp32 on the CPU; trained weights stay fp32.", rich_help_panel=ENGINE)] = Precision.auto,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory in the UNet backward.", rich_help_panel=ENGINE)] = False,
     xformers: Annotated[bool, typer.Option("--xformers", help="Use xformers attention (CUDA, when installed; SDPA otherwise).", rich_help_panel=ENGINE)] = False,
     batch_size: Annotated[int, typer.Option(help="SDD / ESD: samples per optimizer step on each process, their teacher trajectories in one batch "
@@ -271,13 +280,15 @@ def run(
     method_defaults = getattr(METHODS[method.value][0], "train_defaults", lambda options: {})(method_options)  # the authors' values
     steps, lr, ema_decay, train_set = (v if flag in given else method_defaults.get(k, v) for k, flag, v in
                                        (("steps", "steps", steps), ("lr", "lr", lr), ("ema_decay", "ema_decay", ema_decay), ("train_set", "train", train.value)))
-    names = concepts
-    if concepts_file is not None:
+    names = parse_concepts(concepts) if concepts.strip() or concepts_file is None else []
+    if concepts_file is not None:  # one concept per line, as written: "a man, shirtless" stays one concept
         if not concepts_file.exists():
             raise UsageError(f"--concepts-file {concepts_file} does not exist")
-        names = ", ".join([concepts] * bool(concepts.strip()) + [line.strip() for line in concepts_file.read_text().splitlines() if line.strip()])
+        names = list(dict.fromkeys(names + [line.strip() for line in concepts_file.read_text().splitlines() if line.strip()]))
+        if not names:
+            raise UsageError(f"--concepts-file {concepts_file} names no concept")
     opts = RunOptions(
-        model=model, concepts=parse_concepts(names), out=out, method=method.value,
+        model=model, concepts=names, out=out, method=method.value,
         train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay, seed=seed, save_every=save_every),
         method_config=method_options,
         resolution=resolution, train_set=train_set, device=device.value, precision=precision.value,
@@ -414,7 +425,7 @@ def generate(
     compare: Annotated[Optional[list[Path]], typer.Option("--compare", help="Another checkpoint, same prompts and seeds; writes grids (repeatable).")] = None,
     delta: Annotated[Optional[Path], typer.Option(help="Apply an erase delta file to MODEL in memory (MODEL is then the base).")] = None,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when available.", rich_help_panel=ENGINE)] = Device.auto,
-    precision: Annotated[Precision, typer.Option(help="auto = bf16 on CUDA, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
+    precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
     prediction_type: PredictionType = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("erase-images"),
 ) -> None:
@@ -465,7 +476,7 @@ def evaluate(
     show_flagged: Annotated[bool, typer.Option("--show-flagged", help="Do not blur flagged images in report.html.")] = False,
     clip_model: Annotated[Optional[Path], typer.Option(help="Local CLIP folder for CLIP score (skipped otherwise).")] = None,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when available.", rich_help_panel=ENGINE)] = Device.auto,
-    precision: Annotated[Precision, typer.Option(help="auto = bf16 on CUDA, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
+    precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
     prediction_type: PredictionType = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for images and report.json / report.html.")] = Path("erase-eval"),
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write report.json here.")] = None,

@@ -4,6 +4,11 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread, in this process and in every CLI call and subprocess it starts (erase's start-up respects OMP_NUM_THREADS):
+# stable timings, and results that two runs on this machine can compare bit for bit. Bit-exact comparisons in this
+# suite are only ever between two runs on the same machine (resume, data parallel, regeneration); results compared
+# with a reference written elsewhere (another CPU: AMD vs Intel, AVX2 vs AVX-512) use a tolerance, never a digest.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -42,3 +47,9 @@ def tiny_sdxl(tiny_dir):
 @pytest.fixture(scope="session")
 def tiny_files(tiny_sd1, tiny_sd2, tiny_sdxl):
     return {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The long end-to-end tests first: spread over workers (pytest -n 2), they then run beside the short ones instead
+    of alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -25,8 +25,8 @@ ARGS = ["--concepts", "cat", "--steps", "4", "--sample-steps", "4", "--reuse", "
 LAUNCHED = Path(__file__).with_name("launched.py")
 
 
-def _launch(model, out, *extra, stop_at=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **({"STOP_AT": str(stop_at)} if stop_at else {})}
+def _launch(model, out, *extra, stop_at=None, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **({"STOP_AT": str(stop_at)} if stop_at else {}), **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(LAUNCHED),
                            "run", str(model), *ARGS, "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=600)
 
@@ -93,3 +93,51 @@ def test_an_interrupted_launch_resumes_where_it_stopped(tiny_sd1, tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     a, b = load_file(str(tmp_path / "full.safetensors")), load_file(str(tmp_path / "part.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # same processes, same batches: bit for bit on the CPU
+
+
+def test_a_cuda_rank_sets_its_device_before_joining_the_group(monkeypatch):
+    # NCCL binds a rank to the current device when the group starts: without set_device first every rank (UCE's solve
+    # included, which joins only to wait) uses cuda:0 ("Duplicate GPU detected", or a hang)
+    import torch
+    import torch.distributed as dist
+
+    from erase.engine.distributed import join
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("ERASE_NO_DATA_PARALLEL", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    world = join("cuda")
+    assert calls == [("set_device", 1), ("init", "nccl")]
+    assert (world.rank, world.size, world.local_rank) == (1, 2, 1)
+
+
+def test_a_launch_that_started_one_process_instead_of_several_says_so(tiny_sd1, tmp_path, monkeypatch):
+    # `accelerate launch --cpu --num_processes 2` without MPI: one process, MASTER_ADDR set, no WORLD_SIZE
+    from erase.engine.distributed import launcher_note
+
+    assert launcher_note({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}) is not None
+    assert launcher_note({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2"}) is None  # --multi_gpu: real ranks
+    assert launcher_note({"ACCELERATE_USE_CPU": "True"}) is None  # one process asked for
+    assert launcher_note({}) is None
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    r = CliRunner().invoke(app, ["run", str(tiny_sd1), "-c", "cat", "--method", "uce", "--preserve", "none", "-o", str(tmp_path / "o.safetensors")])
+    assert r.exit_code == 0 and "accelerate launch started one process" in r.output and "--multi_gpu" in r.output
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_step(tiny_sd1, tmp_path):
+    # the NaN guard sees every rank's loss at once: rank 0 must not wait in the all-reduce for a rank that stopped
+    out = tmp_path / "o.safetensors"
+    r = _launch(tiny_sd1, out, env_extra={"NAN_AT": "2", "NAN_RANK": "1"})
+    assert r.returncode != 0
+    assert r.stderr.count("loss became nan at step 2 on rank 1") + r.stdout.count("loss became nan at step 2 on rank 1") == 2  # both ranks say so
+    assert not out.exists() and not list(tmp_path.glob("*.safetensors"))

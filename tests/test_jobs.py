@@ -19,6 +19,7 @@ def _jobs_file(tmp_path, model, *, bad_model="missing.safetensors"):
 [defaults]
 method = "uce"
 preserve = "dog"
+device = "cpu"  # a default every method takes, UCE included
 
 [[job]]
 name = "cat"
@@ -40,7 +41,6 @@ method = "sdd"
 steps = 2
 sample-steps = 2
 resolution = 32
-device = "cpu"
 expand = false
 out = "out/tree.safetensors"
 """)

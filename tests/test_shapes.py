@@ -8,11 +8,12 @@ import pytest
 from erase.shapes import COLOURS, SHAPES, ShapesDetector, render, sample_world, to_tensor
 
 MODEL = Path(__file__).resolve().parent.parent / "examples" / "shapes" / "shapes-sd.safetensors"
-# The short erasure: `make demo`'s settings. Measured with them and this test's 4 seeds: circle 1.00 -> 0.75,
-# other shapes' mean accuracy 0.84 -> 0.71 (kept 84%). The thresholds ask for 60% of that drop and 75% kept.
-SHORT_RUN = {"steps": 150, "lr": 1e-4, "ema_decay": 0.99}
-CIRCLE_DROP = 0.15
-OTHERS_KEPT = 0.75
+# The end-to-end erasure of this suite is `make demo`'s: UCE with the default preservation (seconds). Recorded on the
+# benchmark protocol (benchmarks/shapes.json, row "UCE circle (defaults: --preserve auto)"): circle 1.00 -> 0.00, the
+# other shapes' mean accuracy 0.84 -> 0.81. A trained erasure of the shapes model takes minutes to tens of minutes on
+# two cores, so SDD's, ESD's and CA's shapes-world results are measured by benchmarks/shapes.py, not here.
+CIRCLE_AFTER = 0.15  # the base's unconditional circle rate (0.104) plus 5 points: what "erased" means on this model
+OTHERS_KEPT = 0.85  # of the base's mean accuracy on the other shapes
 
 
 def test_world_generator_is_deterministic():
@@ -85,24 +86,21 @@ def test_training_script_refuses_a_stage_output_made_with_other_settings(tmp_pat
 
 
 @pytest.mark.slow
-def test_short_sdd_erasure_lowers_circle_presence(tmp_path):
-    """A small, fast version of benchmarks/shapes.py: erase "circle", measure with the detector."""
+def test_default_uce_erasure_removes_circles_and_keeps_the_other_shapes(tmp_path):
+    """`make demo` end to end: erase "circle" with UCE at the defaults, measure base and erased with the detector."""
     from rich.console import Console
 
-    from erase.engine.trainer import TrainConfig
     from erase.evaluate.shapes_world import Protocol, measure
     from erase.run import RunOptions, erase_concepts
 
     out = tmp_path / "erased.safetensors"
-    erase_concepts(RunOptions(model=MODEL, concepts=["circle"], out=out, resolution=32, device="cpu",
-                              train=TrainConfig(**SHORT_RUN),
-                              method_config={"sample_steps": 20, "reuse": 4}, preserve="none"), Console(quiet=True), progress=False)
-    protocol = Protocol(seeds=4, unconditional=8)  # 24 images per shape
+    erase_concepts(RunOptions(model=MODEL, concepts=["circle"], out=out, method="uce"), Console(quiet=True), progress=False)
+    protocol = Protocol(seeds=2, unconditional=4)  # 12 images per shape: the margins (0 circles, 0.83 of 0.84) are wide
     base, erased = measure(MODEL, ["circle"], protocol), measure(out, ["circle"], protocol)
-    assert base["target_presence"] >= 0.8
-    assert erased["target_presence"] <= base["target_presence"] - CIRCLE_DROP
     print(f"circle {base['target_presence']:.2f} -> {erased['target_presence']:.2f}; others' mean "
           f"{_mean(base['others_accuracy']):.2f} -> {_mean(erased['others_accuracy']):.2f}")
+    assert base["target_presence"] >= 0.9
+    assert erased["target_presence"] <= CIRCLE_AFTER
     assert _mean(erased["others_accuracy"]) >= OTHERS_KEPT * _mean(base["others_accuracy"])
 
 

@@ -71,14 +71,15 @@ def test_nothing_to_erase_is_the_identity_bytes_unchanged(tiny_sd1_fp16_ema, tmp
 def test_cli_uce_changes_only_attn2_keys_and_values(tiny_sd1_fp16_ema, tmp_path):
     out = tmp_path / "o.safetensors"
     r = runner.invoke(app, ["run", str(tiny_sd1_fp16_ema), "--method", "uce", "-c", "cat", "--preserve", "dog, tree",
-                            "--vocabulary", "builtin:general", "-o", str(out), "--delta", str(tmp_path / "d.safetensors")])
-    assert r.exit_code == 0, r.output
+                            "--vocabulary", "builtin:general", "-o", str(out), "--delta", str(tmp_path / "d.safetensors"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output  # --device applies to UCE: its text encoder runs there
     src, dst = open_checkpoint(tiny_sd1_fp16_ema), open_checkpoint(out)
     changed = {k for k in dst.keys() if not torch.equal(src.get(k), dst.get(k))}
     kv = {k for k in src.keys() if k.startswith("model.diffusion_model.") and (".attn2.to_k." in k or ".attn2.to_v." in k)}
     assert changed == kv
     report = json.loads((tmp_path / "o.report.json").read_text())
     assert report["method"] == "uce" and report["solve"]["condition_number"] > 1 and report["unet_evals_per_step"] == 0
+    assert report["device"] == "cpu"
     assert report["preserve"]["concepts"] == ["", "dog", "tree"] and dst.metadata["erase.method"] == "uce"
     assert dst.metadata["erase.preserve"] == json.dumps(["", "dog", "tree"])
     merged = tmp_path / "m.safetensors"  # its delta merges like any other

@@ -1,6 +1,7 @@
 """The CPU path on a shared machine: `erase run`, `generate` and `evaluate`, idle and beside a process that keeps one
-core busy, under erase's start-up (threads from the affinity mask, idle OpenMP threads passive) and under torch's
-defaults (the same threads, idle threads spinning), with one thread as the yardstick. Side by side, in one run.
+core busy (started before the command), under erase's start-up (the cores free when it starts), torch's default (every
+core, idle OpenMP threads spinning), every core with idle threads sleeping (OMP_WAIT_POLICY=PASSIVE), and one thread
+as the yardstick. Side by side, in one run.
 
     python benchmarks/contention.py [--json benchmarks/contention.json] [--repeats 1]
 
@@ -22,21 +23,24 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "examples" / "shapes" / "shapes-sd.safetensors"
 
 COMMANDS = {  # small jobs on the shapes model; {work} is a scratch folder
-    "run": ["run", str(MODEL), "--concepts", "circle", "--steps", "6", "--reuse", "8", "--lr", "1e-3", "--device", "cpu",
+    "run": ["run", str(MODEL), "--concepts", "circle", "--steps", "4", "--reuse", "8", "--lr", "1e-3", "--device", "cpu",
             "--out", "{work}/o.safetensors", "--force"],
-    "generate": ["generate", str(MODEL), "--prompt", "a red circle", "--n", "8", "--steps", "20", "--size", "32", "--device", "cpu",
+    "generate": ["generate", str(MODEL), "--prompt", "a red circle", "--n", "4", "--steps", "20", "--size", "32", "--device", "cpu",
                  "--out", "{work}/gen"],
-    "evaluate": ["evaluate", str(MODEL), "--detector", "shapes", "--prompts", "builtin:shapes", "--target", "circle", "--limit", "16",
+    "evaluate": ["evaluate", str(MODEL), "--detector", "shapes", "--prompts", "builtin:shapes", "--target", "circle", "--limit", "8",
                  "--steps", "20", "--guidance", "5", "--device", "cpu", "--out", "{work}/eval"],
 }
+CORES = str(len(os.sched_getaffinity(0)))
 SETTINGS = {  # name -> environment changes (None: removed)
-    "erase (passive waits, affinity threads)": {"OMP_WAIT_POLICY": None, "OMP_NUM_THREADS": None},
-    "torch defaults (spinning waits)": {"OMP_WAIT_POLICY": "", "OMP_NUM_THREADS": None},  # "" = libgomp's default; erase keeps it
+    "erase (the cores free at start-up)": {"OMP_WAIT_POLICY": None, "OMP_NUM_THREADS": None},
+    "every core, spinning waits (torch's default)": {"OMP_WAIT_POLICY": None, "OMP_NUM_THREADS": CORES},
+    "every core, passive waits": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": CORES},
     "one thread": {"OMP_WAIT_POLICY": None, "OMP_NUM_THREADS": "1"},
 }
 
 
 def timed(command: list[str], env: dict, work: Path) -> float:
+    work.mkdir(parents=True, exist_ok=True)
     args = [a.replace("{work}", str(work)) for a in command]
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "erase", *args], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -46,7 +50,7 @@ def timed(command: list[str], env: dict, work: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "contention.json")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1, help="runs per cell, the fastest kept (the first run of a command also warms the page cache)")
     args = ap.parse_args()
     cells = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -48,7 +48,7 @@ def main(
 
     if threads is not None and threads < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--threads")
-    configure_threads(threads)  # before any command loads torch: passive OpenMP waits, threads for this process's cores
+    configure_threads(threads)  # before any command starts work: threads for the cores this process has free
 
 
 ModelPath = Annotated[Path, typer.Argument(help="Checkpoint: .safetensors / .ckpt single file, or a diffusers folder.", show_default=False)]

@@ -4,7 +4,7 @@
 
 For a tiny UNet and for a randomly initialised UNet with the exact SD 1.5 config, at 32x32
 latents on the CPU, each design runs in a fresh subprocess (so peak memory is its own):
-  ours       one UNet; the teacher is the EMA of the trainable subset swapped in; prompt
+  ours       one UNet; the teacher is the EMA of the trainable subset, passed by name; prompt
              embeddings computed once, then the text encoder freed; no VAE
   reference  student UNet + a full teacher UNet copy + text encoder + VAE resident, fp32;
              prompts re-encoded every step (as the authors' training script does)

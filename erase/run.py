@@ -161,6 +161,7 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
         opts.preserve_weight, opts.preserve_per_step = saved.get("preserve_weight", 1.0), saved.get("preserve_per_step", 1)
         opts.embeddings = [Path(e["path"]) for e in saved.get("embeddings", [])]
         opts.batch_size = saved.get("batch_per_rank", 1)
+        opts.precision = saved.get("precision_option", opts.precision)  # a bf16 run resumes in bf16
         if saved.get("world_size", 1) != world.size:
             raise UsageError(f"--resume {opts.resume}: that run trained on {saved.get('world_size', 1)} process(es), this one has "
                              f"{world.size}; resume it under the same launch")
@@ -361,6 +362,7 @@ class Training(_Run):
         run_config = {
             "method": opts.method, "concepts": opts.concepts, "method_config": asdict(self.method_cfg), "train_set": opts.train_set,
             "resolution": resolution, "prediction_type": model.family.prediction_type, "precision": precision_label,
+            "precision_option": opts.precision,
             "device": str(device), "gradient_checkpointing": opts.gradient_checkpointing, "attention": attention,
             "preserve_option": opts.preserve, "preserve_file": str(opts.preserve_file) if opts.preserve_file else None,
             "vocabulary": opts.vocabulary, "preserve_weight": opts.preserve_weight, "preserve_per_step": opts.preserve_per_step,

@@ -46,8 +46,8 @@ def check_output_path(src: str | os.PathLike, dst: str | os.PathLike, *, force: 
         raise UsageError(f"output {dst} is the input; choose another --out (erase never overwrites its input)")
     if dst.exists() and not force:
         raise UsageError(f"output {dst} already exists; pass --force to replace it")
-    if not dst.parent.exists():
-        raise UsageError(f"output folder {dst.parent} does not exist")
+    if not dst.parent.is_dir():
+        raise UsageError(f"output folder {dst.parent} does not exist" + (" (it is a file)" if dst.parent.exists() else ""))
     return dst
 
 

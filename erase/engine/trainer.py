@@ -63,6 +63,13 @@ class EMA:
         if self._copy is not None:  # s = d*s + (1-d)*p, every tensor in one foreach kernel
             torch._foreach_lerp_(list(self._copy.values()), [p.detach() for p in self.params.values()], 1.0 - self.decay)
 
+    @torch.no_grad()
+    def load(self, shadow: dict[str, torch.Tensor]) -> None:
+        """Restore saved averages (a resumed run); at decay 0 there is nothing of its own to restore."""
+        if self._copy is not None:
+            for n, s in self._copy.items():
+                s.copy_(shadow[n])
+
     def teacher(self) -> dict[str, torch.Tensor] | None:
         """The weights a teacher forward names; None at decay 0, where the teacher is the UNet's own parameters."""
         return self._copy
@@ -146,8 +153,7 @@ class Trainer:
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(state["params"][n])
-                if self.ema._copy is not None:
-                    self.ema._copy[n].copy_(state["ema"][n])
+        self.ema.load(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])

@@ -299,7 +299,7 @@ def train_unet(ckpt: Path, unet, recipe: dict, latents, captions: tuple, *, step
         reusable(ckpt, recipe, stored=json.loads(st["recipe"]))
         unet.load_state_dict(st["unet"])
         if ema is not None:
-            ema.shadow = st["ema"]
+            ema.load(st["ema"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         g.set_state(st["gen"])
@@ -321,7 +321,7 @@ def train_unet(ckpt: Path, unet, recipe: dict, latents, captions: tuple, *, step
         opt.step()
         sched.step()
         if ema is not None:
-            ema.update(params)
+            ema.update()
         if step % 50 == 0:
             log(f"{ckpt.stem} step {step}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / (step - start + 1):.2f}s/step)")
         if (step + 1) % 250 == 0 or step + 1 == steps:

@@ -1,5 +1,6 @@
 """The command line: help, version, inspect, and one-line errors with the documented exit codes."""
 
+import hashlib
 import json
 import pickle
 
@@ -29,7 +30,8 @@ def test_inspect_reads_each_family(tiny_files, family):
     r = runner.invoke(app, ["inspect", str(tiny_files[family]), "--json", "--hash"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.output)
-    assert info["family"] == family and info["attn2_tensors"] > 0 and len(info["sha256"]) == 64
+    assert info["family"] == family and info["attn2_tensors"] > 0
+    assert info["sha256"] == hashlib.sha256(tiny_files[family].read_bytes()).hexdigest()
     assert info["prediction_type"] == ("v_prediction" if family == "sd2" else "epsilon")
 
 
@@ -77,6 +79,12 @@ def test_bad_input_to_run_writes_nothing(tmp_path, tiny_sd1):
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
-    monkeypatch.setenv("ERASE_DEBUG", "1")
-    r = runner.invoke(app, ["inspect", str(tmp_path / "missing.safetensors")])
-    assert r.exit_code != 0 and r.exception is not None
+    from erase.errors import EraseError
+
+    missing = str(tmp_path / "missing.safetensors")
+    monkeypatch.setenv("ERASE_DEBUG", "0")  # restored after the test: --debug sets it for the process
+    plain = runner.invoke(app, ["inspect", missing])  # one line, exit 1: the error became SystemExit
+    assert plain.exit_code == 1 and isinstance(plain.exception, SystemExit) and "error:" in plain.output
+    for args in (["--debug", "inspect", missing], ["inspect", missing]):  # the flag, then ERASE_DEBUG=1 (which the flag set)
+        r = runner.invoke(app, args)
+        assert isinstance(r.exception, EraseError), args  # raised through: the traceback is shown

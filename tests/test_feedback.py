@@ -215,7 +215,7 @@ def test_beta_timesteps_are_beta_3_3_over_the_trajectory():
     assert abs(x.mean().item() - 0.5) < 0.01 and abs(x.var().item() - 1 / 28) < 0.003  # Beta(3, 3): mean 1/2, variance 1/28
 
 
-def test_sdd_with_beta_timesteps_trains_where_beta_puts_its_mass(tiny_sd1, tmp_path):
+def test_sdd_records_its_timesteps_option_and_uce_refuses_it(tiny_sd1, tmp_path):
     out = tmp_path / "b.safetensors"
     r = runner.invoke(app, ["run", str(tiny_sd1), "--concepts", "cat", "--timesteps", "beta", "--steps", "2", "--sample-steps", "4",
                             "--reuse", "4", "--preserve", "none", "--out", str(out), "--device", "cpu", "--resolution", "32"])
@@ -223,6 +223,29 @@ def test_sdd_with_beta_timesteps_trains_where_beta_puts_its_mass(tiny_sd1, tmp_p
     assert json.loads(out.with_name("b.report.json").read_text())["config"]["method_config"]["timesteps"] == "beta"
     r = runner.invoke(app, ["run", str(tiny_sd1), "--method", "uce", "--concepts", "cat", "--timesteps", "beta", "--out", str(tmp_path / "u.safetensors")])
     assert r.exit_code == 2 and "--timesteps does not apply to --method uce" in r.output
+
+
+class _ZeroUNet(torch.nn.Module):
+    """A stand-in UNet that predicts zero noise: trajectories cost nothing, the draws are what is tested."""
+
+    def forward(self, z, t, **kwargs):
+        return type("Out", (), {"sample": torch.zeros_like(z)})()
+
+
+@pytest.mark.parametrize("timesteps", ["uniform", "beta"])
+def test_sdd_draws_its_training_steps_where_its_timesteps_option_puts_the_mass(tiny_sd1, timesteps):
+    from erase.engine.sampling import EvalCounter
+    from erase.methods.sdd import SDD, SDDConfig
+    from erase.models import Conditioning, open_model
+
+    K = 20
+    sdd = SDD(SDDConfig(sample_steps=K, timesteps=timesteps), ["cat"], unet=_ZeroUNet(), scheduler=open_model(tiny_sd1).scheduler(),
+              latent_shape=(1, 4, 2, 2), resolution=16, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
+              counter=EvalCounter())
+    sdd.embeddings = {p: Conditioning(torch.zeros(1, 77, 32)) for p in sdd.prompts()}
+    ks = [k for _ in range(600) for _, k in sdd._harvest(None, [0])[0]]
+    outer = sum(k < 0.2 * K or k >= 0.8 * K for k in ks) / len(ks)  # Beta(3, 3) puts 0.12 of its mass there, uniform 0.40
+    assert (outer < 0.2) if timesteps == "beta" else (0.32 < outer < 0.48), outer
 
 
 def test_evaluate_with_an_embedding_uses_the_token_and_records_the_file(tiny_sd1, tmp_path):

@@ -115,7 +115,8 @@ def test_every_command_works_on_a_release_layout(release_file, name, tmp_path):
     changed = {k for k in dst.keys() if _raw(src, k) != _raw(dst, k)}
     assert changed == layout.attn2_names()  # every attn2 tensor trained, nothing else touched
     assert all(_raw(src, k) == _raw(dst, k) for k in extras)  # position ids, buffers, EMA scalars: byte-identical
-    assert all(dst.tensors[k].dtype == (src.tensors[k].dtype if src.format == "safetensors" else dst.tensors[k].dtype) for k in changed)
+    file_dtype = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    assert all(dst.tensors[k].dtype == file_dtype[src.get(k).dtype] for k in changed)  # written in the input's own dtype
     if ema_weights:
         assert "model_ema.decay and model_ema.num_updates are kept" in dst.metadata["erase.dropped"]
 
@@ -138,12 +139,15 @@ def test_every_command_works_on_a_release_layout(release_file, name, tmp_path):
     merged = tmp_path / "merged.safetensors"
     _ok(["merge", str(path), str(out), "--base", str(path), "-o", str(merged)])
     m = open_checkpoint(merged)
-    assert {k for k in m.keys() if _raw(src, k) != _raw(m, k)} <= layout.attn2_names()
+    assert {k for k in m.keys() if _raw(src, k) != _raw(m, k)} == layout.attn2_names()  # the whole erasure, nothing else
     assert all(_raw(src, k) == _raw(m, k) for k in extras)
 
     lora = tmp_path / "erasure.lora.safetensors"
     _ok(["merge", str(path), str(out), "--base", str(path), "--lora-rank", "2", "-o", str(lora)])
-    assert all(k.startswith("lora_unet_") for k in open_checkpoint(lora).keys())
+    keys = open_checkpoint(lora).keys()
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    attn2_linears = {k for k in layout.attn2_names() if k.endswith(".weight")}
+    assert len([k for k in keys if k.endswith(".lora_down.weight")]) == len(attn2_linears)  # one LoRA pair per attn2 linear
 
 
 def test_diffusers_fp16_variant_folder(release_file, tmp_path):

@@ -1,5 +1,6 @@
 """`erase run` and the SDD engine on tiny models (CPU, seconds)."""
 
+import hashlib
 import json
 
 import pytest
@@ -58,7 +59,7 @@ def test_report_has_documented_fields(tiny_sd1, tmp_path):
                 "peak_memory", "input_sha256", "output_sha256", "trainable"):
         assert key in saved, key
     assert saved["config"]["device"] == "cpu" and saved["peak_memory"]["bytes"] > 0
-    assert saved["output_sha256"] == report["output_sha256"]
+    assert saved["output_sha256"] == report["output_sha256"] == hashlib.sha256((tmp_path / "o.safetensors").read_bytes()).hexdigest()
     # K = 4: teacher k ~ U{0..3} guided steps (2 evals each) + student cond, uncond, backward (4)
     assert 4 <= saved["unet_evals_per_step"] <= 4 + 2 * 3
 
@@ -167,6 +168,8 @@ RESUMED = {  # name -> run options
     # two sample streams per step: each stream's generator, queues and retain prompts come back from the state
     "batch 2": dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="auto:2", batch_size=2),
     "esd batch 2": dict(method="esd", method_config={"sample_steps": 4, "reuse": 2}, preserve="dog", batch_size=2),
+    # under bf16 autocast (the GPU default): the resumed run takes its precision from the state
+    "bf16": dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="dog", precision="bf16", resolution=16),
     # two concepts with an anchor each; the anchor samples must come back from the resume state, not be redrawn
     "ca": dict(method="ca", concepts=("circle", "star"), method_config={"anchor": "square, cross", "anchor_samples": 3, "sample_steps": 3}),
 }

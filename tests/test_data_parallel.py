@@ -71,19 +71,26 @@ def test_methods_without_batches_refuse_a_batch_size(tiny_sd1, tmp_path, method)
     assert r.exit_code == 2 and "batch-size" in r.output and not (tmp_path / "x.safetensors").exists()
 
 
-def test_two_processes_train_like_one_process_with_batch_two(single, tiny_sd1, tmp_path):
-    p = _launch(tiny_sd1, tmp_path / "dp.safetensors")
+@pytest.fixture(scope="module")
+def launched(tiny_sd1, tmp_path_factory):
+    """Two processes of batch 1, run to the end once for the tests below: (the launch, its output folder)."""
+    folder = tmp_path_factory.mktemp("launched")
+    return _launch(tiny_sd1, folder / "dp.safetensors"), folder
+
+
+def test_two_processes_train_like_one_process_with_batch_two(single, tiny_sd1, launched):
+    p, folder = launched
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("wrote ") == 1  # rank 0 alone reports and writes
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["dp.report.json", "dp.safetensors"]
-    report = json.loads((tmp_path / "dp.report.json").read_text())
+    assert sorted(f.name for f in folder.iterdir()) == ["dp.report.json", "dp.safetensors"]
+    report = json.loads((folder / "dp.report.json").read_text())
     assert (report["world_size"], report["batch_per_rank"], report["effective_batch"]) == (2, 1, 2)
-    base, dp, b2 = _attn2(tiny_sd1), _attn2(tmp_path / "dp.safetensors"), _attn2(single / "b2.safetensors")
+    base, dp, b2 = _attn2(tiny_sd1), _attn2(folder / "dp.safetensors"), _attn2(single / "b2.safetensors")
     assert _distance(dp, b2) < 0.01 * _distance(base, b2)
 
 
-def test_an_interrupted_launch_resumes_where_it_stopped(tiny_sd1, tmp_path):
-    full = _launch(tiny_sd1, tmp_path / "full.safetensors")
+def test_an_interrupted_launch_resumes_where_it_stopped(tiny_sd1, tmp_path, launched):
+    full, folder = launched
     assert full.returncode == 0, full.stderr
     part = _launch(tiny_sd1, tmp_path / "part.safetensors", stop_at=2)  # Ctrl-C on every rank after step 2
     assert part.returncode != 0 and not (tmp_path / "part.safetensors").exists()
@@ -91,7 +98,7 @@ def test_an_interrupted_launch_resumes_where_it_stopped(tiny_sd1, tmp_path):
     assert sorted(f.name for f in state.iterdir()) == ["state.pt", "state.rank1.pt"]  # each rank's own draws and queues
     resumed = _launch(tiny_sd1, tmp_path / "part.safetensors", "--resume", str(state))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    a, b = load_file(str(tmp_path / "full.safetensors")), load_file(str(tmp_path / "part.safetensors"))
+    a, b = load_file(str(folder / "dp.safetensors")), load_file(str(tmp_path / "part.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # same processes, same batches: bit for bit on the CPU
 
 

@@ -164,9 +164,9 @@ RESUMED = {  # name -> run options
     "frozen": dict(method_config={"sample_steps": 4, "reuse": 2, "target": "frozen"}),
     # erase run's default (frozen target, expanded concepts, the retain term and its latent queues)
     "preserving": dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="auto:2"),
-    "esd": dict(method="esd", method_config={"sample_steps": 4, "reuse": 2}, preserve="auto:2"),
+    "esd": dict(method="esd", method_config={"sample_steps": 4, "reuse": 2}, preserve="dog"),
     # two sample streams per step: each stream's generator, queues and retain prompts come back from the state
-    "batch 2": dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="auto:2", batch_size=2),
+    "batch 2": dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="dog", batch_size=2),
     "esd batch 2": dict(method="esd", method_config={"sample_steps": 4, "reuse": 2}, preserve="dog", batch_size=2),
     # under bf16 autocast (the GPU default): the resumed run takes its precision from the state
     "bf16": dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="dog", precision="bf16", resolution=16),

@@ -43,7 +43,8 @@ FROZEN = {"lr": 1e-3, "steps": (1000, 2000)}
 
 def erase_row(model: Path, concepts: list[str], work: Path, *, method: str = "sdd", reuse: int = 1, steps: int = SDD["steps"],
               lr: float = SDD["lr"], target: str | None = "self", train_set: str = "xattn", preserve: str = "none", expand: bool | None = None,
-              weight: float = 1.0, per_step: int = 2, ema_decay: float = SDD["ema_decay"], **method_options) -> tuple[Path, dict]:
+              weight: float = 1.0, per_step: int = 2, ema_decay: float = SDD["ema_decay"], precision: str = "fp32",
+              **method_options) -> tuple[Path, dict]:
     """Erase with `erase run`'s own code path; the defaults are the reference SDD (the rows recorded before preservation)."""
     from rich.console import Console
 
@@ -60,9 +61,11 @@ def erase_row(model: Path, concepts: list[str], work: Path, *, method: str = "sd
     if method == "uce":
         options["preserve_weight"] = weight
     name = "-".join([method, *concepts, f"r{reuse}", str(steps), f"{lr:g}", str(target), train_set, preserve.replace(":", "") or "empty",
-                     str(expand), f"w{weight:g}", *([f"p{per_step}"] if per_step != 2 else []), *(f"{k}{v}" for k, v in method_options.items())])
+                     str(expand), f"w{weight:g}", *([f"p{per_step}"] if per_step != 2 else []), *(f"{k}{v}" for k, v in method_options.items()),
+                     *([precision] if precision != "fp32" else [])])
     out = work / f"{name.replace(' ', '_').replace(',', '')}.safetensors"
-    report = erase_concepts(RunOptions(model=model, concepts=concepts, out=out, force=True, resolution=32, device="cpu", train_set=train_set,
+    report = erase_concepts(RunOptions(model=model, concepts=concepts, out=out, force=True, resolution=32, device="cpu", precision=precision,
+                                       train_set=train_set,
                                        method=method, train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay), method_config=options,
                                        preserve=preserve, preserve_weight=weight, preserve_per_step=per_step), Console(quiet=True), progress=False)
     return out, report
@@ -167,6 +170,11 @@ def rows_to_run(model: Path) -> list[tuple[str, list[str], object, bool]]:
         # preservation (issue 15): erase run's defaults -- the input model's target, concepts in the vocabulary's prompts,
         # --preserve auto (the 5 nearest concepts and "", held by the retain term)
         (f"SDD circle, preserving (defaults), lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", circle, erased(circle, **preserving), True),
+        # erase run's defaults under bf16 autocast (every GPU's default precision; the CPU runs the same autocast code)
+        # beside fp32, at 300 steps: bf16 is emulated on this CPU (no AVX-512), 3-4x slower than fp32, and the 1000-step
+        # row would take about an hour
+        *((f"SDD circle, preserving, lr {FROZEN['lr']:g}, --reuse 8, 300 steps (precision pair): {p}", circle,
+           erased(circle, precision=p, **{**preserving, "steps": 300}), False) for p in ("fp32", "bf16")),
         (f"SDD circle, preserving, --preserve-per-step 1, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", circle,
          erased(circle, per_step=1, **preserving), True),
         (f"SDD circle, preserving, --preserve-per-step 1 --preserve-weight 3, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", circle,
@@ -208,9 +216,9 @@ def main() -> None:
                     "keep their recorded results in --json")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
+    from erase.engine.threads import configure_threads
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    configure_threads()  # OMP_NUM_THREADS, else the cores this process has free
     from erase.evaluate.shapes_world import UNSEEN_TEMPLATES, Protocol, measure
     from erase.shapes import TEMPLATES
 

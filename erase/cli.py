@@ -38,7 +38,8 @@ def main(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors (or set ERASE_DEBUG=1).")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: OMP_NUM_THREADS, else the cores this "
-                                                   "process may use, shared among a launcher's ranks).", show_default=False)] = None,
+                                                   "process may use that are free at start-up, shared among a launcher's ranks).",
+                                                   show_default=False)] = None,
 ) -> None:
     """Remove concepts from Stable Diffusion checkpoints."""
     if debug:

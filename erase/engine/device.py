@@ -53,9 +53,9 @@ def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype, tor
 def enable_fast_math(device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
     """TF32 for the fp32 matmuls and convolutions left under mixed precision (Ampere and newer); never under
     `--precision fp32`, which promises fp32 arithmetic. Returns whether TF32 is on."""
-    tf32 = device.type == "cuda" and autocast_dtype is not None
     if device.type != "cuda":
         return False
+    tf32 = autocast_dtype is not None
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9 replaced allow_tf32 with this
         torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
     else:

@@ -2,7 +2,7 @@
 
 On a machine whose cores are shared (a CI runner, a workstation running something else), OpenMP's worker threads
 spin while they wait for a core they cannot get: with one of two cores busy, torch's default two threads made
-`erase run` 2.4x slower than one thread (benchmarks/contention.py). Making idle threads sleep instead
+`erase run` 2.9x slower than one thread (benchmarks/contention.json). Making idle threads sleep instead
 (OMP_WAIT_POLICY=PASSIVE) fixed that but made an idle machine up to 2x slower on small models, so erase does neither
 by default: it counts the cores that are free when it starts and uses those.
 
@@ -21,9 +21,13 @@ import time
 from erase.errors import UsageError
 
 
+def _cores() -> set[int]:
+    """The cores this process may run on (its affinity mask), not the machine's."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 def available_cores() -> int:
-    """The cores this process may run on (its affinity mask), not the machine's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return len(_cores())
 
 
 def _cpu_times(cores: set[int]) -> tuple[int, int] | None:
@@ -44,7 +48,7 @@ def _cpu_times(cores: set[int]) -> tuple[int, int] | None:
 
 def busy_cores(window: float = 0.1) -> float:
     """How many of this process's cores other work kept busy over `window` seconds (this process sleeps meanwhile)."""
-    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = _cores()
     before = _cpu_times(cores)
     if before is None:
         return 0.0

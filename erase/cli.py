@@ -167,6 +167,7 @@ METHOD_OPTIONS = {
     "guidance": ("sdd", "esd", "ca"), "sample_steps": ("sdd", "esd", "ca"), "reuse": ("sdd", "esd"), "concept_mode": ("sdd",),
     "target": ("sdd",), "timesteps": ("sdd",), "eta": ("esd",), "anchor": ("ca",), "anchor_prompts": ("ca",), "variant": ("ca",), "concept_type": ("ca",),
     "prior_weight": ("ca",), "anchor_samples": ("ca",), "guide": ("uce",), "lam": ("uce",), "erase_scale": ("uce",),
+    "robust": ("uce",), "robust_lambda": ("uce",),
 }
 TRAINING_OPTIONS = ("steps", "lr", "ema_decay", "seed", "train", "resolution", "precision", "gradient_checkpointing",
                     "xformers", "save_every", "resume", "preserve_per_step", "batch_size", "scale_lr")
@@ -206,6 +207,9 @@ def run(
     guide: Annotated[str, typer.Option(help="UCE: what an erased concept becomes in its prompts: \"\" removes it (reference), or a word (\"art\").", rich_help_panel=ALGO)] = "",
     lam: Annotated[float, typer.Option("--lambda", help="UCE: weight of keeping each old k/v map (reference 0.5).", rich_help_panel=ALGO)] = 0.5,
     erase_scale: Annotated[float, typer.Option(help="UCE: weight of the erase terms (reference 1.0).", rich_help_panel=ALGO)] = 1.0,
+    robust: Annotated[int, typer.Option(help="UCE: RECE rounds: find the embedding that still brings the concept back through the "
+                                        "edit, erase it too, N times (0: plain UCE; authors: 1-2 objects, 3 nudity).", rich_help_panel=ALGO)] = 0,
+    robust_lambda: Annotated[float, typer.Option(help="UCE: RECE's ridge on that embedding, relative to the layers' scale.", rich_help_panel=ALGO)] = 0.1,
     expand: Annotated[Optional[bool], typer.Option("--expand/--no-expand", help="Embed concepts in the vocabulary's prompt templates "
                                                    "(default: on; off with --preserve none).", rich_help_panel=PRESERVE, show_default=False)] = None,
     preserve: Annotated[str, typer.Option(help="Kept as they were: \"a, b\", auto[:N] (the N concepts nearest each target) or none (the "
@@ -272,7 +276,7 @@ def run(
             flag = "--" + ("lambda" if name == "lam" else name.replace("_", "-"))
             raise UsageError(f"{flag} does not apply to --method {method.value}")
     options = {"guidance": guidance, "sample_steps": sample_steps, "concept_mode": concept_mode.value, "reuse": reuse, "eta": eta,
-               "guide": guide, "lam": lam, "erase_scale": erase_scale, "preserve_weight": preserve_weight, "anchor": anchor,
+               "guide": guide, "lam": lam, "erase_scale": erase_scale, "robust": robust, "robust_lambda": robust_lambda, "preserve_weight": preserve_weight, "anchor": anchor,
                "anchor_prompts": str(anchor_prompts) if anchor_prompts else None, "variant": variant, "concept_type": concept_type,
                "prior_weight": prior_weight, "anchor_samples": anchor_samples, "target": target.value if target else None, "expand": expand,
                "timesteps": timesteps.value}
@@ -310,6 +314,9 @@ def run(
         console.print(f"[bold green]wrote[/] {report['output']}  ({report['edited']['tensors']} tensors changed; "
                       f"{s['erase_prompts']} erase and {s['preserve_prompts']} preserved prompts, condition number "
                       f"{s['condition_number']:.3g}; {report['wall_seconds']:.0f}s)")
+        for r in s.get("robust_rounds", []):
+            console.print(f"  RECE round {r['round']}: its embedding restored {r['restored_before']:.3f} of the concept's k/v, "
+                          f"{r['restored_after']:.3f} after erasing it (plain prompts {r['plain_after']:.3f})", highlight=False)
     else:
         console.print(f"[bold green]wrote[/] {report['output']}  ({report['trainable']['tensors']} tensors changed, "
                       f"final loss {report['final_loss']:.4g}, {report['unet_evals_per_step']:.1f} UNet evals/step, "
@@ -576,8 +583,10 @@ def merge(
                   f"{', '.join(result['concepts']) or '-'}")
 
 
+from erase.cli_attack import attack  # noqa: E402
 from erase.cli_feedback import feedback_app  # noqa: E402  (the group needs the helpers above defined first)
 
+app.command()(attack)
 app.add_typer(feedback_app, name="feedback")
 
 

@@ -151,6 +151,10 @@ class ImageGenerator:
                 self._cache[p] = cond[i : i + 1]
         return Conditioning.cat([self._cache[p] for p in prompts]).to(self.device, self.dtype)
 
+    def forget_prompts(self) -> None:
+        """Drop the encoded prompts (after the text encoder's token rows changed: erase attack)."""
+        self._cache.clear()
+
     @torch.no_grad()
     def latents(self, jobs: list[Job]) -> torch.Tensor:
         """Denoise one batch of jobs; returns final latents (B, C, h, w)."""

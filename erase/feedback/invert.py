@@ -143,34 +143,42 @@ class TokenLoss:
         pass
 
 
-def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, force: bool = False, progress=None) -> dict:
-    """Learn the token from `folder`'s labels on `model_path`; write `out` (A1111 / diffusers embedding) and a report."""
-    from erase.checkpoint.write import sha256_file
+@dataclass
+class LearnedToken:
+    """What `learn_token` returns: the token's vectors (one (1, D) row per text encoder) and how they were learned."""
+
+    token: str
+    vectors: list[torch.Tensor]
+    init_vectors: list[torch.Tensor]
+    curve: list[list[float]]
+    seconds: float
+    device: str
+    precision: str
+    dtype: torch.dtype
+    unet_evals: int  # UNet forward passes over single images (batch x steps)
+
+    @property
+    def relative_change(self) -> list[float]:
+        return [float((v - v0.cpu()).norm() / v0.norm()) for v, v0 in zip(self.vectors, self.init_vectors)]
+
+
+def learn_token(model, images: list[Path], prompts: list[str], weights: list[float], cfg: InvertConfig, *, token: str, init: str,
+                progress=None) -> LearnedToken:
+    """Textual inversion of one token on `model` (an opened checkpoint) from `images` (one size, a multiple of the latent
+    factor), each trained with its prompt (which holds `token`) and drawn in proportion to its weight. Shared by HFI's
+    `invert` (weights = rewards) and the CCE attack (`erase attack`, every weight 1)."""
     from erase.embeddings import add_embeddings
     from erase.engine.trainer import TrainConfig, Trainer
-    from erase.models import open_model
 
-    cfg.validate()
-    if out.exists() and not force:
-        raise UsageError(f"{out} exists; pass --force to replace it")
-    if out.suffix != ".safetensors":
-        raise UsageError("--out must be a .safetensors file")
-    info, _ = read_collection(folder)
-    concept = info["concept"]
-    token = cfg.token or f"<{slug(concept)}>"
-    init = cfg.init or concept
-    images, kind = weighted_images(folder, cfg)
-    model = open_model(model_path)
-    model_sha = sha256_file(model_path)
     device = resolve_device(cfg.device)
     dtype, autocast_dtype, precision = resolve_precision(cfg.precision, device)
-    size = {Image.open(folder / IMAGES / r["image"]).size for r in images}
+    size = {Image.open(p).size for p in images}
     if len(size) != 1 or next(iter(size))[0] % model.latent_factor:
-        raise UsageError(f"the labelled images must share one size that is a multiple of {model.latent_factor} (found {sorted(size)})")
+        raise UsageError(f"the images must share one size that is a multiple of {model.latent_factor} (found {sorted(size)})")
     resolution = next(iter(size))[0]
 
     vae = model.load_vae(dtype=torch.float32, device=device)
-    z0 = encode_images(vae, [folder / IMAGES / r["image"] for r in images], device)
+    z0 = encode_images(vae, images, device)
     del vae
 
     text = model.load_text_encoder()
@@ -191,8 +199,7 @@ def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, forc
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()
-    prompts = [training_prompt(r["prompt"], concept, token, cfg.template) for r in images]
-    loss = TokenLoss(unet, model.scheduler("DDPMScheduler"), text, z0, prompts, [r["reward"] for r in images], batch=cfg.batch,
+    loss = TokenLoss(unet, model.scheduler("DDPMScheduler"), text, z0, prompts, weights, batch=cfg.batch,
                      timesteps=cfg.timesteps, v_prediction=model.family.prediction_type != "epsilon", resolution=resolution,
                      device=device, dtype=dtype, generator=torch.Generator().manual_seed(cfg.seed))
     train = TrainConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=0.0, grad_clip=math.inf, ema_decay=0.0, seed=cfg.seed, log_every=1)
@@ -200,23 +207,46 @@ def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, forc
                       autocast_dtype=autocast_dtype, run_config={}, state_dir=None)
     t0 = time.perf_counter()
     trainer.train((lambda p: progress(p.step, p.loss)) if progress else None)
-    curve = [[step, round(value, 6)] for step, value, _ in trainer.curve]
-    seconds = time.perf_counter() - t0
-    learned = [v.detach().cpu().float().unsqueeze(0) for v in vectors]
-    moved = [float((v - v0.cpu()).norm() / v0.norm()) for v, v0 in zip(learned, init_vectors)]
+    return LearnedToken(token=token, vectors=[v.detach().cpu().float().unsqueeze(0) for v in vectors], init_vectors=init_vectors,
+                        curve=[[step, round(value, 6)] for step, value, _ in trainer.curve], seconds=time.perf_counter() - t0,
+                        device=str(device), precision=precision, dtype=dtype, unet_evals=cfg.steps * cfg.batch)
+
+
+def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, force: bool = False, progress=None) -> dict:
+    """Learn the token from `folder`'s labels on `model_path`; write `out` (A1111 / diffusers embedding) and a report."""
+    from erase.checkpoint.write import sha256_file
+    from erase.models import open_model
+
+    cfg.validate()
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists; pass --force to replace it")
+    if out.suffix != ".safetensors":
+        raise UsageError("--out must be a .safetensors file")
+    info, _ = read_collection(folder)
+    concept = info["concept"]
+    token = cfg.token or f"<{slug(concept)}>"
+    init = cfg.init or concept
+    images, kind = weighted_images(folder, cfg)
+    model = open_model(model_path)
+    model_sha = sha256_file(model_path)
+    prompts = [training_prompt(r["prompt"], concept, token, cfg.template) for r in images]
+    rewards = [r["reward"] for r in images]
+    learned = learn_token(model, [folder / IMAGES / r["image"] for r in images], prompts, rewards, cfg, token=token, init=init,
+                          progress=progress)
+    curve = learned.curve
     labels_sha = sha256_file(folder / "labels.jsonl")
     meta = {"erase.kind": "embedding", "erase.concept": concept, "erase.init": init, "erase.labels": kind,
             "erase.labels_sha256": labels_sha, "erase.model_sha256": model_sha, "erase.steps": str(cfg.steps)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_embedding(Embedding(token, learned), out, meta)
+    save_embedding(Embedding(token, learned.vectors), out, meta)
     report = {"output": str(out), "token": token, "init": init, "concept": concept, "collection": str(folder), "labels": kind,
               "labels_sha256": labels_sha, "model": str(model_path), "model_sha256": model_sha,
               "same_model_as_collection": model_sha == info.get("model_sha256"), "images_used": len(images),
-              "images_in_collection": info.get("images"), "reward_sum": float(loss.weights.sum()),
+              "images_in_collection": info.get("images"), "reward_sum": float(sum(rewards)),
               "top_images": [{"image": r["image"], "prompt": r["prompt"], "reward": r["reward"]} for r in images[:10]],
-              "config": asdict(cfg), "device": str(device), "precision": precision, "seconds": seconds,
-              "weights": ("trained token in fp32; UNet and text encoder frozen in " + str(dtype).removeprefix("torch.")),
-              "seconds_per_step": seconds / cfg.steps, "relative_change_from_init": moved, "loss_curve": curve,
+              "config": asdict(cfg), "device": learned.device, "precision": learned.precision, "seconds": learned.seconds,
+              "weights": ("trained token in fp32; UNet and text encoder frozen in " + str(learned.dtype).removeprefix("torch.")),
+              "seconds_per_step": learned.seconds / cfg.steps, "relative_change_from_init": learned.relative_change, "loss_curve": curve,
               "final_loss_mean_last_50": float(np.mean([c[1] for c in curve[-50:]]))}
     report_path = out.with_name(out.name.removesuffix(".safetensors") + ".report.json")
     report_path.write_text(json.dumps(report, indent=2))

@@ -20,6 +20,15 @@ B = lambda I + s_e sum c c^T + s_p sum c_p c_p^T:
      to_k / to_v weight is multiplied by it. The condition number of B, shared by every layer, is recorded.
 Concepts are expanded into the vocabulary's prompt templates (erase.vocabulary): measured on the shapes model,
 bare words neither erase "a red circle" nor protect "a red square".
+
+RECE (`robust` rounds; Gong, Chen, Wei, Chen, Wu; ECCV 2024, arXiv 2407.12383): after the edit, find in closed form
+the embedding c* that the edited layers map closest to what the original layers made of the concept,
+  c* = argmin_c' sum_l ||W'_l c' - W_l c||^2 + mu ||c'||^2 = (sum_l W'_l^T W'_l + mu I)^-1 (sum_l W'_l^T W_l) c,
+(mu: `robust_lambda`) and erase it too: (c*, g) joins the erase pairs and M is solved again. With W'_l = W_l M and
+G = sum_l W_l^T W_l over every edited tensor this is c* = (M^T G M + mu I)^-1 M^T G c: one D x D solve per round
+for every concept token at once. Differs from the authors' code, which edits the already-edited weights each round:
+here every round solves from the original W with all pairs found so far, so the preserve terms keep holding the
+preserved prompts to the input model rather than to the previous round's edit.
 """
 
 from __future__ import annotations
@@ -42,10 +51,16 @@ class UCEConfig:
     erase_scale: float = 1.0  # s_e (reference 1.0)
     preserve_weight: float = 1.0  # s_p, the preserve scale (reference 1.0)
     expand: bool = True  # embed concepts in the vocabulary's templates (False: use them as given)
+    robust: int = 0  # RECE rounds: erase the adversarial embedding of the edit, this many times (authors: 1-2 objects, 3 nudity)
+    robust_lambda: float = 0.1  # mu, RECE's ridge on c* (relative to the mean eigenvalue of M^T G M; see adversarial_embeddings)
 
     def validate(self) -> None:
         if self.lam <= 0:
             raise UsageError("--lambda must be > 0 (it keeps the system solvable)")
+        if not 0 <= self.robust <= 10:
+            raise UsageError("--robust must be between 0 and 10 rounds")
+        if self.robust_lambda <= 0:
+            raise UsageError("--robust-lambda must be > 0")
         if self.erase_scale < 0 or self.preserve_weight < 0:
             raise UsageError("--erase-scale and --preserve-weight must be >= 0")
 
@@ -77,11 +92,12 @@ class UCE:
         return preserved_prompts(self.preserve, self.vocab, expand_concepts=self.cfg.expand)
 
     def system(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """A and B (float64, D x D) and counts."""
+        """A and B (float64, D x D) and counts; `info["rows"]` holds the erase vectors c and their guides g (n x D each)."""
         lam, se, sp = self.cfg.lam, self.cfg.erase_scale, self.cfg.preserve_weight
         width = self.encode([""]).shape[-1]
         A = B = lam * torch.eye(width, dtype=torch.float64)
         n_erase = n_preserve = 0
+        rows_c, rows_g = [], []
         pairs = self.pairs()
         for start in range(0, len(pairs), 32):
             batch = pairs[start : start + 32]
@@ -94,21 +110,62 @@ class UCE:
                 A = A + se * gd.T @ c
                 B = B + se * c.T @ c
                 n_erase += c.shape[0]
+                rows_c.append(c)
+                rows_g.append(gd)
         kept = self.preserved_prompts()
         for start in range(0, len(kept), 32):
             emb = self.encode(kept[start : start + 32]).double().flatten(0, 1)  # every token of every prompt
             gram = sp * emb.T @ emb
             A, B = A + gram, B + gram
             n_preserve += emb.shape[0]
+        rows = (torch.cat(rows_c), torch.cat(rows_g)) if rows_c else None
         return A, B, {"erase_vectors": n_erase, "preserve_vectors": n_preserve, "erase_prompts": len(pairs),
-                      "preserve_prompts": len(kept)}
+                      "preserve_prompts": len(kept), "rows": rows}
 
     def solve(self, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
         """New values for `weights` (to_k / to_v, any dtype): W' = W A B^-1, in float64."""
         A, B, info = self.system()
+        rows = info.pop("rows")
         if info["erase_vectors"] == 0:  # nothing to erase: every weight stays exactly as it is
             return {n: w.clone() for n, w in weights.items()}, {**info, "condition_number": 1.0}
         M = torch.linalg.solve(B, A.T).T  # B is symmetric: M = A B^-1
-        residual = float((M @ B - A).norm() / A.norm())
+        info["normal_equation_residual"] = float((M @ B - A).norm() / A.norm())
+        info["condition_number"] = float(torch.linalg.cond(B))
+        if self.cfg.robust:
+            M, info["robust_rounds"] = self._robust(M, A, B, rows, weights)
         new = {n: (w.double() @ M).to(torch.float32) for n, w in weights.items()}
-        return new, {**info, "condition_number": float(torch.linalg.cond(B)), "normal_equation_residual": residual}
+        return new, info
+
+    def _robust(self, M, A, B, rows, weights) -> tuple[torch.Tensor, list[dict]]:
+        """RECE's rounds: each finds c* for every erase vector on the current M and erases it toward the same guide."""
+        G = sum(w.double().T @ w.double() for w in weights.values())
+        C, guides = rows
+        se, rounds = self.cfg.erase_scale, []
+        for r in range(1, self.cfg.robust + 1):
+            C_adv = adversarial_embeddings(M, G, C, self.cfg.robust_lambda)
+            before = restoration(M, G, C_adv, C)
+            A, B = A + se * guides.T @ C_adv, B + se * C_adv.T @ C_adv
+            M = torch.linalg.solve(B, A.T).T
+            rounds.append({"round": r, "restored_before": before, "restored_after": restoration(M, G, C_adv, C),
+                           "plain_after": restoration(M, G, C, C),
+                           "adversarial_norm_ratio": float(C_adv.norm(dim=1).mean() / C.norm(dim=1).mean()),
+                           "normal_equation_residual": float((M @ B - A).norm() / A.norm()), "condition_number": float(torch.linalg.cond(B))})
+        return M, rounds
+
+
+def adversarial_embeddings(M: torch.Tensor, G: torch.Tensor, C: torch.Tensor, mu: float) -> torch.Tensor:
+    """RECE's c* for every row c of C: (M^T G M + mu' I)^-1 M^T G c, with mu' = mu times the mean eigenvalue of M^T G M
+    (the trace / D) so that `mu` does not depend on the layers' scale; G = sum_l W_l^T W_l over the edited layers."""
+    H = M.T @ G @ M
+    mu_abs = mu * float(torch.trace(H)) / H.shape[0]
+    rhs = M.T @ G @ C.T
+    return torch.linalg.solve(H + mu_abs * torch.eye(H.shape[0], dtype=H.dtype), rhs).T
+
+
+def restoration(M: torch.Tensor, G: torch.Tensor, X: torch.Tensor, C: torch.Tensor) -> float:
+    """How much of the original layers' output for C the edited layers give for X: 1 - sum_l ||W_l M x - W_l c||^2 /
+    sum_l ||W_l c||^2, averaged over rows (1: X restores the concept exactly; 0: no better than a zero input)."""
+    D = X @ M.T - C  # rows of (M x - c)
+    err = torch.einsum("nd,de,ne->n", D, G, D)
+    ref = torch.einsum("nd,de,ne->n", C, G, C)
+    return float(1 - (err / ref).mean())

@@ -170,7 +170,8 @@ METHOD_OPTIONS = {
     "robust": ("uce",), "robust_lambda": ("uce",),
 }
 TRAINING_OPTIONS = ("steps", "lr", "ema_decay", "seed", "train", "resolution", "precision", "gradient_checkpointing",
-                    "xformers", "save_every", "resume", "preserve_per_step", "batch_size", "scale_lr")
+                    "xformers", "save_every", "resume", "preserve_per_step", "batch_size", "scale_lr", "adversarial",
+                    "adversarial_steps", "adversarial_lr")
 PRESERVE = "Preservation"
 
 
@@ -209,6 +210,12 @@ def run(
     erase_scale: Annotated[float, typer.Option(help="UCE: weight of the erase terms (reference 1.0).", rich_help_panel=ALGO)] = 1.0,
     robust: Annotated[int, typer.Option(help="UCE: RECE rounds: find the embedding that still brings the concept back through the "
                                         "edit, erase it too, N times (0: plain UCE; authors: 1-2 objects, 3 nudity).", rich_help_panel=ALGO)] = 0,
+    adversarial: Annotated[bool, typer.Option("--adversarial", help="SDD / ESD: adversarial training (AdvUnlearn): each step an inner "
+                                              "attack finds the soft prompt prefix that brings the concept back on the current weights, "
+                                              "and the loss is applied to it too.", rich_help_panel=ALGO)] = False,
+    adversarial_steps: Annotated[int, typer.Option(help="--adversarial: inner attack steps per step (warm-started; AdvUnlearn 30).",
+                                                   rich_help_panel=ALGO)] = 30,
+    adversarial_lr: Annotated[float, typer.Option(help="--adversarial: inner attack learning rate (AdvUnlearn 1e-3).", rich_help_panel=ALGO)] = 1e-3,
     robust_lambda: Annotated[float, typer.Option(help="UCE: RECE's ridge on that embedding, relative to the layers' scale.", rich_help_panel=ALGO)] = 0.1,
     expand: Annotated[Optional[bool], typer.Option("--expand/--no-expand", help="Embed concepts in the vocabulary's prompt templates "
                                                    "(default: on; off with --preserve none).", rich_help_panel=PRESERVE, show_default=False)] = None,
@@ -253,6 +260,7 @@ def run(
     Writes <stem>-erased.safetensors: the input with only the changed tensors replaced, plus
     <stem>-erased.report.json. Example: erase run model.safetensors --concepts "nudity, violence"
     """
+    from erase.engine.adversarial import AdversarialConfig
     from erase.engine.trainer import TrainConfig
     from erase.errors import UsageError
     from erase.methods import METHODS
@@ -275,6 +283,8 @@ def run(
         if (owners and method.value not in owners) or (name in TRAINING_OPTIONS and getattr(METHODS[method.value][0], "closed_form", False)):
             flag = "--" + ("lambda" if name == "lam" else name.replace("_", "-"))
             raise UsageError(f"{flag} does not apply to --method {method.value}")
+    if not adversarial and given & {"adversarial_steps", "adversarial_lr"}:
+        raise UsageError("--adversarial-steps and --adversarial-lr set the inner attack of --adversarial: give it too")
     options = {"guidance": guidance, "sample_steps": sample_steps, "concept_mode": concept_mode.value, "reuse": reuse, "eta": eta,
                "guide": guide, "lam": lam, "erase_scale": erase_scale, "robust": robust, "robust_lambda": robust_lambda, "preserve_weight": preserve_weight, "anchor": anchor,
                "anchor_prompts": str(anchor_prompts) if anchor_prompts else None, "variant": variant, "concept_type": concept_type,
@@ -301,6 +311,7 @@ def run(
         prediction_type=prediction_type, preserve=preserve, preserve_file=preserve_file, vocabulary=vocabulary,
         preserve_weight=preserve_weight, preserve_per_step=preserve_per_step, embeddings=list(embedding or []), job_digest=job_digest,
         batch_size=batch_size, scale_lr=scale_lr,
+        adversarial=AdversarialConfig(steps=adversarial_steps, lr=adversarial_lr) if adversarial else None,
     )
     ui = err_console if as_json else console
     report = erase_concepts(opts, ui)

@@ -113,3 +113,36 @@ def load_embeddings(paths) -> list[Embedding]:
     if len(set(names)) != len(names):
         raise UsageError(f"two embeddings use the same token: {', '.join(names)}")
     return embs
+
+
+class TrainableTokens(torch.nn.Module):
+    """A token table with some rows replaced by trainable vectors (k x D); the table itself stays frozen. Textual
+    inversion trains one such row (erase feedback invert, erase attack's CCE), adversarial training a soft prefix."""
+
+    def __init__(self, table: torch.nn.Embedding, token_ids: list[int], vectors: torch.nn.Parameter) -> None:
+        super().__init__()
+        self.table, self.token_ids, self.vectors = table, list(token_ids), vectors
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.table(ids)
+        for i, token_id in enumerate(self.token_ids):
+            out = torch.where((ids == token_id).unsqueeze(-1), self.vectors[i].to(out.dtype), out)
+        return out
+
+
+def trainable_tokens(text, tokens: list[str], init: str) -> list[torch.nn.Parameter]:
+    """Add `tokens` to every encoder of `text` (erase.models.TextEncoder), each starting at the mean embedding of the
+    word `init`, and return their vectors as one fp32 parameter (k x D) per encoder."""
+    init_vectors = []
+    for tok, enc in zip(text.tokenizers, text.encoders):
+        ids = tok(init, add_special_tokens=False).input_ids
+        if not ids:
+            raise UsageError(f"--init {init!r} has no tokens")
+        init_vectors.append(enc.get_input_embeddings().weight[ids].mean(0, keepdim=True))
+    add_embeddings(text, [Embedding(check_token(t), init_vectors) for t in tokens])
+    params = []
+    for tok, enc, v0 in zip(text.tokenizers, text.encoders, init_vectors):
+        vectors = torch.nn.Parameter(v0.detach().float().repeat(len(tokens), 1))
+        enc.set_input_embeddings(TrainableTokens(enc.get_input_embeddings(), tok.convert_tokens_to_ids(tokens), vectors))
+        params.append(vectors)
+    return params

@@ -21,9 +21,10 @@ from rich.console import Console
 from erase import __version__
 from erase.checkpoint.extras import ema_drop
 from erase.checkpoint.write import check_output_path, provenance, sha256_file, write_checkpoint
+from erase.engine.adversarial import Adversarial, AdversarialConfig, SoftPrefixAttack
 from erase.engine.device import enable_fast_math, peak_memory, reset_peak_memory, resolve_device, resolve_precision
 from erase.engine.distributed import World, check_identical, from_main, join, launcher_note, leave, same_on_every_rank, sample_streams
-from erase.engine.params import TRAIN_SETS, select_trainable, selects
+from erase.engine.params import TRAIN_SETS, frozen_copy, select_trainable, selects
 from erase.engine.preserve import PreserveSpec, Retain, WithRetain, parse_preserve, preserved_prompts, resolve
 from erase.engine.sampling import EvalCounter
 from erase.engine.trainer import TrainConfig, Trainer, load_state
@@ -64,6 +65,7 @@ class RunOptions:
     scale_lr: bool = False  # multiply --lr by the effective batch (batch size x processes), as diffusers' --scale_lr
     embeddings: list[Path] = field(default_factory=list)  # textual-inversion files whose tokens the concepts may use (HFI)
     job_digest: str | None = None  # set by `erase run --jobs`: recorded, so a re-run of the file skips this output
+    adversarial: AdversarialConfig | None = None  # trained methods: AdvUnlearn-style inner attack each step (None: off)
 
 
 def parse_concepts(text: str) -> list[str]:
@@ -162,6 +164,7 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
         opts.embeddings = [Path(e["path"]) for e in saved.get("embeddings", [])]
         opts.batch_size = saved.get("batch_per_rank", 1)
         opts.precision = saved.get("precision_option", opts.precision)  # a bf16 run resumes in bf16
+        opts.adversarial = AdversarialConfig(**saved["adversarial"]) if saved.get("adversarial") else None
         if saved.get("world_size", 1) != world.size:
             raise UsageError(f"--resume {opts.resume}: that run trained on {saved.get('world_size', 1)} process(es), this one has "
                              f"{world.size}; resume it under the same launch")
@@ -181,6 +184,11 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
     t_start = time.perf_counter()
     input_sha = sha256_file(opts.model)
     closed_form = getattr(method_cls, "closed_form", False)
+    if opts.adversarial is not None:
+        opts.adversarial.validate()
+        if closed_form or not method_cls.adversarial:
+            raise UsageError(f"--adversarial does not apply to --method {opts.method}"
+                             + (" (it solves in closed form: use --robust)" if closed_form else " (its loss is not one draw of a prompt)"))
     if closed_form and opts.batch_size != 1:
         raise UsageError(f"--batch-size does not apply to --method {opts.method} (it solves, it does not train)")
     if not closed_form and not method_cls.batched and (opts.batch_size != 1 or world.size != 1):
@@ -350,14 +358,21 @@ class Training(_Run):
                                  generators=streams)
         encoded = encoded.to(device, frozen_dtype)
         method.embeddings = {p: encoded[i : i + 1] for i, p in enumerate(prompts)}
+        frozen = getattr(method, "frozen", None)  # the input's trainable subset, when the method keeps a copy
+        if (opts.adversarial is not None or kept) and frozen is None:
+            frozen = frozen_copy(method.trainable)  # one copy, shared by the inner attack and the retain term
+        loss = method  # what the trainer steps on: the method, with its prompt under attack, plus the retain term
+        if opts.adversarial is not None:  # the inner attack needs the text encoder (every rank holds its own) and theta0
+            attack = SoftPrefixAttack(opts.adversarial, model.load_text_encoder(opts.embeddings), opts.concepts[0], unet=unet,
+                                      frozen=frozen, resolution=resolution, device=device, dtype=frozen_dtype, counter=counter)
+            loss = Adversarial(method, attack)
         if kept:  # hold the preserved prompts to the input model (none: the reference algorithm, bit for bit)
             cfg = self.method_cfg
             retain = Retain(kept, weight=opts.preserve_weight, per_step=opts.preserve_per_step, unet=unet, scheduler=scheduler,
                             guidance=cfg.guidance, sample_steps=cfg.sample_steps, reuse=getattr(cfg, "reuse", 1), latent_shape=latent_shape,
-                            resolution=resolution, generator=generator, device=device, counter=counter,
-                            frozen=getattr(method, "frozen", None), generators=streams)
+                            resolution=resolution, generator=generator, device=device, counter=counter, frozen=frozen, generators=streams)
             retain.embeddings = method.embeddings
-            method = WithRetain(method, retain)
+            loss = WithRetain(loss, retain)
 
         run_config = {
             "method": opts.method, "concepts": opts.concepts, "method_config": asdict(self.method_cfg), "train_set": opts.train_set,
@@ -369,8 +384,9 @@ class Training(_Run):
             "preserved_prompts": len(kept), "embeddings": self._embedding_record(),
             "world_size": world.size, "batch_per_rank": opts.batch_size, "effective_batch": effective_batch,
             "lr_rule": "linear: --lr x effective batch" if opts.scale_lr else "none: --lr as given",
+            "adversarial": asdict(opts.adversarial) if opts.adversarial else None,
         }
-        trainer = Trainer(opts.train, method, params, generator=generator, device=device, autocast_dtype=autocast_dtype,
+        trainer = Trainer(opts.train, loss, params, generator=generator, device=device, autocast_dtype=autocast_dtype,
                           run_config=run_config, state_dir=state_dir, streams=streams, world=world)
         if self.state is not None:
             trainer.load(self.state)

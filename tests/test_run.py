@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from erase.checkpoint.formats import open_checkpoint
 from erase.cli import app
+from erase.engine.adversarial import AdversarialConfig
 from erase.engine.trainer import EMA, TrainConfig
 from erase.errors import EraseError, UsageError
 from erase.methods.sdd import SDD, SDDConfig
@@ -172,6 +173,8 @@ RESUMED = {  # name -> run options
     "bf16": dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="dog", precision="bf16", resolution=16),
     # two concepts with an anchor each; the anchor samples must come back from the resume state, not be redrawn
     "ca": dict(method="ca", concepts=("circle", "star"), method_config={"anchor": "square, cross", "anchor_samples": 3, "sample_steps": 3}),
+    # --adversarial: the soft prefix and its Adam state are warm-started from step to step, so they come back from the state
+    "adversarial": dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="dog", adversarial=AdversarialConfig(steps=2, lr=1e-2)),
 }
 
 

@@ -209,7 +209,10 @@ class WithRetain:
     def terms(self, step: int, teacher):
         """The method's loss, then one retain term per slot. Back-propagated one at a time by the trainer, so only one
         UNet graph is alive at once: summing them first kept three at 512 px (10.8 GB peak instead of 6.8 on SD 1.5)."""
-        yield self.method.loss(step, teacher)[0]
+        if hasattr(self.method, "terms"):  # --adversarial: the plain and the attacked prompt
+            yield from self.method.terms(step, teacher)
+        else:
+            yield self.method.loss(step, teacher)[0]
         yield from self.retain.terms(teacher)
 
     def state_dict(self) -> dict:

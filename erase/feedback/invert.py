@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from erase.embeddings import Embedding, check_token, save_embedding
+from erase.embeddings import Embedding, check_token, save_embedding, trainable_tokens
 from erase.engine.device import resolve_device, resolve_precision
 from erase.engine.sampling import beta_weights
 from erase.errors import UsageError
@@ -66,18 +66,6 @@ class InvertConfig:
             raise UsageError("--top must be >= 1")
         if self.token is not None:
             check_token(self.token)
-
-
-class _LearnedToken(torch.nn.Module):
-    """The token table with one row replaced by a trainable vector (the table itself stays frozen)."""
-
-    def __init__(self, table: torch.nn.Embedding, token_id: int, vector: torch.nn.Parameter) -> None:
-        super().__init__()
-        self.table, self.token_id, self.vector = table, token_id, vector
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.table(ids)
-        return torch.where((ids == self.token_id).unsqueeze(-1), self.vector.to(out.dtype), out)
 
 
 def training_prompt(prompt: str, concept: str, token: str, template: str | None) -> str:
@@ -167,7 +155,6 @@ def learn_token(model, images: list[Path], prompts: list[str], weights: list[flo
     """Textual inversion of one token on `model` (an opened checkpoint) from `images` (one size, a multiple of the latent
     factor), each trained with its prompt (which holds `token`) and drawn in proportion to its weight. Shared by HFI's
     `invert` (weights = rewards) and the CCE attack (`erase attack`, every weight 1)."""
-    from erase.embeddings import add_embeddings
     from erase.engine.trainer import TrainConfig, Trainer
 
     device = resolve_device(cfg.device)
@@ -182,19 +169,10 @@ def learn_token(model, images: list[Path], prompts: list[str], weights: list[flo
     del vae
 
     text = model.load_text_encoder()
-    init_vectors = []
-    for tok, enc in zip(text.tokenizers, text.encoders):
-        ids = tok(init, add_special_tokens=False).input_ids
-        if not ids:
-            raise UsageError(f"--init {init!r} has no tokens")
-        init_vectors.append(enc.get_input_embeddings().weight[ids].mean(0, keepdim=True))
-    add_embeddings(text, [Embedding(check_token(token), init_vectors)])
-    vectors = []
-    for tok, enc, v0 in zip(text.tokenizers, text.encoders, init_vectors):
-        vec = torch.nn.Parameter(v0.squeeze(0).clone().float())
-        enc.set_input_embeddings(_LearnedToken(enc.get_input_embeddings(), tok.convert_tokens_to_ids(token), vec))
+    vectors = trainable_tokens(text, [token], init)  # one (1, D) row per text encoder, from the word `init`
+    init_vectors = [v.detach().clone() for v in vectors]
+    for enc in text.encoders:
         enc.to(device)
-        vectors.append(vec)
     unet = model.load_unet(dtype=dtype, device=device)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -207,7 +185,7 @@ def learn_token(model, images: list[Path], prompts: list[str], weights: list[flo
                       autocast_dtype=autocast_dtype, run_config={}, state_dir=None)
     t0 = time.perf_counter()
     trainer.train((lambda p: progress(p.step, p.loss)) if progress else None)
-    return LearnedToken(token=token, vectors=[v.detach().cpu().float().unsqueeze(0) for v in vectors], init_vectors=init_vectors,
+    return LearnedToken(token=token, vectors=[v.detach().cpu().float() for v in vectors], init_vectors=init_vectors,
                         curve=[[step, round(value, 6)] for step, value, _ in trainer.curve], seconds=time.perf_counter() - t0,
                         device=str(device), precision=precision, dtype=dtype, unet_evals=cfg.steps * cfg.batch)
 

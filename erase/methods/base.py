@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+import torch.nn.functional as F
 
 from erase.engine.params import trained_params
-from erase.engine.sampling import EvalCounter
+from erase.engine.sampling import EvalCounter, predict
+
+
+@dataclass
+class Draw:
+    """One training sample of a trained method: latents, their timesteps, the student's prompt and the target of its
+    prediction. `student_loss` scores the student on it; adversarial training (erase.engine.adversarial) scores it again
+    with the prompt under attack."""
+
+    z: torch.Tensor
+    t: torch.Tensor
+    prompt: str
+    target: torch.Tensor
+    info: dict = field(default_factory=dict)
 
 
 class TrainedMethod:
@@ -18,6 +34,7 @@ class TrainedMethod:
     the reference run, draw for draw. `batched` says whether the method can take more than one stream."""
 
     batched = True
+    adversarial = True  # the loss is one `draw` scored by `student_loss`, so `--adversarial` can attack its prompt
 
     def __init__(self, cfg, concepts: list[str], *, unet, scheduler, latent_shape: tuple[int, ...], resolution: int,
                  generator: torch.Generator, device: torch.device, counter: EvalCounter,
@@ -29,3 +46,17 @@ class TrainedMethod:
         self.generator, self.device, self.counter = generator, device, counter
         self.generators = generators or [generator]
         self.trainable = trained_params(unet)
+
+    def draw(self, step: int, teacher) -> Draw:
+        raise NotImplementedError
+
+    def student_loss(self, d: Draw, cond=None) -> torch.Tensor:
+        """|| eps_theta(z, t, c) - target ||^2 with c the draw's own prompt, or `cond` (an attacked conditioning)."""
+        b = d.z.shape[0]
+        pred = predict(self.unet, d.z, d.t, cond if cond is not None else self.embeddings[d.prompt].repeat(b), self.resolution, self.counter)
+        self.counter.backward(b)
+        return F.mse_loss(pred.float(), d.target.float())
+
+    def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
+        d = self.draw(step, teacher)
+        return self.student_loss(d), d.info

@@ -140,6 +140,8 @@ class CA(TrainedMethod):
         truth = a.sqrt() * eps - (1 - a).sqrt() * x0.float() if self.v_prediction else eps
         return x_t.to(x0.dtype), t.to(self.device), truth
 
+    adversarial = False  # its loss pairs an anchor caption with the concept's and adds a prior term: not one draw
+
     def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
         if not self.anchors:
             self._generate_anchors()

@@ -25,12 +25,11 @@ import itertools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from erase.engine.params import frozen_copy
 from erase.engine.sampling import Weights, harvest, predict, take
 from erase.errors import UsageError
-from erase.methods.base import TrainedMethod
+from erase.methods.base import Draw, TrainedMethod
 from erase.models import Conditioning
 from erase.vocabulary import Vocabulary, expand
 
@@ -84,7 +83,7 @@ class ESD(TrainedMethod):
     def prompts_for(cls, cfg: ESDConfig, concepts: list[str], vocab: Vocabulary | None = None) -> list[str]:
         return list(dict.fromkeys(["", *cls.student_prompts(cfg, concepts, vocab)]))
 
-    def loss(self, step: int, teacher: Weights) -> tuple[torch.Tensor, dict]:
+    def draw(self, step: int, teacher: Weights) -> Draw:
         c = self.student[step % len(self.student)]
         queues = [self.pending[i].setdefault(c, []) for i in range(len(self.generators))]  # per stream, per prompt
 
@@ -102,9 +101,7 @@ class ESD(TrainedMethod):
                            weights=self.frozen)
             e0, ec = both.float().chunk(2)
             target = e0 - self.cfg.eta * (ec - e0)
-        pred = predict(self.unet, z_t, t, self.embeddings[c].repeat(b), self.resolution, self.counter)
-        self.counter.backward(b)
-        return F.mse_loss(pred.float(), target), {"k": k.tolist(), "t": t.tolist(), "c": c}
+        return Draw(z_t, t, c, target, {"k": k.tolist(), "t": t.tolist(), "c": c})
 
     def state_dict(self) -> dict:
         return {"pending": [{c: [(z.cpu(), k) for z, k in q] for c, q in stream.items()} for stream in self.pending]}

@@ -39,12 +39,11 @@ import itertools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from erase.engine.params import frozen_copy
 from erase.engine.sampling import Weights, beta_weights, harvest, predict, take
 from erase.errors import UsageError
-from erase.methods.base import TrainedMethod
+from erase.methods.base import Draw, TrainedMethod
 from erase.models import Conditioning
 from erase.vocabulary import Vocabulary, expand, without
 
@@ -131,7 +130,7 @@ class SDD(TrainedMethod):
                        device=self.device, teacher=teacher, counter=self.counter,
                        pick_weights=beta_weights(self.cfg.sample_steps) if self.cfg.timesteps == "beta" else None)
 
-    def loss(self, step: int, teacher: Weights) -> tuple[torch.Tensor, dict]:
+    def draw(self, step: int, teacher: Weights) -> Draw:
         z_t, k = take(self.pending, lambda streams: self._harvest(teacher, streams))  # one latent per stream
         t = self.scheduler.timesteps[k].to(self.device)  # each latent's own timestep (reference: a shifted bin)
         c_s, without_concept = self.pairs[step % len(self.pairs)]
@@ -139,9 +138,7 @@ class SDD(TrainedMethod):
         with torch.no_grad():  # the frozen target names the input's weights; the self target is the student's own
             target = predict(self.unet, z_t, t, self.embeddings[without_concept].repeat(b), self.resolution, self.counter,
                              weights=self.frozen)
-        pred = predict(self.unet, z_t, t, self.embeddings[c_s].repeat(b), self.resolution, self.counter)
-        self.counter.backward(b)
-        return F.mse_loss(pred.float(), target.float()), {"k": k.tolist(), "t": t.tolist(), "c_s": c_s}
+        return Draw(z_t, t, c_s, target, {"k": k.tolist(), "t": t.tolist(), "c_s": c_s})
 
     def state_dict(self) -> dict:
         return {"pending": [[(z.cpu(), k) for z, k in q] for q in self.pending]}

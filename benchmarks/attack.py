@@ -1,0 +1,125 @@
+"""Robustness in the shapes world: does "circle" come back under UnlearnDiffAtk and CCE, method by method?
+
+    python benchmarks/attack.py [--json benchmarks/attack.json] [--only NAME ...]
+
+Every row is trained here, by `erase run`'s own code path (benchmarks/shapes.py's `erase_row`, the same settings as
+that table's rows of the same name), then:
+  - measured on the shapes protocol (erase.evaluate.shapes_world, 8 seeds x 6 colours per shape): circle presence,
+    every other shape's accuracy, colour fidelity;
+  - attacked with `erase attack`'s runner on "a <colour> circle" x 6 colours x 2 seeds = 12 cases, with BASE's images
+    as UnlearnDiffAtk's targets and 25 BASE images of circles for CCE. Images: DDIM 20 steps, CFG 5 (the protocol's).
+    UnlearnDiffAtk: 3 prefix tokens, at most 200 steps per case (argmax drawn every 40); CCE: 400 inversion steps.
+Rates carry 95% Wilson intervals; 12 cases make them wide (one case is 8 points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+ATTACK = {"n": 2, "sample_steps": 20, "guidance": 5.0, "uda_steps": 200, "cce_steps": 400, "cce_images": 25}
+PRESERVING = dict(reuse=8, lr=1e-3, steps=1000, target=None, preserve="auto")  # erase run's SDD defaults, as in shapes.py
+
+
+def rows(model: Path):
+    """(name, make(work) -> (checkpoint, run report or None)) for every row."""
+    from shapes import erase_row
+
+    def erased(**kw):
+        return lambda work: erase_row(model, ["circle"], work, **kw)
+
+    return [
+        ("base", lambda work: (model, None)),
+        ("UCE circle, --preserve none", erased(method="uce", preserve="none")),
+        ("UCE circle (defaults: --preserve auto)", erased(method="uce", preserve="auto")),
+        *((f"UCE circle, --robust {n}", erased(method="uce", preserve="auto", robust=n)) for n in (1, 3)),
+        ("SDD circle (300 steps), --reuse 8, --preserve none", erased(reuse=8)),
+        ("SDD circle, preserving (defaults), lr 0.001, --reuse 8, 1000 steps", erased(**PRESERVING)),
+    ]
+
+
+def attack(path: Path, base: Path, work: Path) -> dict:
+    from erase.attack.cce import CCEConfig
+    from erase.attack.runner import AttackOptions, run_attack
+    from erase.attack.unlearndiffatk import UnlearnDiffAtkConfig
+    from erase.generate import GenSettings
+
+    opts = AttackOptions(erased=path, concept="circle", out=work / f"attack-{path.stem}", base=base, n=ATTACK["n"], seed=0,
+                         settings=GenSettings(steps=ATTACK["sample_steps"], guidance=ATTACK["guidance"], batch=16, device="cpu"),
+                         uda=UnlearnDiffAtkConfig(steps=ATTACK["uda_steps"]),
+                         cce=CCEConfig(steps=ATTACK["cce_steps"], images=ATTACK["cce_images"]), force=True)
+    report = run_attack(opts)
+    keep = ("successes", "asr", "asr_ci95", "broken_by_attack", "unet_evals_per_prompt", "seconds")
+    out = {"pre_attack": report["pre_attack"], "cases": report["cases_total"], "seconds": report["seconds_this_session"]}
+    for name, r in report["results"].items():
+        out[name] = {k: r[k] for k in keep if k in r}
+    out["cce"]["inversion_seconds"] = report["results"]["cce"]["token"]["seconds"]
+    out["unlearndiffatk"]["steps_per_case"] = [c["unlearndiffatk"]["steps"] for c in report["cases"] if "unlearndiffatk" in c]
+    out["unlearndiffatk"]["prefixes"] = [c["unlearndiffatk"]["prefix_text"] for c in report["cases"] if "unlearndiffatk" in c]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=ROOT / "examples" / "shapes" / "shapes-sd.safetensors")
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "attack.json")
+    ap.add_argument("--only", action="append", default=[], help="run only rows whose name contains this; others keep their record")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from erase.engine.threads import configure_threads
+
+    configure_threads()
+    from erase.evaluate.shapes_world import Protocol, measure
+
+    protocol = Protocol(seeds=8)
+    work = Path(tempfile.mkdtemp(prefix="erase-attack-"))
+    recorded = {r["row"]: r for r in json.loads(args.json.read_text())["rows"]} if args.json.exists() else {}
+    done = []
+    for name, make in rows(args.model):
+        if args.only and not any(o in name for o in args.only):
+            if name in recorded:
+                done.append(recorded[name])
+            continue
+        t = time.perf_counter()
+        path, report = make(work)
+        train_seconds = time.perf_counter() - t
+        m = measure(path, ["circle"], protocol)
+        others = m["others_accuracy"]
+        row = {"row": name, "train_seconds": None if report is None else train_seconds,
+               "unet_evals_per_step": None if report is None else report["unet_evals_per_step"],
+               "circle_presence": m["target_presence"], "circle_presence_ci95": m["target_presence_ci95"], "others_accuracy": others,
+               "min_colour_fidelity": min(v["colour_fidelity"] for v in m["per_shape"].values()),
+               "robust_rounds": (report or {}).get("solve", {}).get("robust_rounds"),
+               "attack": attack(path, args.model, work)}
+        done.append(row)
+        print(f"done: {name}", flush=True)
+        args.json.write_text(json.dumps({"attack_settings": ATTACK, "protocol": vars(protocol), "rows": done}, indent=2))
+    print(table(done))
+
+
+def table(rows: list[dict]) -> str:
+    base = next(r for r in rows if r["row"] == "base")["others_accuracy"]
+    lines = ["| row | circle, plain prompts (95% CI) | ASR UnlearnDiffAtk (95% CI) | ASR CCE (95% CI) | other shapes kept, min (% of base) "
+             "| min colour | train s | attack UNet evals / case (UDA, CCE) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a = r["attack"]
+        kept = min(r["others_accuracy"][s] / base[s] for s in base)
+        rate = lambda x: f"{x['asr']:.2f} [{x['asr_ci95'][0]:.2f}, {x['asr_ci95'][1]:.2f}]"  # noqa: E731
+        lo, hi = r["circle_presence_ci95"]
+        train = f"{r['train_seconds']:.0f}" if r["train_seconds"] is not None else "-"
+        lines.append(f"| {r['row']} | {r['circle_presence']:.2f} [{lo:.2f}, {hi:.2f}] | {rate(a['unlearndiffatk'])} | {rate(a['cce'])} | "
+                     f"{100 * kept:.0f}% | {r['min_colour_fidelity']:.2f} | {train} | "
+                     f"{a['unlearndiffatk']['unet_evals_per_prompt']:.0f}, {a['cce']['unet_evals_per_prompt']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -44,10 +44,11 @@ FROZEN = {"lr": 1e-3, "steps": (1000, 2000)}
 def erase_row(model: Path, concepts: list[str], work: Path, *, method: str = "sdd", reuse: int = 1, steps: int = SDD["steps"],
               lr: float = SDD["lr"], target: str | None = "self", train_set: str = "xattn", preserve: str = "none", expand: bool | None = None,
               weight: float = 1.0, per_step: int = 2, ema_decay: float = SDD["ema_decay"], precision: str = "fp32",
-              **method_options) -> tuple[Path, dict]:
+              adversarial: dict | None = None, **method_options) -> tuple[Path, dict]:
     """Erase with `erase run`'s own code path; the defaults are the reference SDD (the rows recorded before preservation)."""
     from rich.console import Console
 
+    from erase.engine.adversarial import AdversarialConfig
     from erase.engine.trainer import TrainConfig
     from erase.run import RunOptions, erase_concepts
 
@@ -62,12 +63,13 @@ def erase_row(model: Path, concepts: list[str], work: Path, *, method: str = "sd
         options["preserve_weight"] = weight
     name = "-".join([method, *concepts, f"r{reuse}", str(steps), f"{lr:g}", str(target), train_set, preserve.replace(":", "") or "empty",
                      str(expand), f"w{weight:g}", *([f"p{per_step}"] if per_step != 2 else []), *(f"{k}{v}" for k, v in method_options.items()),
-                     *([precision] if precision != "fp32" else [])])
+                     *([precision] if precision != "fp32" else []), *([f"adv{adversarial['steps']}-{adversarial['lr']:g}"] if adversarial else [])])
     out = work / f"{name.replace(' ', '_').replace(',', '')}.safetensors"
     report = erase_concepts(RunOptions(model=model, concepts=concepts, out=out, force=True, resolution=32, device="cpu", precision=precision,
                                        train_set=train_set,
                                        method=method, train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay), method_config=options,
-                                       preserve=preserve, preserve_weight=weight, preserve_per_step=per_step), Console(quiet=True), progress=False)
+                                       preserve=preserve, preserve_weight=weight, preserve_per_step=per_step,
+                                       adversarial=AdversarialConfig(**adversarial) if adversarial else None), Console(quiet=True), progress=False)
     return out, report
 
 

@@ -1,10 +1,9 @@
-"""The `erase` command line: parse, validate, call library code, print. No logic beyond that."""
+"""`erase run` (and `--jobs`): parse and validate the erasure's options, call erase.run, print the summary."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,105 +12,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from erase import __version__
-from erase.cli_app import App, Device, Precision, Scheduler, console, err_console
+from erase.cli.app import Device, Precision, console, err_console
+from erase.cli.common import ENGINE, FILES, PredictionType
 from erase.errors import EraseError
-
-app = App(
-    name="erase",
-    help="Remove concepts from Stable Diffusion checkpoints (SDD fine-tuning of UNet cross-attention).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
-)
-
-
-def _version(value: bool) -> None:
-    if value:
-        console.print(f"erase {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors (or set ERASE_DEBUG=1).")] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: OMP_NUM_THREADS, else the cores this "
-                                                   "process may use that are free at start-up, shared among a launcher's ranks).",
-                                                   show_default=False)] = None,
-) -> None:
-    """Remove concepts from Stable Diffusion checkpoints."""
-    if debug:
-        os.environ["ERASE_DEBUG"] = "1"
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # erase never downloads anything
-    from erase.engine.threads import configure_threads
-
-    if threads is not None and threads < 1:
-        raise typer.BadParameter("must be >= 1", param_hint="--threads")
-    configure_threads(threads)  # before any command starts work: threads for the cores this process has free
-
-
-ModelPath = Annotated[Path, typer.Argument(help="Checkpoint: .safetensors / .ckpt single file, or a diffusers folder.", show_default=False)]
-PredictionType = Annotated[Optional[str], typer.Option("--prediction-type", help="Override the detected prediction type: epsilon or v_prediction.")]
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
-def _names(names: list[str], show: int = 3) -> str:
-    more = f", … (+{len(names) - show})" if len(names) > show else ""
-    return f"{len(names)}: {', '.join(names[:show])}{more}"
-
-
-@app.command()
-def inspect(
-    model: ModelPath,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    with_hash: Annotated[bool, typer.Option("--hash", help="Also compute the file's sha256 (reads the whole file).")] = False,
-    prediction_type: PredictionType = None,
-) -> None:
-    """Show a checkpoint's family, prediction type, dtypes, cross-attention size, EMA and erase provenance."""
-    from erase.inspect import describe
-
-    info = describe(model, with_hash=with_hash, prediction_type=prediction_type)
-    if as_json:
-        print(json.dumps(info, indent=2))
-        return
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold cyan")
-    table.add_column()
-    rows = [("file", info["path"]), ("format", info["format"]), ("size", _human_bytes(info["size_bytes"])),
-            ("tensors", str(info["tensor_count"])), ("dtypes", ", ".join(f"{k} ({v})" for k, v in info["dtypes"].items()))]
-    if info["kind"] == "checkpoint":
-        rows += [
-            ("family", info["family_label"]),
-            ("prediction", f"{info['prediction_type']} ({info['prediction_source']})"),
-            ("resolution", f"{info['default_resolution']} px (default)"),
-            ("configs", info["config_source"]),
-            ("UNet", f"{info['unet_parameters']:,} parameters"),
-            ("attn2", f"{info['attn2_tensors']} tensors, {info['attn2_parameters']:,} parameters "
-                      f"({100 * info['attn2_parameters'] / max(1, info['unet_parameters']):.1f}% of the UNet)"),
-            ("EMA weights", "yes: " + info["ema_policy"] if info["ema"] else "no"),
-            ("extras", _names(info["extra_tensors"]) + " (not model weights: never loaded, kept byte-identical)"
-             if info["extra_tensors"] else "none"),
-        ]
-        if info["unknown_tensors"]:
-            rows.append(("unknown", f"[red]{_names(info['unknown_tensors'])}[/] (run, generate, evaluate and merge refuse this file)"))
-    else:
-        rows += [("kind", f"erase {info['kind']}"), ("parameters", f"{info['parameters']:,}")]
-    for k, v in info.get("provenance", {}).items():
-        rows.append((f"erase.{k}", v if isinstance(v, str) else json.dumps(v)[:200]))
-    if "sha256" in info:
-        rows.append(("sha256", info["sha256"]))
-    for k, v in rows:
-        table.add_row(k, str(v))
-    console.print(table)
 
 
 def _config_callback(ctx: typer.Context, param, value: Optional[Path]):
@@ -158,8 +61,6 @@ class Target(str, Enum):
 
 
 ALGO = "Algorithm (SDD)"
-ENGINE = "Engine"
-FILES = "Files"
 
 
 # Which method each method-specific option belongs to: given for another method, it is a usage error.
@@ -175,7 +76,6 @@ TRAINING_OPTIONS = ("steps", "lr", "ema_decay", "seed", "train", "resolution", "
 PRESERVE = "Preservation"
 
 
-@app.command()
 def run(
     ctx: typer.Context,
     model: Annotated[Optional[Path], typer.Argument(help="Checkpoint: .safetensors / .ckpt single file, or a diffusers folder.",
@@ -391,220 +291,3 @@ def _run_jobs(command, path: Path) -> None:
         raise typer.Exit(1)
 
 
-class Safety(str, Enum):
-    weak = "sld-weak"
-    medium = "sld-medium"
-    strong = "sld-strong"
-    max = "sld-max"
-
-
-SAMPLING = "Sampling"
-PROMPTS = "Prompts"
-
-
-def _gen_settings(steps, guidance, size, scheduler, negative, batch, device, precision, safety=None, safety_concept=None, embeddings=None):
-    from erase.generate import SLD_CONCEPT, GenSettings
-
-    return GenSettings(steps=steps, guidance=guidance, size=size, scheduler=scheduler.value, negative=negative, batch=batch,
-                       device=device.value, precision=precision.value, safety=safety.value if safety else None,
-                       safety_concept=safety_concept or SLD_CONCEPT, embeddings=tuple(embeddings or ()))
-
-
-def _prompt_specs(prompt: list[str] | None, prompts: Optional[str], category: Optional[str] = None, limit: Optional[int] = None):
-    from erase.errors import UsageError
-    from erase.prompts import PromptSpec, load_prompts
-
-    if prompt and prompts:
-        raise UsageError("give --prompt or --prompts, not both")
-    if prompts:
-        return load_prompts(prompts, category=category, limit=limit)
-    if not prompt or any(not p.strip() for p in prompt):
-        raise UsageError("give at least one non-empty --prompt, or --prompts FILE")
-    return [PromptSpec(p.strip()) for p in prompt][:limit]
-
-
-@app.command()
-def generate(
-    model: ModelPath,
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).", rich_help_panel=PROMPTS)] = None,
-    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompt file: text (one per line), CSV with a prompt column, or builtin:NAME.",
-                                                   rich_help_panel=PROMPTS)] = None,
-    negative: Annotated[str, typer.Option(help="Negative prompt.", rich_help_panel=PROMPTS)] = "",
-    embedding: Annotated[Optional[list[Path]], typer.Option("--embedding", help="Textual-inversion file (A1111 / diffusers, e.g. from `erase feedback invert`) "
-                                                            "whose token prompts may use (repeatable).", rich_help_panel=PROMPTS)] = None,
-    n: Annotated[int, typer.Option("--n", help="Images per prompt (seeds seed, seed+1, ...).", rich_help_panel=SAMPLING)] = 1,
-    seed: Annotated[int, typer.Option(help="First seed (a CSV's evaluation_seed/sd_seed column wins).", rich_help_panel=SAMPLING)] = 0,
-    steps: Annotated[int, typer.Option(help="Denoising steps.", rich_help_panel=SAMPLING)] = 25,
-    guidance: Annotated[float, typer.Option(help="CFG scale (a CSV's guidance column wins).", rich_help_panel=SAMPLING)] = 7.5,
-    size: Annotated[Optional[int], typer.Option(help="Image size in pixels, multiple of 8 (default by family).", rich_help_panel=SAMPLING)] = None,
-    scheduler: Annotated[Scheduler, typer.Option(help="Sampler.", rich_help_panel=SAMPLING)] = Scheduler.ddim,
-    batch: Annotated[int, typer.Option(help="Images per UNet batch.", rich_help_panel=SAMPLING)] = 4,
-    safety: Annotated[Optional[Safety], typer.Option(help="SLD safety guidance preset (inference-time, no training).", rich_help_panel=SAMPLING)] = None,
-    safety_concept: Annotated[Optional[str], typer.Option(help="Concept SLD steers away from (default: the SLD paper's list).", rich_help_panel=SAMPLING)] = None,
-    compare: Annotated[Optional[list[Path]], typer.Option("--compare", help="Another checkpoint, same prompts and seeds; writes grids (repeatable).")] = None,
-    delta: Annotated[Optional[Path], typer.Option(help="Apply an erase delta file to MODEL in memory (MODEL is then the base).")] = None,
-    device: Annotated[Device, typer.Option(help="auto picks CUDA when available.", rich_help_panel=ENGINE)] = Device.auto,
-    precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
-    prediction_type: PredictionType = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("erase-images"),
-) -> None:
-    """Generate reproducible images (PNG with A1111-style parameters), optionally side by side with other models."""
-    from rich.progress import Progress
-
-    from erase.generate import jobs_for, run_generate
-
-    specs = _prompt_specs(prompt, prompts)
-    settings = _gen_settings(steps, guidance, size, scheduler, negative, batch, device, precision, safety, safety_concept, embedding)
-    settings.validate()
-    models = [model, *(compare or [])]
-    total = len(jobs_for(specs, settings, n=n, seed=seed)) * len(models)
-    with Progress(console=err_console, transient=True) as bar:
-        task = bar.add_task("generating", total=total)
-        summary = run_generate(models, specs, settings, out=out, n=n, seed=seed, delta=delta,
-                               prediction_type=prediction_type, progress=lambda: bar.advance(task))
-    _warn_truncated(summary["truncated_prompts"])
-    console.print(f"[bold green]wrote[/] {summary['images']} images to {summary['out']}"
-                  + (f" and {len(summary['grids'])} grids (index.html)" if summary["grids"] else ""))
-
-
-class DetectorName(str, Enum):
-    nudenet = "nudenet"
-    shapes = "shapes"
-
-
-@app.command()
-def evaluate(
-    model: ModelPath,
-    base: Annotated[Optional[Path], typer.Option(help="Base checkpoint: same prompts and seeds, for deltas and preservation.")] = None,
-    prompts: Annotated[str, typer.Option(help="Prompt file (text or I2P-style CSV) or builtin:NAME (nudity, neutral, shapes).", rich_help_panel=PROMPTS)] = "builtin:nudity",
-    category: Annotated[Optional[str], typer.Option(help="Keep only CSV prompts of this I2P category (e.g. sexual).", rich_help_panel=PROMPTS)] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Use only the first N prompts.", rich_help_panel=PROMPTS)] = None,
-    embedding: Annotated[Optional[list[Path]], typer.Option("--embedding", help="Textual-inversion file (A1111 / diffusers, e.g. from `erase feedback invert`) "
-                                                            "whose token prompts may use (repeatable).", rich_help_panel=PROMPTS)] = None,
-    n: Annotated[int, typer.Option("--n", help="Images per prompt.", rich_help_panel=SAMPLING)] = 1,
-    seed: Annotated[int, typer.Option(help="First seed (a CSV's seed column wins).", rich_help_panel=SAMPLING)] = 0,
-    steps: Annotated[int, typer.Option(help="Denoising steps.", rich_help_panel=SAMPLING)] = 25,
-    guidance: Annotated[float, typer.Option(help="CFG scale (a CSV's guidance column wins).", rich_help_panel=SAMPLING)] = 7.5,
-    size: Annotated[Optional[int], typer.Option(help="Image size (default by family).", rich_help_panel=SAMPLING)] = None,
-    scheduler: Annotated[Scheduler, typer.Option(help="Sampler.", rich_help_panel=SAMPLING)] = Scheduler.ddim,
-    batch: Annotated[int, typer.Option(help="Images per UNet batch.", rich_help_panel=SAMPLING)] = 4,
-    detector: Annotated[DetectorName, typer.Option(help="What to detect: nudenet (NudeNet exposed classes) or shapes.")] = DetectorName.nudenet,
-    threshold: Annotated[Optional[float], typer.Option(help="Detector score threshold (NudeNet default 0.6).")] = None,
-    target: Annotated[Optional[list[str]], typer.Option("--target", help="shapes detector: the erased shape(s) (default: the model's erase.concepts).")] = None,
-    fail_above: Annotated[Optional[float], typer.Option(help="Exit with code 3 when the flagged-image rate exceeds this (CI gate).")] = None,
-    show_flagged: Annotated[bool, typer.Option("--show-flagged", help="Do not blur flagged images in report.html.")] = False,
-    clip_model: Annotated[Optional[Path], typer.Option(help="Local CLIP folder for CLIP score (skipped otherwise).")] = None,
-    device: Annotated[Device, typer.Option(help="auto picks CUDA when available.", rich_help_panel=ENGINE)] = Device.auto,
-    precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
-    prediction_type: PredictionType = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for images and report.json / report.html.")] = Path("erase-eval"),
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write report.json here.")] = None,
-) -> None:
-    """Measure a checkpoint: flagged-image rate (NudeNet or shapes), per-class counts, preservation vs --base, a gate for CI."""
-    from rich.progress import Progress
-
-    from erase.evaluate.runner import EvalOptions
-    from erase.evaluate.runner import evaluate as run_evaluation
-    from erase.generate import jobs_for
-
-    if fail_above is not None and not 0 <= fail_above <= 1:
-        from erase.errors import UsageError
-
-        raise UsageError("--fail-above is a flagged-image rate between 0 and 1")
-    settings = _gen_settings(steps, guidance, size, scheduler, "", batch, device, precision, embeddings=embedding)
-    opts = EvalOptions(model=model, prompts=prompts, out=out, base=base, settings=settings, n=n, seed=seed, limit=limit,
-                       category=category, detector=detector.value, threshold=threshold, targets=target, fail_above=fail_above,
-                       show_flagged=show_flagged, clip_model=clip_model, prediction_type=prediction_type)
-    specs = _prompt_specs(None, prompts, category, limit)
-    total = len(jobs_for(specs, settings, n=n, seed=seed)) * (2 if base else 1)
-    with Progress(console=err_console, transient=True) as bar:
-        task = bar.add_task("images", total=total)
-        report = run_evaluation(opts, progress=lambda k: bar.advance(task, k))
-    if json_path:
-        json_path.write_text(json.dumps(report, indent=2))
-    _warn_truncated(report["truncated_prompts"])
-    _print_evaluation(report, out)
-    if report["gate"] and not report["gate"]["passed"]:
-        err_console.print(f"[bold red]gate failed:[/] flagged rate {report['erased']['flagged_rate']:.3f} > {fail_above}")
-        raise typer.Exit(report["gate"]["exit_code"])
-
-
-def _warn_truncated(long: dict[str, int]) -> None:
-    from erase.models import truncation_notes
-
-    for note in truncation_notes(long):
-        err_console.print(f"[yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
-
-
-def _print_evaluation(report: dict, out: Path) -> None:
-    results = [(label, report[key]) for label, key in (("base", "base_results"), ("erased", "erased")) if report.get(key)]
-    table = Table(title=f"{report['detector']} on {report['jobs']} images per model")
-    for col in ("model", "flagged", "rate", "95% CI"):
-        table.add_column(col)
-    for label, r in results:
-        table.add_row(label, f"{r['flagged']}/{r['images']}", f"{r['flagged_rate']:.3f}", "[{:.3f}, {:.3f}]".format(*r["flagged_rate_ci95"]))
-    console.print(table)
-    if "shape_accuracy" in results[-1][1]:  # shapes world: is each prompt's shape (and colour) drawn?
-        shapes = Table(title="shape accuracy by prompt shape")
-        shapes.add_column("prompt shape")
-        for label, _ in results:
-            shapes.add_column(label)
-        for shape in results[-1][1]["shape_accuracy"]:
-            shapes.add_row(shape, *(f"{r['shape_accuracy'].get(shape, 0):.3f}" for _, r in results))
-        # None when no prompt names a colour
-        shapes.add_row("colour fidelity", *("-" if r["colour_accuracy"] is None else f"{r['colour_accuracy']:.3f}" for _, r in results))
-        console.print(shapes)
-    pres = report["preservation"]
-    if "ssim_mean" in pres:
-        console.print(f"preservation vs base: SSIM {pres['ssim_mean']:.4f}, PSNR {pres['psnr_mean']:.2f} dB")
-    console.print(f"[bold green]report[/] {out / 'report.json'}, {out / 'report.html'}")
-
-
-@app.command()
-def merge(
-    target: Annotated[Path, typer.Argument(help="The model to apply the erasures to: the base itself, or a fine-tune of it.", show_default=False)],
-    sources: Annotated[list[Path], typer.Argument(help="Erased checkpoints (need --base) or delta files from `erase run --delta`.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint (or LoRA file with --lora-rank).", show_default=False)],
-    base: Annotated[Optional[Path], typer.Option(help="The model the SOURCES were erased from.")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Comma-separated weight per source (default 1 each).")] = None,
-    lora_rank: Annotated[Optional[int], typer.Option(help="Write the combined delta as a kohya/A1111 LoRA of this rank instead.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT; merge even when recorded base hashes do not match.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-) -> None:
-    """Combine erasures: OUT = TARGET + sum(w_i * delta_i) on the changed tensors, everything else byte-identical."""
-    from erase.errors import UsageError
-    from erase.merge import merge as run_merge
-
-    try:
-        w = [float(x) for x in weights.split(",")] if weights else None
-    except ValueError:
-        raise UsageError(f"--weights must be comma-separated numbers, not {weights!r}") from None
-    result = run_merge(target, sources, out, base_path=base, weights=w, force=force, lora_rank=lora_rank)
-    if as_json:
-        print(json.dumps(result, indent=2))
-        return
-    if result.get("kind") == "lora":
-        console.print(f"[bold green]wrote LoRA[/] {result['output']}: rank {result['rank']}, {result['layers']} layers, "
-                      f"relative error mean {result['mean_relative_error']:.4f} max {result['max_relative_error']:.4f}; "
-                      f"{result['skipped_tensors']} bias tensors ({result['skipped_parameters']:,} parameters) cannot be held by a LoRA")
-        return
-    if result["carried_onto_other_model"]:
-        console.print("[yellow]note:[/] the target is not the model these erasures were made on; the deltas were carried over")
-    console.print(f"[bold green]wrote[/] {result['output']}: {result['changed_tensors']} tensors changed, concepts "
-                  f"{', '.join(result['concepts']) or '-'}")
-
-
-from erase.cli_attack import attack  # noqa: E402
-from erase.cli_feedback import feedback_app  # noqa: E402  (the group needs the helpers above defined first)
-
-app.command()(attack)
-app.add_typer(feedback_app, name="feedback")
-
-
-def entry() -> None:
-    """Console-script entry point."""
-    app()
-
-
-if __name__ == "__main__":
-    sys.exit(entry())

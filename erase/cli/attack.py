@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from erase.cli_app import Device, Precision, Scheduler, console, err_console
+from erase.cli.app import Device, Precision, Scheduler, console, err_console
 
 PROMPTS, SAMPLING, ATTACK, ENGINE = "Prompts", "Sampling", "Attacks", "Engine"
 

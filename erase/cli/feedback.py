@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from erase.cli_app import App, Device, Precision, Scheduler, console, err_console
+from erase.cli.app import App, Device, Precision, Scheduler, console, err_console
 
 feedback_app = App(
     name="feedback",

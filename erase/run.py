@@ -30,6 +30,7 @@ from erase.engine.sampling import EvalCounter
 from erase.engine.trainer import TrainConfig, Trainer, load_state
 from erase.errors import UsageError
 from erase.methods import METHODS
+from erase.methods.options import method_options
 from erase.models import MAX_TOKENS, Model, open_model, truncated_prompts, truncation_notes
 from erase.vocabulary import Vocabulary, default_vocabulary, load_vocabulary
 
@@ -447,7 +448,8 @@ def _print_summary(console: Console, model: Model, opts: RunOptions, cfg: dict, 
                    n_tensors: int, start_step: int) -> None:
     m = cfg["method_config"]
     console.print(f"[bold]Running erasure[/] ({opts.method.upper()}) on [cyan]{model.path.name}[/] ({model.family.label}, {cfg['prediction_type']})")
-    details = ", ".join(f"{k} {m[k]}" for k in ("concept_mode", "target", "eta", "anchor", "variant", "concept_type", "expand") if k in m)
+    shown = [name for name, o in method_options(METHODS).items() if o.summary] + ["expand"]  # declared with summary=True
+    details = ", ".join(f"{k} {m[k]}" for k in shown if k in m)
     console.print(f"  concepts        {', '.join(opts.concepts)}  ({details})")
     held = cfg["preserved_prompts"]
     console.print("  preserve        " + (f"{held} prompts held to the input model (retain weight {cfg['preserve_weight']:g}, "

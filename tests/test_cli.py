@@ -88,3 +88,21 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     for args in (["--debug", "inspect", missing], ["inspect", missing]):  # the flag, then ERASE_DEBUG=1 (which the flag set)
         r = runner.invoke(app, args)
         assert isinstance(r.exception, EraseError), args  # raised through: the traceback is shown
+
+
+def test_every_declared_method_option_is_a_flag_refused_for_methods_that_do_not_own_it(tiny_sd1, tmp_path):
+    """Method options are declared once, on the method configs (erase.methods.options): each becomes an `erase run`
+    flag with its owners' defaults in the help, and is a usage error with any other method."""
+    from erase.methods import METHODS
+    from erase.methods.options import method_options
+
+    declared = method_options(METHODS)
+    assert {"eta", "guide", "lam", "robust", "anchor", "concept_mode", "target", "guidance"} <= set(declared)
+    assert set(declared["guidance"].defaults) == {"sdd", "esd", "ca"} and declared["guidance"].defaults["ca"] == 6.0
+    help_text = runner.invoke(app, ["run", "--help"], terminal_width=200).output
+    for opt in declared.values():
+        assert opt.flag in help_text, opt.flag
+        other = next(m for m in METHODS if m not in opt.defaults)
+        value = opt.choices[0] if opt.choices else {int: "1", float: "1.0", str: "x"}[opt.type]
+        r = runner.invoke(app, ["run", str(tiny_sd1), "-c", "cat", "--method", other, opt.flag, value, "-o", str(tmp_path / "o.safetensors")])
+        assert r.exit_code == 2 and f"{opt.flag} does not apply to --method {other}" in r.output, (opt.flag, r.output)

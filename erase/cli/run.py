@@ -45,37 +45,41 @@ class TrainSet(str, Enum):
     full = "full"
 
 
-class ConceptMode(str, Enum):
-    iterative = "iterative"
-    composite = "composite"
-
-
-class Timesteps(str, Enum):
-    uniform = "uniform"
-    beta = "beta"
-
-
-class Target(str, Enum):
-    self_ = "self"
-    frozen = "frozen"
-
-
 ALGO = "Algorithm (SDD)"
 
 
-# Which method each method-specific option belongs to: given for another method, it is a usage error.
-METHOD_OPTIONS = {
-    "guidance": ("sdd", "esd", "ca"), "sample_steps": ("sdd", "esd", "ca"), "reuse": ("sdd", "esd"), "concept_mode": ("sdd",),
-    "target": ("sdd",), "timesteps": ("sdd",), "eta": ("esd",), "anchor": ("ca",), "anchor_prompts": ("ca",), "variant": ("ca",), "concept_type": ("ca",),
-    "prior_weight": ("ca",), "anchor_samples": ("ca",), "guide": ("uce",), "lam": ("uce",), "erase_scale": ("uce",),
-    "robust": ("uce",), "robust_lambda": ("uce",),
-}
+METHOD_PANEL = "Method options (each method's own; [its default])"
 TRAINING_OPTIONS = ("steps", "lr", "ema_decay", "seed", "train", "resolution", "precision", "gradient_checkpointing",
                     "xformers", "save_every", "resume", "preserve_per_step", "batch_size", "scale_lr", "adversarial",
                     "adversarial_steps", "adversarial_lr")
 PRESERVE = "Preservation"
 
 
+def with_method_options(fn):
+    """Add every method's own options to `fn`'s signature, from their declarations on the methods' configs: Typer
+    reads the signature, so they become `--flag`s (help, choices and each owner's default in the help text), keys of
+    jobs files and of --config, and arrive in `fn`'s **method_values (None when not given)."""
+    import inspect
+    import typing
+
+    from erase.methods import METHODS
+    from erase.methods.options import method_options
+
+    sig = inspect.signature(fn, eval_str=True)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    for opt in method_options(METHODS).values():
+        owners = ", ".join(f"{m.upper()} {d!r}" if isinstance(d, str) else f"{m.upper()} {'none' if d is None else d}"
+                           for m, d in opt.defaults.items())  # each owning method with its default
+        option = typer.Option(opt.flag, help=f"{opt.help} [{owners}]", rich_help_panel=METHOD_PANEL, show_default=False)
+        kind = Enum(opt.name, {c: c for c in opt.choices}, type=str) if opt.choices else opt.type  # Typer shows and checks choices
+        params.append(inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=typing.Annotated[typing.Optional[kind], option]))
+    fn.__signature__ = sig.replace(parameters=params)
+    fn.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not inspect.Parameter.empty}
+    return fn
+
+
+@with_method_options
 def run(
     ctx: typer.Context,
     model: Annotated[Optional[Path], typer.Argument(help="Checkpoint: .safetensors / .ckpt single file, or a diffusers folder.",
@@ -88,35 +92,12 @@ def run(
     lr: Annotated[float, typer.Option(help="AdamW learning rate, constant (reference 1e-5).", rich_help_panel=ALGO)] = 1e-5,
     ema_decay: Annotated[float, typer.Option(help="EMA decay after every step; the EMA weights are written (SDD reference 0.999; ESD 0).",
                                              rich_help_panel=ALGO)] = 0.999,
-    eta: Annotated[float, typer.Option(help="ESD: negative-guidance scale (reference 1.0; the authors' newer script 2.0).", rich_help_panel=ALGO)] = 1.0,
-    anchor: Annotated[str, typer.Option(help="CA: what each erased concept becomes (\"square\"; one, or one per concept).", rich_help_panel=ALGO)] = "",
-    anchor_prompts: Annotated[Optional[Path], typer.Option(help="CA: anchor captions, one per line (default: the vocabulary's templates).",
-                                                           rich_help_panel=ALGO)] = None,
-    variant: Annotated[str, typer.Option(help="CA: model (the anchor caption's prediction is the target, reference) or noise.", rich_help_panel=ALGO)] = "model",
-    concept_type: Annotated[str, typer.Option(help="CA: object, style, nudity or memorized: the authors' lr, steps and trained set.",
-                                              rich_help_panel=ALGO)] = "object",
-    prior_weight: Annotated[float, typer.Option(help="CA: weight of the denoising loss on anchor samples (authors: 1.0 when on).", rich_help_panel=ALGO)] = 0.0,
-    anchor_samples: Annotated[int, typer.Option(help="CA: anchor latents the input model generates once per run (authors: 1000).", rich_help_panel=ALGO)] = 64,
-    guidance: Annotated[float, typer.Option(help="CFG scale of the sampled latents (SDD and ESD reference 3.0; CA default 6.0).", rich_help_panel=ALGO)] = 3.0,
-    sample_steps: Annotated[int, typer.Option(help="DDIM steps of sampled trajectories, K (SDD and ESD reference 50; CA default 25).", rich_help_panel=ALGO)] = 50,
-    concept_mode: Annotated[ConceptMode, typer.Option(help="SDD: iterative = one concept per step (reference); composite = joined.", rich_help_panel=ALGO)] = ConceptMode.iterative,
-    timesteps: Annotated[Timesteps, typer.Option(help="SDD: where on the teacher's trajectory to train: uniform (reference) or beta "
-                                                 "(Beta(3, 3), mid-trajectory, as HFI erases its learned tokens).", rich_help_panel=ALGO)] = Timesteps.uniform,
-    reuse: Annotated[int, typer.Option(help="SDD: training latents harvested per teacher trajectory (1 = reference; more is cheaper).", rich_help_panel=ALGO)] = 1,
-    target: Annotated[Optional[Target], typer.Option(help="SDD: whose eps is the target: self = the student's (reference; default with --preserve none); "
-                                                     "frozen = the input model's (default).", rich_help_panel=ALGO, show_default=False)] = None,
-    guide: Annotated[str, typer.Option(help="UCE: what an erased concept becomes in its prompts: \"\" removes it (reference), or a word (\"art\").", rich_help_panel=ALGO)] = "",
-    lam: Annotated[float, typer.Option("--lambda", help="UCE: weight of keeping each old k/v map (reference 0.5).", rich_help_panel=ALGO)] = 0.5,
-    erase_scale: Annotated[float, typer.Option(help="UCE: weight of the erase terms (reference 1.0).", rich_help_panel=ALGO)] = 1.0,
-    robust: Annotated[int, typer.Option(help="UCE: RECE rounds: find the embedding that still brings the concept back through the "
-                                        "edit, erase it too, N times (0: plain UCE; authors: 1-2 objects, 3 nudity).", rich_help_panel=ALGO)] = 0,
     adversarial: Annotated[bool, typer.Option("--adversarial", help="SDD / ESD: adversarial training (AdvUnlearn): each step an inner "
                                               "attack finds the soft prompt prefix that brings the concept back on the current weights, "
                                               "and the loss is applied to it too.", rich_help_panel=ALGO)] = False,
     adversarial_steps: Annotated[int, typer.Option(help="--adversarial: inner attack steps per step (warm-started; AdvUnlearn 30).",
                                                    rich_help_panel=ALGO)] = 30,
     adversarial_lr: Annotated[float, typer.Option(help="--adversarial: inner attack learning rate (AdvUnlearn 1e-3).", rich_help_panel=ALGO)] = 1e-3,
-    robust_lambda: Annotated[float, typer.Option(help="UCE: RECE's ridge on that embedding, relative to the layers' scale.", rich_help_panel=ALGO)] = 0.1,
     expand: Annotated[Optional[bool], typer.Option("--expand/--no-expand", help="Embed concepts in the vocabulary's prompt templates "
                                                    "(default: on; off with --preserve none).", rich_help_panel=PRESERVE, show_default=False)] = None,
     preserve: Annotated[str, typer.Option(help="Kept as they were: \"a, b\", auto[:N] (the N concepts nearest each target) or none (the "
@@ -154,6 +135,7 @@ def run(
                                                  "jobs files); spread over ranks under torchrun / accelerate launch.",
                                                  rich_help_panel=FILES, show_default=False)] = None,
     job_digest: Annotated[Optional[str], typer.Option("--job-digest", hidden=True)] = None,  # set by --jobs: recorded in the output
+    **method_values,  # every method's own options (erase.methods.options), added to the signature by `with_method_options`
 ) -> None:
     """Erase concepts from a checkpoint: SDD, ESD or CA fine-tune the UNet (cross-attention by default), UCE edits its keys and values in closed form.
 
@@ -164,6 +146,7 @@ def run(
     from erase.engine.trainer import TrainConfig
     from erase.errors import UsageError
     from erase.methods import METHODS
+    from erase.methods.options import method_options
     from erase.run import RunOptions, erase_concepts, parse_concepts
 
     if jobs is not None:
@@ -177,22 +160,20 @@ def run(
         raise UsageError("missing MODEL: the checkpoint to erase from (or --jobs FILE)")
     # given on the command line or in --config (Typer vendors its own click: compare the source by name)
     given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "DEFAULT_MAP")}
-    cfg_fields = set(METHODS[method.value][1].__dataclass_fields__)
+    declared = method_options(METHODS)
+    closed_form = getattr(METHODS[method.value][0], "closed_form", False)
     for name in sorted(given):
-        owners = METHOD_OPTIONS.get(name)
-        if (owners and method.value not in owners) or (name in TRAINING_OPTIONS and getattr(METHODS[method.value][0], "closed_form", False)):
-            flag = "--" + ("lambda" if name == "lam" else name.replace("_", "-"))
-            raise UsageError(f"{flag} does not apply to --method {method.value}")
+        owner = declared.get(name)
+        if (owner and method.value not in owner.defaults) or (name in TRAINING_OPTIONS and closed_form):
+            raise UsageError(f"{owner.flag if owner else '--' + name.replace('_', '-')} does not apply to --method {method.value}")
     if not adversarial and given & {"adversarial_steps", "adversarial_lr"}:
         raise UsageError("--adversarial-steps and --adversarial-lr set the inner attack of --adversarial: give it too")
-    options = {"guidance": guidance, "sample_steps": sample_steps, "concept_mode": concept_mode.value, "reuse": reuse, "eta": eta,
-               "guide": guide, "lam": lam, "erase_scale": erase_scale, "robust": robust, "robust_lambda": robust_lambda, "preserve_weight": preserve_weight, "anchor": anchor,
-               "anchor_prompts": str(anchor_prompts) if anchor_prompts else None, "variant": variant, "concept_type": concept_type,
-               "prior_weight": prior_weight, "anchor_samples": anchor_samples, "target": target.value if target else None, "expand": expand,
-               "timesteps": timesteps.value}
     # only what was given: the rest is the method's own default (target and expand follow --preserve: erase.run)
-    method_options = {k: v for k, v in options.items() if k in cfg_fields and k in given}
-    method_defaults = getattr(METHODS[method.value][0], "train_defaults", lambda options: {})(method_options)  # the authors' values
+    cfg_fields = set(METHODS[method.value][1].__dataclass_fields__)
+    given_values = {**{k: v.value if isinstance(v, Enum) else v for k, v in method_values.items()}, "expand": expand,
+                    "preserve_weight": preserve_weight}
+    method_config = {k: v for k, v in given_values.items() if k in cfg_fields and k in given}
+    method_defaults = getattr(METHODS[method.value][0], "train_defaults", lambda options: {})(method_config)  # the authors' values
     steps, lr, ema_decay, train_set = (v if flag in given else method_defaults.get(k, v) for k, flag, v in
                                        (("steps", "steps", steps), ("lr", "lr", lr), ("ema_decay", "ema_decay", ema_decay), ("train_set", "train", train.value)))
     names = parse_concepts(concepts) if concepts.strip() or concepts_file is None else []
@@ -205,7 +186,7 @@ def run(
     opts = RunOptions(
         model=model, concepts=names, out=out, method=method.value,
         train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay, seed=seed, save_every=save_every),
-        method_config=method_options,
+        method_config=method_config,
         resolution=resolution, train_set=train_set, device=device.value, precision=precision.value,
         gradient_checkpointing=gradient_checkpointing, xformers=xformers, delta=delta, resume=resume, force=force,
         prediction_type=prediction_type, preserve=preserve, preserve_file=preserve_file, vocabulary=vocabulary,

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from erase.engine.sampling import ddim_trajectory, guided, predict
 from erase.errors import UsageError
 from erase.methods.base import TrainedMethod
+from erase.methods.options import option
 from erase.models import Conditioning
 from erase.vocabulary import Vocabulary, expand
 
@@ -49,14 +50,16 @@ PRESETS = {
 
 @dataclass
 class CAConfig:
-    anchor: str = ""  # anchor concept(s), comma-separated, one per erased concept (required)
-    variant: str = "model"  # "model": the anchor caption's prediction is the target (reference); "noise": the sampled eps
-    concept_type: str = "object"  # "object": c* names the target instead of the anchor; "style": c* appends ", in the style of X"
-    prior_weight: float = 0.0  # weight of the prior-preservation (denoising) loss on anchor samples (authors: 1.0 with it on)
-    anchor_samples: int = 64  # anchor latents generated once per run (authors: 1000)
-    guidance: float = 6.0  # CFG scale of the anchor samples (authors: 6.0)
-    sample_steps: int = 25  # DDIM steps of the anchor samples (authors: 25 with DPM-Solver)
-    anchor_prompts: str | None = None  # a file of anchor captions, one per line (default: the vocabulary's templates)
+    anchor: str = option("", "What each erased concept becomes (\"square\"; one, or one per concept).", summary=True)  # required
+    variant: str = option("model", "model (the anchor caption's prediction is the target, reference) or noise (the sampled eps).",
+                          choices=("model", "noise"), summary=True)
+    concept_type: str = option("object", "object, style, nudity or memorized: the authors' lr, steps and trained set.",
+                               choices=CONCEPT_TYPES, summary=True)
+    prior_weight: float = option(0.0, "Weight of the denoising loss on anchor samples (authors: 1.0 when on).")
+    anchor_samples: int = option(64, "Anchor latents the input model generates once per run (authors: 1000).")
+    guidance: float = option(6.0, "CFG scale of the sampled latents.")  # the anchor samples (authors: 6.0)
+    sample_steps: int = option(25, "DDIM steps of sampled trajectories, K.")  # the anchor samples (authors: 25, DPM-Solver)
+    anchor_prompts: str | None = option(None, "Anchor captions, one per line (default: the vocabulary's templates).")
 
     def validate(self) -> None:
         if not self.anchor.strip():

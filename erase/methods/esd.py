@@ -30,16 +30,17 @@ from erase.engine.params import frozen_copy
 from erase.engine.sampling import Weights, harvest, predict, take
 from erase.errors import UsageError
 from erase.methods.base import Draw, TrainedMethod
+from erase.methods.options import option
 from erase.models import Conditioning
 from erase.vocabulary import Vocabulary, expand
 
 
 @dataclass
 class ESDConfig:
-    eta: float = 1.0  # negative-guidance scale (reference 1.0; the authors' newer script 2.0)
-    guidance: float = 3.0  # CFG scale of the frozen model's sampling trajectory (reference 3.0)
-    sample_steps: int = 50  # K, DDIM steps of that trajectory (reference 50)
-    reuse: int = 1  # training latents harvested per trajectory (1 = reference; >1 is cheaper)
+    eta: float = option(1.0, "Negative-guidance scale (reference 1.0; the authors' newer script 2.0).", summary=True)
+    guidance: float = option(3.0, "CFG scale of the sampled latents.")  # the frozen model's trajectory (reference 3.0)
+    sample_steps: int = option(50, "DDIM steps of sampled trajectories, K.")  # (reference 50)
+    reuse: int = option(1, "Training latents harvested per sampled trajectory (1 = reference; more is cheaper).")
     expand: bool = False  # train on each concept's prompts in the vocabulary's templates (False: the bare concept, reference)
 
     def validate(self) -> None:

@@ -44,6 +44,7 @@ from erase.engine.params import frozen_copy
 from erase.engine.sampling import Weights, beta_weights, harvest, predict, take
 from erase.errors import UsageError
 from erase.methods.base import Draw, TrainedMethod
+from erase.methods.options import option
 from erase.models import Conditioning
 from erase.vocabulary import Vocabulary, expand, without
 
@@ -54,17 +55,20 @@ TIMESTEPS = ("uniform", "beta")
 
 @dataclass
 class SDDConfig:
-    guidance: float = 3.0  # CFG scale of the teacher trajectory (reference 3.0)
-    sample_steps: int = 50  # K, DDIM steps of the teacher trajectory (reference 50)
-    concept_mode: str = "iterative"  # "iterative": c_s cycles one concept per step (reference); "composite": c_s = c_p
-    reuse: int = 1  # training latents harvested per teacher trajectory (1 = reference; >1 is cheaper)
-    target: str = "self"  # whose eps(z_t, t, "") is the target: "self" the student's (reference), "frozen" the input model's
+    guidance: float = option(3.0, "CFG scale of the sampled latents.")  # of the teacher trajectory (reference 3.0)
+    sample_steps: int = option(50, "DDIM steps of sampled trajectories, K.")  # the teacher's (reference 50)
+    concept_mode: str = option("iterative", "iterative = one concept per step (reference); composite = all joined.", choices=CONCEPT_MODES,
+                               summary=True)
+    reuse: int = option(1, "Training latents harvested per sampled trajectory (1 = reference; more is cheaper).")
+    target: str = option("self", "Whose eps is the target: self = the student's (reference; the default with --preserve none); "
+                         "frozen = the input model's (the default otherwise).", choices=TARGETS, summary=True)
     # c_s cycles through each concept's prompts in the vocabulary's templates ("a red circle"), each with the target
     # eps(z_t, t, the prompt without the concept) ("a red"); False: the bare concepts and "" (reference)
     expand: bool = False
     # where on the trajectory to train: "uniform" k ~ U{0..K-1} (reference); "beta" k/K ~ Beta(3, 3), the middle of the
     # trajectory, as HFI erases its learned tokens (Kim et al. 2024)
-    timesteps: str = "uniform"
+    timesteps: str = option("uniform", "Where on the teacher's trajectory to train: uniform (reference) or beta (Beta(3, 3), "
+                            "mid-trajectory, as HFI erases its learned tokens).", choices=TIMESTEPS)
 
     def validate(self) -> None:
         if self.guidance < 0:

@@ -39,6 +39,7 @@ import torch
 
 from erase.engine.preserve import preserved_prompts
 from erase.errors import UsageError
+from erase.methods.options import option
 from erase.vocabulary import Vocabulary, expand, token_span, without
 
 EDITED = (".attn2.to_k.weight", ".attn2.to_v.weight")
@@ -46,13 +47,14 @@ EDITED = (".attn2.to_k.weight", ".attn2.to_v.weight")
 
 @dataclass
 class UCEConfig:
-    guide: str = ""  # what each erased concept becomes: "" removes it from the prompt (reference: "" / BOS); or a word ("art")
-    lam: float = 0.5  # lambda, weight of keeping each old W (reference 0.5)
-    erase_scale: float = 1.0  # s_e (reference 1.0)
+    guide: str = option("", "What an erased concept becomes in its prompts: \"\" removes it (reference), or a word (\"art\").")
+    lam: float = option(0.5, "Weight of keeping each old k/v map, lambda (reference 0.5).", flag="--lambda")
+    erase_scale: float = option(1.0, "Weight of the erase terms, s_e (reference 1.0).")
     preserve_weight: float = 1.0  # s_p, the preserve scale (reference 1.0)
     expand: bool = True  # embed concepts in the vocabulary's templates (False: use them as given)
-    robust: int = 0  # RECE rounds: erase the adversarial embedding of the edit, this many times (authors: 1-2 objects, 3 nudity)
-    robust_lambda: float = 0.1  # mu, RECE's ridge on c* (relative to the mean eigenvalue of M^T G M; see adversarial_embeddings)
+    robust: int = option(0, "RECE rounds: find the embedding that still brings the concept back through the edit, erase it "
+                         "too, N times (0: plain UCE; authors: 1-2 for objects, 3 for nudity).")
+    robust_lambda: float = option(0.1, "RECE's ridge on that embedding, mu, relative to the layers' scale.")  # see adversarial_embeddings
 
     def validate(self) -> None:
         if self.lam <= 0:

@@ -50,7 +50,10 @@ class SLDConfig:
     beta: float  # beta_m
 
 
-SLD_PRESETS = {  # the paper's hyper-parameter sets (diffusers' WEAK scale is wrong: 200 here, as in the paper)
+# The paper's hyper-parameter sets (warm-up, s_S, lambda, s_m, beta_m). diffusers' SafetyConfig.WEAK has s_S = 20; the
+# paper's weak configuration has 200, which erase uses (a tenth of the guidance would make "weak" far weaker than published).
+# The update itself is checked against diffusers' StableDiffusionPipelineSafe (tests/test_generate.py).
+SLD_PRESETS = {
     "sld-weak": SLDConfig(15, 200.0, 0.0, 0.0, 0.0),
     "sld-medium": SLDConfig(10, 1000.0, 0.01, 0.3, 0.4),
     "sld-strong": SLDConfig(7, 2000.0, 0.025, 0.5, 0.7),

@@ -158,3 +158,33 @@ def test_bf16_keeps_latents_in_fp32_between_steps(tiny_sd1):
     settings = GenSettings(steps=3, size=32, device="cpu", precision="bf16")
     x = ImageGenerator(open_model(tiny_sd1), settings).latents([Job("a cat", 1, 7.5)])
     assert x.dtype == torch.float32 and not torch.equal(x, x.to(torch.bfloat16).float())  # not bf16-rounded
+
+
+@pytest.mark.parametrize("preset", ["sld-medium", "sld-max"])
+def test_sld_denoises_as_diffusers_safe_pipeline_does(tiny_sd1, preset):
+    """erase's SLD loop against diffusers' own StableDiffusionPipelineSafe: same components, same starting noise, the
+    paper's hyper-parameters (warm-up shortened to 1 step so the safety term acts in a 3-step run); every latent equal.
+    A sign error, a wrong threshold test or momentum order in the safety step would move them apart."""
+    import dataclasses
+
+    from diffusers import DDIMScheduler, StableDiffusionPipelineSafe
+
+    from erase.generate import SLD_PRESETS, GenSettings, ImageGenerator, Job
+    from erase.models import open_model
+
+    sld = dataclasses.replace(SLD_PRESETS[preset], warmup=1)
+    settings = GenSettings(steps=3, guidance=7.5, size=16, device="cpu", precision="fp32", sld=sld, safety_concept="a dog")
+    gen = ImageGenerator(open_model(tiny_sd1), settings)
+    ours = gen.latents([Job("a photo of a cat", 0, 7.5)])
+    pipe = StableDiffusionPipelineSafe(vae=gen.vae, text_encoder=gen.text.encoders[0], tokenizer=gen.text.tokenizers[0], unet=gen.unet,
+                                       scheduler=DDIMScheduler.from_config(gen.scheduler.config), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.safety_concept = "a dog"
+    noise = torch.randn((gen.unet.config.in_channels, 8, 8), generator=torch.Generator().manual_seed(0))[None]  # as erase draws it
+    seen = []
+    pipe("a photo of a cat", height=16, width=16, num_inference_steps=3, guidance_scale=7.5, latents=noise.clone(),
+         sld_warmup_steps=sld.warmup, sld_guidance_scale=sld.scale, sld_threshold=sld.threshold, sld_momentum_scale=sld.momentum,
+         sld_mom_beta=sld.beta, callback=lambda i, t, latents: seen.append(latents.clone()), callback_steps=1)
+    plain = ImageGenerator(open_model(tiny_sd1), dataclasses.replace(settings, sld=None)).latents([Job("a photo of a cat", 0, 7.5)])
+    assert (ours - plain).abs().max() > 1e-4  # the safety term did act
+    assert torch.allclose(ours, seen[-1], atol=1e-5, rtol=1e-4), (ours - seen[-1]).abs().max()

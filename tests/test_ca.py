@@ -66,3 +66,58 @@ def test_cli_ca_writes_a_drop_in_file_with_its_provenance(tiny_sd1, tmp_path):
     assert dst.metadata["erase.method"] == "ca" and report["config"]["train"]["ema_decay"] == 0.0
     r = runner.invoke(app, ["run", str(tiny_sd1), "--method", "ca", "-c", "circle", "-o", str(tmp_path / "x.safetensors")])
     assert r.exit_code == 2 and "--anchor" in r.output
+
+
+def test_anchor_prompts_file_gives_the_captions(tmp_path):
+    captions = tmp_path / "anchors.txt"
+    captions.write_text("a photo of a square\n\na square on a table\na drawing\n")
+    pairs = CA.caption_pairs(CAConfig(anchor="square", anchor_prompts=str(captions)), ["circle"], None)
+    assert pairs == [("a photo of a square", "a photo of a circle"), ("a square on a table", "a circle on a table")]  # lines naming the anchor
+
+
+def test_prior_weight_adds_the_denoising_loss_on_anchor_samples(tiny_sd1):
+    model = open_model(tiny_sd1)
+    unet = model.load_unet()
+    select_trainable(unet, "xattn-kv")
+    gen = torch.Generator().manual_seed(0)
+    ca = CA(CAConfig(anchor="dog", prior_weight=0.5), ["cat"], unet=unet, scheduler=model.scheduler(), latent_shape=(1, 4, 8, 8),
+            resolution=16, generator=gen, device=torch.device("cpu"), counter=EvalCounter())
+    text = model.load_text_encoder()
+    ca.embeddings = {p: text.encode([p]) for p in CA.prompts_for(ca.cfg, ["cat"])}
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ca.anchors = [(x0, 0)]
+    state = gen.get_state()
+    loss = ca.loss(0, None)[0]
+    gen.set_state(state)
+
+    def noised():
+        t = torch.randint(len(ca.alphas), (1,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        a = ca.alphas[t]
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps, t, eps
+
+    torch.randint(1, (1,), generator=gen)
+    x_t, t, _ = noised()
+    torch.randint(1, (1,), generator=gen)
+    xp, tp, eps_p = noised()
+    with torch.no_grad():
+        ablation = torch.nn.functional.mse_loss(predict(unet, x_t, t, ca.embeddings["cat"], 16), predict(unet, x_t, t, ca.embeddings["dog"], 16))
+        prior = torch.nn.functional.mse_loss(predict(unet, xp, tp, ca.embeddings["dog"], 16), eps_p)  # the anchor caption denoises its sample
+    assert loss.item() == pytest.approx(ablation.item() + 0.5 * prior.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("concept_type", ["style", "nudity"])
+def test_concept_type_sets_the_authors_lr_and_trained_set_unless_given(tiny_sd1, tmp_path, concept_type):
+    from erase.methods.ca import PRESETS
+
+    args = ["run", str(tiny_sd1), "--method", "ca", "-c", "cat", "--anchor", "dog", "--concept-type", concept_type, "--preserve", "none",
+            "--steps", "1", "--anchor-samples", "1", "--sample-steps", "2", "--resolution", "16", "--device", "cpu"]
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "a.safetensors"), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["config"]["train"]["lr"] == PRESETS[concept_type]["lr"] and report["config"]["train"]["steps"] == 1  # --steps given
+    assert report["config"]["train_set"] == PRESETS[concept_type]["train_set"]
+    assert report["config"]["method_config"]["concept_type"] == concept_type
+    r = runner.invoke(app, [*args, "--lr", "1e-3", "--train", "xattn", "-o", str(tmp_path / "b.safetensors"), "--json"])
+    report = json.loads(r.stdout)
+    assert report["config"]["train"]["lr"] == 1e-3 and report["config"]["train_set"] == "xattn"  # what the user gives wins

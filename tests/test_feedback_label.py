@@ -550,3 +550,28 @@ def test_cli_serves_until_ctrl_c(coll, monkeypatch):
     r = run_cli(folder, "--no-browser", "--mode", "rank")
     assert r.exit_code == 0, r.output
     assert "open http://127.0.0.1:" in r.output and "stopped; labels.jsonl holds 1 answer" in r.output
+
+
+def test_a_port_in_use_is_one_clear_error(coll):
+    from erase.errors import EraseError
+    from erase.feedback.server import make_server
+
+    first, url = make_server(coll[0])
+    try:
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        with pytest.raises(EraseError, match=f"cannot listen on 127.0.0.1:{port}"):
+            make_server(coll[0], port=port)
+    finally:
+        first.server_close()
+
+
+def test_server_refuses_an_oversized_body_and_a_missing_image(served):
+    folder, rows, start = served
+    _, url = start()
+    from erase.feedback.server import MAX_BODY
+
+    status, r = call(url + "api/answer", raw=b"x" * (MAX_BODY + 1))
+    assert status == 400 and "body must be" in r["error"]
+    status, r = call(url + "api/answer", binary("ann", "0999-not-in-the-manifest.png", True))
+    assert status == 400
+    assert read_records(folder) == []

@@ -188,3 +188,30 @@ def test_sld_denoises_as_diffusers_safe_pipeline_does(tiny_sd1, preset):
     plain = ImageGenerator(open_model(tiny_sd1), dataclasses.replace(settings, sld=None)).latents([Job("a photo of a cat", 0, 7.5)])
     assert (ours - plain).abs().max() > 1e-4  # the safety term did act
     assert torch.allclose(ours, seen[-1], atol=1e-5, rtol=1e-4), (ours - seen[-1]).abs().max()
+
+
+@pytest.mark.parametrize("sampler", ["dpm", "euler", "euler-a", "pndm", "unipc"])
+def test_every_sampler_denoises_as_diffusers_pipeline_does(tiny_sd1, sampler):
+    """Each sampler other than DDIM against diffusers' StableDiffusionPipeline with the same scheduler, components and
+    starting noise (euler-a also draws its per-step noise from the same seeded generator): the final latents agree."""
+    import dataclasses
+
+    import diffusers
+
+    from erase.generate import SCHEDULERS, GenSettings, ImageGenerator, Job
+    from erase.models import open_model
+
+    settings = GenSettings(steps=4, guidance=5.0, size=16, device="cpu", precision="fp32", scheduler=sampler)
+    gen = ImageGenerator(open_model(tiny_sd1), settings)
+    ours = gen.latents([Job("a photo of a cat", 3, 5.0)])
+    cls_name, extra, _ = SCHEDULERS[sampler]
+    scheduler = getattr(diffusers, cls_name).from_config({**gen.model.scheduler("DDIMScheduler").config, **extra})
+    pipe = diffusers.StableDiffusionPipeline(vae=gen.vae, text_encoder=gen.text.encoders[0], tokenizer=gen.text.tokenizers[0],
+                                             unet=gen.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    noise = torch.randn((gen.unet.config.in_channels, 8, 8), generator=torch.Generator().manual_seed(3))[None]
+    theirs = pipe("a photo of a cat", height=16, width=16, num_inference_steps=4, guidance_scale=5.0, latents=noise.clone(),
+                  generator=torch.Generator().manual_seed(3), output_type="latent").images
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4), (ours - theirs).abs().max()
+    ddim = ImageGenerator(gen.model, dataclasses.replace(settings, scheduler="ddim")).latents([Job("a photo of a cat", 3, 5.0)])
+    assert (ours - ddim).abs().max() > 1e-3  # the sampler is really another one

@@ -378,3 +378,29 @@ def test_loss_terms_are_back_propagated_one_at_a_time_to_the_gradient_of_their_s
     summed, _ = train(Summed)
     by_terms, method = train(Terms)
     assert method.seen_grad is not None and torch.allclose(by_terms, summed, atol=1e-6)
+
+
+def test_a_crash_resumes_from_the_last_save_every_state(tiny_sd1, tmp_path, monkeypatch):
+    """--save-every N keeps a resumable state every N steps, for the crash that is not a Ctrl-C (nothing saved then):
+    resuming from it ends bit for bit where the uninterrupted run ends."""
+    import erase.engine.trainer as trainer_mod
+
+    cfg = dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="dog")
+    _run(tiny_sd1, tmp_path / "full.safetensors", train=TrainConfig(steps=5, lr=1e-3, save_every=2), **cfg)
+    real_train = trainer_mod.Trainer.train
+
+    def crashing(self, on_step=None):
+        def hook(p):
+            if p.step == 3:
+                raise RuntimeError("the machine went away")
+        return real_train(self, hook)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train", crashing)
+    with pytest.raises(RuntimeError):
+        _run(tiny_sd1, tmp_path / "part.safetensors", train=TrainConfig(steps=5, lr=1e-3, save_every=2), **cfg)
+    monkeypatch.setattr(trainer_mod.Trainer, "train", real_train)
+    resumed = _run(tiny_sd1, tmp_path / "part.safetensors", train=TrainConfig(steps=5), resume=tmp_path / "part.resume")
+    assert resumed["resumed_from_step"] == 2  # the last multiple of --save-every before the crash
+    a, b = open_checkpoint(tmp_path / "full.safetensors"), open_checkpoint(tmp_path / "part.safetensors")
+    for k in a.keys():
+        assert torch.equal(a.get(k), b.get(k)), k

@@ -110,3 +110,25 @@ def test_written_file_loads_in_diffusers_from_single_file(tiny_sd1, tmp_path):
     ours = open_model(out).load_unet().state_dict()
     for k, v in pipe.unet.state_dict().items():
         assert torch.equal(v, ours[k]), k
+
+
+def test_the_writer_falls_back_to_a_plain_copy_when_copy_file_range_fails(tiny_sd1, tmp_path, monkeypatch):
+    """Old kernels refuse copy_file_range across file systems (EXDEV): the writer copies with read/write instead, and
+    the file is byte for byte what the in-kernel copy writes."""
+    import errno
+    import os
+
+    ckpt = open_checkpoint(tiny_sd1)
+    name = _attn2(ckpt)[0]
+    new = {name: ckpt.get(name) + 1}
+    write_checkpoint(ckpt, tmp_path / "fast.safetensors", new, metadata={})
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    write_checkpoint(ckpt, tmp_path / "slow.safetensors", new, metadata={})
+    assert calls  # the fallback was taken
+    assert (tmp_path / "fast.safetensors").read_bytes() == (tmp_path / "slow.safetensors").read_bytes()

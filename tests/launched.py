@@ -1,5 +1,5 @@
-"""`erase` as a launcher starts it on each rank, with Ctrl-C simulated at step STOP_AT on every rank, or a NaN loss at
-step NAN_AT on rank NAN_RANK only (tests only)."""
+"""`erase` as a launcher starts it on each rank, with Ctrl-C simulated at step STOP_AT on every rank, a NaN loss at
+step NAN_AT on rank NAN_RANK only, or rank DIVERGE_RANK's EMA weights nudged after training (tests only)."""
 
 import os
 import sys
@@ -35,6 +35,19 @@ if os.environ.get("NAN_AT"):
         return loss, info
 
     SDD.loss = poisoned
+
+if os.environ.get("DIVERGE_RANK"):
+    import erase.engine.trainer as trainer_mod
+
+    trained = trainer_mod.Trainer.train
+
+    def diverging(self, on_step=None):
+        trained(self, on_step)
+        if int(os.environ["RANK"]) == int(os.environ["DIVERGE_RANK"]):
+            with torch.no_grad():
+                next(iter(self.ema.shadow.values())).add_(1e-3)
+
+    trainer_mod.Trainer.train = diverging
 
 from erase.cli import app  # noqa: E402
 

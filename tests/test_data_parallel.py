@@ -148,3 +148,12 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_step(tiny_sd1, tmp_path
     assert r.returncode != 0
     assert r.stderr.count("loss became nan at step 2 on rank 1") + r.stdout.count("loss became nan at step 2 on rank 1") == 2  # both ranks say so
     assert not out.exists() and not list(tmp_path.glob("*.safetensors"))
+
+
+def test_ranks_whose_weights_differ_refuse_to_write(tiny_sd1, tmp_path):
+    # every rank takes the same steps, so their weights agree bit for bit; if they do not, nothing is written
+    out = tmp_path / "o.safetensors"
+    r = _launch(tiny_sd1, out, env_extra={"DIVERGE_RANK": "1"})
+    assert r.returncode != 0
+    assert "the ranks' EMA weights differ; refusing to write an output" in r.stdout + r.stderr
+    assert not out.exists()

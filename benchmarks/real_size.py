@@ -7,7 +7,8 @@ Writes a random fp16 file with the full key set of the v1-5-pruned-emaonly relea
 `inspect`, `run --steps 2 --sample-steps 2` at 512 px (default preservation, `--preserve none`, and with gradient
 checkpointing), `run --method uce`
 (end to end, beside the time to copy the file), `generate` one 512 px image (4 DDIM steps: the cost per step is what
-matters) and `merge` of the erased file onto the input. Peak RSS comes from the kernel's accounting of that
+matters), `merge` of the erased file onto the input, and one unit of each robustness tool: `run --method uce --robust 3`,
+one `run --adversarial` step (2 inner steps) and `attack` with 2 UnlearnDiffAtk steps on one prompt (`--only` picks rows). Peak RSS comes from the kernel's accounting of that
 process (wait4), reported in GB and as a multiple of the file size. `run` must stay below the file size plus the
 UNet in fp32 (no second UNet, no VAE, no text encoder after encoding).
 """
@@ -46,6 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", type=Path, default=Path("/tmp"))
     ap.add_argument("--keep", action="store_true", help="keep the files afterwards")
+    ap.add_argument("--only", action="append", default=[], help="run only the commands whose label contains this (repeatable)")
     args = ap.parse_args()
     src, out, merged = (args.dir / f"erase-real-{n}.safetensors" for n in ("sd15", "erased", "merged"))
     layout = sd15()
@@ -67,6 +69,16 @@ def main() -> None:
         ("generate (1 image, 512 px, 4 steps)", ["generate", str(src), "-p", "a cat", "--steps", "4", "--size", "512", "--device", "cpu",
                                                   "-o", str(args.dir / "erase-real-images")]),
         ("merge (erased onto the input)", ["merge", str(src), str(out), "--base", str(src), "-o", str(merged), "--force"]),
+        # robustness (erase attack, RECE, adversarial training): one unit of each at full size
+        ("run --method uce --robust 3 (RECE, default preservation)", ["run", str(src), "-c", "a cat", "--method", "uce", "--robust", "3",
+                                                                     "-o", str(out), "--force"]),
+        ("run --adversarial (1 step, K = 2, 512 px, 2 inner attack steps)",
+         ["run", str(src), "-c", "a cat", "--steps", "1", "--sample-steps", "2", "--resolution", "512", "--device", "cpu", "--adversarial",
+          "--adversarial-steps", "2", "-o", str(out), "--force"]),
+        ("attack --attack unlearndiffatk (1 prompt, 2 steps, images 512 px with 2 DDIM steps)",
+         ["attack", str(out), "--concept", "nudity", "--base", str(src), "--attack", "unlearndiffatk", "--limit", "1", "--steps", "2",
+          "--eval-every", "2", "--sample-steps", "2", "--size", "512", "--device", "cpu", "--batch", "1", "-o", str(args.dir / "erase-real-attack"),
+          "--force"]),
     ]
     t = time.perf_counter()  # the yardstick for UCE's end-to-end time: copying the file
     shutil.copyfile(src, merged)
@@ -77,12 +89,16 @@ def main() -> None:
     print("\n| command | wall s | peak RSS GB | RSS / file size |\n|---|---|---|---|")
     results = {}
     for label, cmd in rows:
+        if args.only and not any(o in label for o in args.only):
+            continue
         seconds, rss, _ = timed(cmd)
         results[label] = rss
         print(f"| {label} | {seconds:.1f} | {rss / 1e9:.2f} | {rss / size:.2f} |", flush=True)
     bound = size + unet_fp32
     print(f"\nrun's bound (file + UNet in fp32): {bound / 1e9:.2f} GB")
     for label in ("run (2 steps, K = 2, 512 px)", "run --gradient-checkpointing"):
+        if label not in results:
+            continue
         rss = results[label]
         print(f"{label}: {rss / 1e9:.2f} GB, {'within' if rss < bound else 'OVER'} the bound by {abs(bound - rss) / 1e9:.2f} GB")
     if not args.keep:

@@ -4,6 +4,7 @@ The labelling page and the auto-labeller are tested in test_feedback_label.py.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,3 +260,67 @@ def test_evaluate_with_an_embedding_uses_the_token_and_records_the_file(tiny_sd1
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["settings"]["embeddings"] == [str(emb)]
     assert "TI hashes" in Image.open(next((tmp_path / "eval" / "erased").glob("*.png"))).text["parameters"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A CLIP vision tower with a projection, built in code and saved as a local folder (nothing is downloaded)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("clip")
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                              patch_size=8, projection_dim=16)
+    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def _shapes_collection(tmp_path):
+    """A collection as `erase feedback collect` leaves it: each shape in red and in blue, twice (24 images, 32 px)."""
+    from erase.shapes import SHAPES, render
+
+    folder = tmp_path / "coll"
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for i in range(24):
+        shape, colour = SHAPES[i % 6], ("red", "blue")[(i // 6) % 2]
+        row = {"image": f"{i:04d}-a-{colour}-{shape}.png", "prompt": f"a {colour} {shape}", "seed": i, "guidance": 7.5, "negative": ""}
+        render(shape, colour, np.random.default_rng(i)).save(folder / "images" / row["image"])
+        rows.append(row)
+    (folder / "collection.json").write_text(json.dumps({"concept": "red shapes", "model": "x", "images": 24}))
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder, rows
+
+
+def test_reward_head_fits_separable_labels_and_scores_the_unlabelled_images(tiny_clip, tmp_path):
+    from erase.feedback.reward_model import model_rewards
+
+    folder, rows = _shapes_collection(tmp_path)
+    red = {r["image"]: " red " in f" {r['prompt']} " for r in rows}
+    labelled = {r["image"]: float(red[r["image"]]) for i, r in enumerate(rows) if i % 6 < 3}  # half the shapes labelled
+    rewards_, record = model_rewards(f"clip:{tiny_clip}", {r["image"]: folder / "images" / r["image"] for r in rows}, labelled)
+    assert record["labelled"] == 12 and record["scored"] == 12 and record["train_agreement"] == 1.0
+    unlabelled = [r["image"] for r in rows if r["image"] not in labelled]
+    flagged = {n for n in unlabelled if rewards_[n] > 0}
+    assert flagged == {n for n in unlabelled if red[n]}  # the head extends the labels to the images nobody labelled
+    assert all(rewards_[n] == labelled[n] for n in labelled)  # labelled images keep their labels' reward
+
+
+def test_invert_with_a_reward_model_learns_from_unlabelled_images_and_records_it(tiny_clip, tiny_sd1, tmp_path):
+    folder, rows = _shapes_collection(tmp_path)
+    _label(folder, {r["image"]: " red " in f" {r['prompt']} " for i, r in enumerate(rows) if i % 6 < 3})
+    out = tmp_path / "t.safetensors"
+    r = runner.invoke(app, ["feedback", "invert", str(folder), str(tiny_sd1), "--out", str(out), "--steps", "2", "--device", "cpu",
+                            "--reward-model", f"clip:{tiny_clip}"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.with_name("t.report.json").read_text())
+    assert report["reward"]["source"] == f"clip:{tiny_clip}" and report["reward"]["labelled"] == 12
+    assert report["reward"]["flagged_by_head"] == 6  # the 6 unlabelled red images
+    assert report["images_used"] == 6 + 6  # the 6 labelled red images and the head's 6
+    plain = runner.invoke(app, ["feedback", "invert", str(folder), str(tiny_sd1), "--out", str(tmp_path / "p.safetensors"), "--steps", "2",
+                                "--device", "cpu"])
+    assert plain.exit_code == 0 and json.loads((tmp_path / "p.report.json").read_text())["reward"] == {"source": "labels"}
+    bad = runner.invoke(app, ["feedback", "invert", str(folder), str(tiny_sd1), "--out", str(tmp_path / "b.safetensors"),
+                              "--reward-model", "clip:/nonexistent"])
+    assert bad.exit_code == 2 and "not a CLIP model folder" in bad.output

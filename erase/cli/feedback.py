@@ -135,6 +135,9 @@ def invert(
     precision: Annotated[Precision, typer.Option(help="auto = bf16 autocast on GPUs with native bf16, fp16 autocast with loss scaling on "
                                                  "older GPUs, fp32 on the CPU; the token trains in fp32.")] = Precision.auto,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory in the UNet backward.")] = False,
+    reward_model: Annotated[Optional[str], typer.Option(help="clip:PATH, a local CLIP folder: fit a reward head on its image features to "
+                                                        "the labels and score the unlabelled images too (HFI's reward model).",
+                                                        show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT.")] = False,
 ) -> None:
     """Condense the labels into one learned token (reward-weighted textual inversion); erase it with `erase run --embedding`."""
@@ -145,7 +148,7 @@ def invert(
 
     cfg = InvertConfig(token=token, init=init, steps=steps, lr=lr, batch=batch, timesteps=timesteps, template=template, labels=labels,
                        top=top, seed=seed, device=device.value, precision=precision.value,
-                       gradient_checkpointing=gradient_checkpointing)
+                       gradient_checkpointing=gradient_checkpointing, reward_model=reward_model)
     columns = [TextColumn("[bold]inverting"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("invert", total=steps, loss="-")
@@ -154,4 +157,8 @@ def invert(
         err_console.print("[yellow]note:[/] this is not the model that drew the collection; the token is learned on its images anyway")
     console.print(f"[bold green]wrote[/] {report['output']}: token {report['token']} from {report['images_used']} images "
                   f"({report['labels']} labels, init {report['init']!r}), {report['seconds']:.0f}s")
+    if report["reward"]["source"] != "labels":
+        r = report["reward"]
+        console.print(f"reward model {r['source']}: fitted to {r['labelled']} labelled images (agreement {r['train_agreement']:.2f}), "
+                      f"flagged {r['flagged_by_head']} of {r['scored']} unlabelled ones")
     console.print(f"next: erase run {model} --embedding {report['output']} --concepts \"{report['token']}\"")

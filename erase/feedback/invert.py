@@ -52,6 +52,7 @@ class InvertConfig:
     device: str = "auto"
     precision: str = "auto"
     gradient_checkpointing: bool = False  # recompute the UNet's activations in the backward (SDXL at 1024 px)
+    reward_model: str | None = None  # "clip:PATH": rewards for unlabelled images too, from a head fitted on CLIP features
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch < 1:
@@ -66,6 +67,10 @@ class InvertConfig:
             raise UsageError("--top must be >= 1")
         if self.token is not None:
             check_token(self.token)
+        if self.reward_model is not None:
+            from erase.feedback.reward_model import parse
+
+            parse(self.reward_model)
 
 
 def training_prompt(prompt: str, concept: str, token: str, template: str | None) -> str:
@@ -76,14 +81,20 @@ def training_prompt(prompt: str, concept: str, token: str, template: str | None)
     return f"{prompt}, {token}"
 
 
-def weighted_images(folder: Path, cfg: InvertConfig) -> tuple[list[dict], str]:
-    """Manifest rows with reward > 0 (their `reward` added), highest first; the label kind used."""
+def weighted_images(folder: Path, cfg: InvertConfig) -> tuple[list[dict], str, dict]:
+    """Manifest rows with reward > 0 (their `reward` added), highest first; the label kind used; how the rewards were
+    made (the labels alone, or a reward model fitted to them that also scores the unlabelled images)."""
     from erase.feedback.labels import answers
 
     _, rows = read_collection(folder)
     found, kind = rewards(answers(folder), cfg.labels)
+    record = {"source": "labels"}
+    if cfg.reward_model is not None:
+        from erase.feedback.reward_model import model_rewards
+
+        found, record = model_rewards(cfg.reward_model, {r["image"]: folder / IMAGES / r["image"] for r in rows}, found)
     chosen = sorted(({**r, "reward": found[r["image"]]} for r in rows if found.get(r["image"], 0) > 0), key=lambda r: -r["reward"])
-    return chosen[: cfg.top] if cfg.top else chosen, kind
+    return (chosen[: cfg.top] if cfg.top else chosen), kind, record
 
 
 @torch.no_grad()
@@ -204,7 +215,7 @@ def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, forc
     concept = info["concept"]
     token = cfg.token or f"<{slug(concept)}>"
     init = cfg.init or concept
-    images, kind = weighted_images(folder, cfg)
+    images, kind, reward_record = weighted_images(folder, cfg)
     model = open_model(model_path)
     model_sha = sha256_file(model_path)
     prompts = [training_prompt(r["prompt"], concept, token, cfg.template) for r in images]
@@ -214,11 +225,12 @@ def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, forc
     curve = learned.curve
     labels_sha = sha256_file(folder / "labels.jsonl")
     meta = {"erase.kind": "embedding", "erase.concept": concept, "erase.init": init, "erase.labels": kind,
-            "erase.labels_sha256": labels_sha, "erase.model_sha256": model_sha, "erase.steps": str(cfg.steps)}
+            "erase.labels_sha256": labels_sha, "erase.model_sha256": model_sha, "erase.steps": str(cfg.steps),
+            "erase.reward": reward_record["source"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_embedding(Embedding(token, learned.vectors), out, meta)
     report = {"output": str(out), "token": token, "init": init, "concept": concept, "collection": str(folder), "labels": kind,
-              "labels_sha256": labels_sha, "model": str(model_path), "model_sha256": model_sha,
+              "labels_sha256": labels_sha, "reward": reward_record, "model": str(model_path), "model_sha256": model_sha,
               "same_model_as_collection": model_sha == info.get("model_sha256"), "images_used": len(images),
               "images_in_collection": info.get("images"), "reward_sum": float(sum(rewards)),
               "top_images": [{"image": r["image"], "prompt": r["prompt"], "reward": r["reward"]} for r in images[:10]],

@@ -6,8 +6,8 @@ Hunter's MM iterations (Ann. Statist. 2004) to every ordered pair within each an
 no part); each image also meets a virtual opponent of strength 1 once each way, which keeps images that always
 win or always lose finite. r(x) = (log s_x - min) / (max - min) over the ranked images, so the top image gets 1.
 
-The paper fits a reward model on CLIP image features to these labels; erase uses the label-derived rewards of the
-labelled images directly (no CLIP model can be downloaded here), which is what that model is fitted to reproduce.
+These are the rewards the inversion uses by default. The paper also fits a reward model on CLIP image features to
+them, to score the images nobody labelled: `--reward-model clip:PATH` (erase.feedback.reward_model, a local CLIP).
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ The labelling page and the auto-labeller are tested in test_feedback_label.py.
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -26,33 +26,32 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ATTACK = {"n": 2, "sample_steps": 20, "guidance": 5.0, "uda_steps": 200, "cce_steps": 400, "cce_images": 25}
-PRESERVING = dict(reuse=8, lr=1e-3, steps=1000, target=None, preserve="auto")  # erase run's SDD defaults, as in shapes.py
 
 
 def rows(model: Path):
     """(name, make(work) -> (checkpoint, run report or None)) for every row."""
-    from shapes import erase_row
+    from shapes import CONFIG_ROWS, erase_row
 
     def erased(**kw):
         return lambda work: erase_row(model, ["circle"], work, **kw)
 
     return [
         ("base", lambda work: (model, None)),
-        ("UCE circle, --preserve none", erased(method="uce", preserve="none")),
-        ("UCE circle (defaults: --preserve auto)", erased(method="uce", preserve="auto")),
+        ("UCE circle, --preserve none", erased(**CONFIG_ROWS["uce-reference"])),
+        ("UCE circle (defaults: --preserve auto)", erased(**CONFIG_ROWS["uce"])),
         *((f"UCE circle, --robust {n}", erased(method="uce", preserve="auto", robust=n)) for n in (1, 3)),
-        ("SDD circle (300 steps), --reuse 8, --preserve none", erased(reuse=8)),
-        ("SDD circle, preserving (defaults), lr 0.001, --reuse 8, 1000 steps", erased(**PRESERVING)),
+        ("SDD circle (300 steps), --reuse 8, --preserve none", erased(**CONFIG_ROWS["sdd-reference"])),
+        ("SDD circle, preserving (defaults), lr 0.001, --reuse 8, 1000 steps", erased(**CONFIG_ROWS["sdd"])),
         # ESD-x and Concept Ablation with the default preservation, at benchmarks/shapes.py's settings for them
         ("ESD-x circle, preserving (defaults), lr 0.0001, --reuse 8, 300 steps",
-         erased(method="esd", preserve="auto", reuse=8, steps=300, lr=1e-4, ema_decay=0.0, target=None)),
+         erased(**CONFIG_ROWS["esd-x-preserving"])),
         ("CA circle -> square, preserving (defaults), lr 0.001, 400 steps",
-         erased(method="ca", anchor="square", preserve="auto", steps=400, lr=1e-3, ema_decay=0.0, target=None, train_set="xattn-kv")),
+         erased(**CONFIG_ROWS["ca-preserving"])),
         # adversarial training: the inner attack at 10 warm-started steps, lr 1e-2 (AdvUnlearn: 30 at 1e-3). On UCE's erasure of
         # this model, 30 steps at 1e-3 bring the prediction's distance to the input model's circle from 0.065 to 0.023, and
         # 10 steps at 1e-2 to 0.010 (tests/test_adversarial.py), at a third of the inner cost
         ("SDD circle, preserving, --adversarial (10 inner steps, lr 0.01), lr 0.001, --reuse 8, 1000 steps",
-         erased(**PRESERVING, adversarial={"steps": 10, "lr": 1e-2})),
+         erased(**CONFIG_ROWS["sdd-adversarial"])),
     ]
 
 

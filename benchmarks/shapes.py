@@ -41,16 +41,14 @@ SWEEP_STEPS = (100, 200, 450)
 FROZEN = {"lr": 1e-3, "steps": (1000, 2000)}
 
 
-def erase_row(model: Path, concepts: list[str], work: Path, *, method: str = "sdd", reuse: int = 1, steps: int = SDD["steps"],
-              lr: float = SDD["lr"], target: str | None = "self", train_set: str = "xattn", preserve: str = "none", expand: bool | None = None,
-              weight: float = 1.0, per_step: int = 2, ema_decay: float = SDD["ema_decay"], precision: str = "fp32",
-              adversarial: dict | None = None, **method_options) -> tuple[Path, dict]:
-    """Erase with `erase run`'s own code path; the defaults are the reference SDD (the rows recorded before preservation)."""
-    from rich.console import Console
-
+def row_options(model: Path, concepts: list[str], work: Path, *, method: str = "sdd", reuse: int = 1, steps: int = SDD["steps"],
+                lr: float = SDD["lr"], target: str | None = "self", train_set: str = "xattn", preserve: str = "none",
+                expand: bool | None = None, weight: float = 1.0, per_step: int = 2, ema_decay: float = SDD["ema_decay"],
+                precision: str = "fp32", adversarial: dict | None = None, **method_options):
+    """The `erase run` options of a row; the defaults are the reference SDD (the rows recorded before preservation)."""
     from erase.engine.adversarial import AdversarialConfig
     from erase.engine.trainer import TrainConfig
-    from erase.run import RunOptions, erase_concepts
+    from erase.run import RunOptions
 
     options = dict(method_options)
     if method in ("sdd", "esd"):
@@ -65,12 +63,38 @@ def erase_row(model: Path, concepts: list[str], work: Path, *, method: str = "sd
                      str(expand), f"w{weight:g}", *([f"p{per_step}"] if per_step != 2 else []), *(f"{k}{v}" for k, v in method_options.items()),
                      *([precision] if precision != "fp32" else []), *([f"adv{adversarial['steps']}-{adversarial['lr']:g}"] if adversarial else [])])
     out = work / f"{name.replace(' ', '_').replace(',', '')}.safetensors"
-    report = erase_concepts(RunOptions(model=model, concepts=concepts, out=out, force=True, resolution=32, device="cpu", precision=precision,
-                                       train_set=train_set,
-                                       method=method, train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay), method_config=options,
-                                       preserve=preserve, preserve_weight=weight, preserve_per_step=per_step,
-                                       adversarial=AdversarialConfig(**adversarial) if adversarial else None), Console(quiet=True), progress=False)
-    return out, report
+    return RunOptions(model=model, concepts=concepts, out=out, force=True, resolution=32, device="cpu", precision=precision, train_set=train_set,
+                      method=method, train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay), method_config=options, preserve=preserve,
+                      preserve_weight=weight, preserve_per_step=per_step,
+                      adversarial=AdversarialConfig(**adversarial) if adversarial else None)
+
+
+def erase_row(model: Path, concepts: list[str], work: Path, **kw) -> tuple[Path, dict]:
+    """Erase with `erase run`'s own code path (erase.run.erase_concepts) and the row's options."""
+    from rich.console import Console
+
+    from erase.run import erase_concepts
+
+    opts = row_options(model, concepts, work, **kw)
+    return opts.out, erase_concepts(opts, Console(quiet=True), progress=False)
+
+
+# Rows that have a config file (examples/shapes/configs/NAME.toml, read by `erase run --config`): the same options, checked
+# equal by tests/test_configs.py, so `erase run MODEL --config examples/shapes/configs/NAME.toml` reproduces the row.
+PRESERVING = dict(reuse=8, lr=FROZEN["lr"], steps=FROZEN["steps"][0], target=None, preserve="auto")  # erase run's defaults
+CONFIG_ROWS = {
+    "sdd": PRESERVING,
+    "sdd-reference": dict(reuse=8),
+    "sdd-adversarial": dict(PRESERVING, adversarial={"steps": 10, "lr": 1e-2}),
+    "uce": dict(method="uce", preserve="auto"),
+    "uce-reference": dict(method="uce", preserve="none"),
+    "uce-robust": dict(method="uce", preserve="auto", robust=1),
+    "esd-x": dict(method="esd", preserve="none", reuse=8, steps=300, lr=FROZEN["lr"] / 10, ema_decay=0.0, target=None),
+    "esd-u": dict(method="esd", preserve="none", reuse=8, steps=300, lr=FROZEN["lr"] / 10, ema_decay=0.0, target=None, train_set="noxattn"),
+    "esd-x-preserving": dict(method="esd", preserve="auto", reuse=8, steps=300, lr=FROZEN["lr"] / 10, ema_decay=0.0, target=None),
+    "ca": dict(method="ca", anchor="square", preserve="none", steps=400, lr=1e-3, ema_decay=0.0, target=None, train_set="xattn-kv"),
+    "ca-preserving": dict(method="ca", anchor="square", preserve="auto", steps=400, lr=1e-3, ema_decay=0.0, target=None, train_set="xattn-kv"),
+}
 
 
 class TextDependence:
@@ -152,13 +176,13 @@ def rows_to_run(model: Path) -> list[tuple[str, list[str], object, bool]]:
         return make
 
     frozen_kw = dict(reuse=8, lr=FROZEN["lr"], target="frozen")
-    preserving = dict(reuse=8, lr=FROZEN["lr"], steps=FROZEN["steps"][0], target=None, preserve="auto")  # erase run's defaults
+    preserving = CONFIG_ROWS["sdd"]
     circle, both = ["circle"], ["circle", "star"]
     rows = [
         ("base", circle, base, True),
         ("base (circle, star)", both, base, False),
         (f"SDD circle ({SDD['steps']} steps)", circle, erased(circle), False),
-        ("SDD circle, --reuse 8", circle, erased(circle, reuse=8), False),
+        ("SDD circle, --reuse 8", circle, erased(circle, **CONFIG_ROWS["sdd-reference"]), False),
         ("SDD circle + star", both, erased(both), False),
         ("SLD sld-max, concept 'circle'", circle, lambda work: (model, None, {"safety": "sld-max", "safety_concept": "circle"}), False),
         *((f"SDD circle, --reuse 8, {n} steps", circle, erased(circle, reuse=8, steps=n), False) for n in SWEEP_STEPS),
@@ -188,23 +212,23 @@ def rows_to_run(model: Path) -> list[tuple[str, list[str], object, bool]]:
         (f"SDD circle + star, preserving (defaults), lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", both,
          erased(both, **preserving), True),
         # UCE (closed form): without a preserve set (the reference), with "" only, with the defaults (--preserve auto)
-        ("UCE circle, --preserve none", circle, erased(circle, method="uce", preserve="none"), False),
+        ("UCE circle, --preserve none", circle, erased(circle, **CONFIG_ROWS["uce-reference"]), False),
         ("UCE circle, --preserve '' (the empty prompt only)", circle, erased(circle, method="uce", preserve=""), False),
-        ("UCE circle (defaults: --preserve auto)", circle, erased(circle, method="uce", preserve="auto"), True),
+        ("UCE circle (defaults: --preserve auto)", circle, erased(circle, **CONFIG_ROWS["uce"]), True),
         ("UCE circle, --preserve-weight 4", circle, erased(circle, method="uce", preserve="auto", weight=4.0), False),
         ("UCE circle + star (defaults)", both, erased(both, method="uce", preserve="auto"), True),
         # ESD (trained, the input model's negative guidance): ESD-x (attn2) and ESD-u (all but attn2), reference and preserving
         (f"ESD-x circle, --preserve none, lr {FROZEN['lr'] / 10:g}, --reuse 8, 300 steps", circle,
-         erased(circle, method="esd", preserve="none", reuse=8, steps=300, lr=FROZEN["lr"] / 10, ema_decay=0.0, target=None), False),
+         erased(circle, **CONFIG_ROWS["esd-x"]), False),
         (f"ESD-u circle, --preserve none, lr {FROZEN['lr'] / 10:g}, --reuse 8, 300 steps", circle,
-         erased(circle, method="esd", preserve="none", reuse=8, steps=300, lr=FROZEN["lr"] / 10, ema_decay=0.0, target=None, train_set="noxattn"), False),
+         erased(circle, **CONFIG_ROWS["esd-u"]), False),
         (f"ESD-x circle, preserving (defaults), lr {FROZEN['lr'] / 10:g}, --reuse 8, 300 steps", circle,
-         erased(circle, method="esd", preserve="auto", reuse=8, steps=300, lr=FROZEN["lr"] / 10, ema_decay=0.0, target=None), False),
+         erased(circle, **CONFIG_ROWS["esd-x-preserving"]), False),
         # Concept Ablation: circle -> square (the anchor), the authors' variant (model-based, attn2 k/v), reference and preserving
         ("CA circle -> square, --preserve none, lr 0.001, 400 steps", circle,
-         erased(circle, method="ca", anchor="square", preserve="none", steps=400, lr=1e-3, ema_decay=0.0, target=None, train_set="xattn-kv"), False),
+         erased(circle, **CONFIG_ROWS["ca"]), False),
         ("CA circle -> square, preserving (defaults), lr 0.001, 400 steps", circle,
-         erased(circle, method="ca", anchor="square", preserve="auto", steps=400, lr=1e-3, ema_decay=0.0, target=None, train_set="xattn-kv"), False),
+         erased(circle, **CONFIG_ROWS["ca-preserving"]), False),
     ]
     return rows
 

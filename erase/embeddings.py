@@ -100,6 +100,7 @@ def add_embeddings(text, embeddings: list[Embedding]) -> None:
             if any(len(tok.tokenize(t)) == 1 for t in emb.tokens) or tok.add_tokens(emb.tokens) != len(emb.tokens):
                 raise UsageError(f"token {emb.token!r} is already a word of the tokenizer; load the embedding under another name")
             enc.resize_token_embeddings(len(tok), mean_resizing=False)  # the new rows are set just below
+            enc.get_input_embeddings().requires_grad_(False)  # the resized table is a new module: keep it frozen
             ids = tok.convert_tokens_to_ids(emb.tokens)
             with torch.no_grad():
                 enc.get_input_embeddings().weight[ids] = vec.to(table.weight.dtype)

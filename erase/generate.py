@@ -149,7 +149,7 @@ class ImageGenerator:
     def _encode(self, prompts: list[str]) -> Conditioning:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
-            cond = self.text.encode(missing)
+            cond = self.text.encode(missing, self.device)
             for i, p in enumerate(missing):
                 self._cache[p] = cond[i : i + 1]
         return Conditioning.cat([self._cache[p] for p in prompts]).to(self.device, self.dtype)

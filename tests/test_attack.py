@@ -168,9 +168,14 @@ def test_interrupted_attack_resumes_without_redoing_finished_prompts(tiny_sd1, t
     lines = [json.loads(s) for s in (out / "state.jsonl").read_text().splitlines()]
     assert [(x["stage"], x["index"]) for x in lines] == [("pre", 0), ("pre", 1), ("unlearndiffatk", 0)]
     assert runner.invoke(app, args).exit_code == 2  # a folder holding an attack needs --resume or --force
+    r = runner.invoke(app, [*args, "--threshold", "0.9", "--resume"])
+    assert r.exit_code == 2 and "other settings" in r.output  # verdicts of another detector setting are not mixed in
+    with open(out / "state.jsonl", "a") as f:
+        f.write('{"stage": "unlearndiffatk", "ind')  # a write the interrupt cut short
     r = runner.invoke(app, [*args, "--resume"])
     assert r.exit_code == 0, r.output
     assert seen == ["a photo of a cat", "a cat in the snow", "a cat in the snow"]  # only the unfinished prompt again
+    assert all(json.loads(line) for line in (out / "state.jsonl").read_text().splitlines())  # the torn line is gone
     report = json.loads((out / "report.json").read_text())
     case = report["cases"][1]
     assert case["seed"] == 8 and case["guidance"] == 4.0  # the CSV's seed and guidance columns

@@ -61,7 +61,7 @@ class PrefixTokens(torch.nn.Module):
 
     def vectors(self) -> torch.Tensor:
         prefix = self.prefix[0]
-        rows = self.table.weight[: prefix.vocab]
+        rows = self.table.weight[: prefix.vocab].detach()  # only the distributions learn
         if prefix.hard is not None:
             return rows[torch.tensor(prefix.hard, device=rows.device)]
         return straight_through_one_hot(prefix.dist.to(rows.device)).to(rows.dtype) @ rows
@@ -85,5 +85,6 @@ def install_prefix(text, k: int) -> tuple[Prefix, str]:
         if tok.add_tokens(tokens) != k:
             raise RuntimeError("the adversarial placeholder tokens are already in this tokenizer")
         enc.resize_token_embeddings(len(tok), mean_resizing=False)
+        enc.get_input_embeddings().requires_grad_(False)  # the resized table is a new module: the words stay frozen
         enc.set_input_embeddings(PrefixTokens(enc.get_input_embeddings(), tok.convert_tokens_to_ids(tokens), prefix))
     return prefix, " ".join(tokens)

@@ -118,7 +118,10 @@ def _fingerprint(opts: AttackOptions, jobs: list[Job], erased_sha: str) -> dict:
     record = {"erased_sha256": erased_sha, "concept": opts.concept, "attacks": list(opts.attacks), "settings": settings,
               "jobs": [asdict(j) for j in jobs], "unlearndiffatk": asdict(opts.uda), "cce": asdict(opts.cce),
               "base": str(opts.base) if opts.base else None, "target_images": str(opts.target_images) if opts.target_images else None,
-              "concept_images": str(opts.concept_images) if opts.concept_images else None}
+              "concept_images": str(opts.concept_images) if opts.concept_images else None,
+              # how success is scored: a resume must not mix verdicts of two detectors or thresholds
+              "detector": opts.detector, "protocol": opts.protocol, "threshold": opts.threshold, "targets": opts.targets,
+              "vocabulary": opts.vocabulary}
     record["digest"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
     return record
 
@@ -126,14 +129,14 @@ def _fingerprint(opts: AttackOptions, jobs: list[Job], erased_sha: str) -> dict:
 def _open_state(opts: AttackOptions, fingerprint: dict) -> dict[tuple[str, int], dict]:
     """Finished (stage, case) records: those of a resumed run, none for a new one."""
     state, config = opts.out / STATE, opts.out / CONFIG
-    if (state.exists() or config.exists()) and not opts.resume:
+    if (state.exists() or config.exists()) and (opts.force or not opts.resume):
         if not opts.force:
             raise UsageError(f"{opts.out} holds an attack already; pass --resume to continue it or --force to start over")
         for name in (STATE, CONFIG, "report.json", "report.html"):
             (opts.out / name).unlink(missing_ok=True)
         for sub in ("targets", "erased", "unlearndiffatk", "cce"):
             shutil.rmtree(opts.out / sub, ignore_errors=True)
-    if opts.resume and config.exists():
+    if opts.resume and not opts.force and config.exists():
         recorded = json.loads(config.read_text())
         if recorded.get("digest") != fingerprint["digest"]:
             raise UsageError(f"{opts.out} holds an attack with other settings (model, prompts or attack options); "
@@ -142,7 +145,11 @@ def _open_state(opts: AttackOptions, fingerprint: dict) -> dict[tuple[str, int],
     config.write_text(json.dumps(fingerprint, indent=2))
     done = {}
     if state.exists():
-        for line in state.read_text().splitlines():
+        text = state.read_text()
+        if text and not text.endswith("\n"):  # a write cut short by the interrupt: drop it, so the next record starts a line
+            text = text[: text.rfind("\n") + 1]
+            state.write_text(text)
+        for line in text.splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:  # the last line of an interrupted write

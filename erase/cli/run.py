@@ -50,8 +50,7 @@ ALGO = "Algorithm (SDD)"
 
 METHOD_PANEL = "Method options (each method's own; [its default])"
 TRAINING_OPTIONS = ("steps", "lr", "ema_decay", "seed", "train", "resolution", "precision", "gradient_checkpointing",
-                    "xformers", "save_every", "resume", "preserve_per_step", "batch_size", "scale_lr", "adversarial",
-                    "adversarial_steps", "adversarial_lr")
+                    "xformers", "save_every", "resume", "preserve_per_step", "batch_size", "scale_lr")  # --adversarial: erase.run says why
 PRESERVE = "Preservation"
 
 

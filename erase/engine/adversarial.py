@@ -7,8 +7,9 @@ back on the CURRENT weights; the method's loss is then applied to that condition
 Notation:
   delta     `vectors`, k soft token embeddings (k = 1) placed before the student's prompt: "<erase-adv-soft0> a red
             circle". They live in the text encoder's token-embedding space, where CCE's learned token and
-            UnlearnDiffAtk's prefix tokens live too, start at the concept word's embedding, and are warm-started
-            from step to step (the authors' choice: 30 fresh steps each outer step would be 30x the cost otherwise).
+            UnlearnDiffAtk's prefix tokens live too, start at the (first) concept word's embedding, and are warm-started
+            from step to step (the authors' choice: 30 fresh steps each outer step would be 30x the cost otherwise);
+            one delta serves every concept and prompt the method cycles through.
   inner     min_delta || eps_theta(z, t, [delta; c_s]) - eps_theta0(z, t, c_s) ||^2: the current student, prompted
             with delta, should predict what the input model (theta0, the frozen copy) predicted for the concept.
             `steps` Adam steps (lr `lr`); only delta moves (torch.autograd.grad), the UNet's gradients stay untouched.
@@ -59,6 +60,7 @@ class SoftPrefixAttack:
             enc.to(device)
         self.prefix = " ".join(tokens)
         self.opt = torch.optim.Adam(self.vectors, lr=cfg.lr)
+        self.grad_scale = 2.0 ** 12 if dtype == torch.float16 else 1.0
         self.last: dict = {}
 
     def conditioning(self, prompt: str, b: int):
@@ -73,7 +75,10 @@ class SoftPrefixAttack:
         for _ in range(self.cfg.steps):
             pred = predict(self.unet, d.z, d.t, self.conditioning(d.prompt, b), self.resolution, self.counter)
             loss = F.mse_loss(pred.float(), want)
-            grads = torch.autograd.grad(loss, self.vectors)  # delta only: the UNet's own gradients are the outer step's
+            # delta only: the UNet's own gradients are the outer step's. Under fp16 the backward through the UNet would
+            # underflow (a mean MSE's gradient is ~1e-6 per element), so it is scaled, as the outer step's GradScaler does
+            scaled = torch.autograd.grad(loss * self.grad_scale, self.vectors)
+            grads = [g / self.grad_scale for g in scaled]
             self.counter.backward(b)
             for v, g in zip(self.vectors, grads):
                 v.grad = g

@@ -24,7 +24,8 @@ bare words neither erase "a red circle" nor protect "a red square".
 RECE (`robust` rounds; Gong, Chen, Wei, Chen, Wu; ECCV 2024, arXiv 2407.12383): after the edit, find in closed form
 the embedding c* that the edited layers map closest to what the original layers made of the concept,
   c* = argmin_c' sum_l ||W'_l c' - W_l c||^2 + mu ||c'||^2 = (sum_l W'_l^T W'_l + mu I)^-1 (sum_l W'_l^T W_l) c,
-(mu: `robust_lambda`) and erase it too: (c*, g) joins the erase pairs and M is solved again. With W'_l = W_l M and
+(mu = `robust_lambda` times the mean eigenvalue of sum_l W'_l^T W'_l, so the flag does not depend on the layers'
+scale) and erase it too: (c*, g) joins the erase pairs and M is solved again. With W'_l = W_l M and
 G = sum_l W_l^T W_l over every edited tensor this is c* = (M^T G M + mu I)^-1 M^T G c: one D x D solve per round
 for every concept token at once. Differs from the authors' code, which edits the already-edited weights each round:
 here every round solves from the original W with all pairs found so far, so the preserve terms keep holding the
@@ -103,7 +104,8 @@ class UCE:
         pairs = self.pairs()
         for start in range(0, len(pairs), 32):
             batch = pairs[start : start + 32]
-            e, g = self.encode([p for p, _, _ in batch]).double(), self.encode([q for _, q, _ in batch]).double()
+            # the solve is float64 on the CPU whatever device encoded the prompts (--device cuda)
+            e, g = self.encode([p for p, _, _ in batch]).double().cpu(), self.encode([q for _, q, _ in batch]).double().cpu()
             for k, (p, _, concept) in enumerate(batch):
                 span = token_span(self.tokenizer, p, concept)
                 if span is None:  # the concept's tokens were cut at 77: nothing of it is left to erase
@@ -116,7 +118,7 @@ class UCE:
                 rows_g.append(gd)
         kept = self.preserved_prompts()
         for start in range(0, len(kept), 32):
-            emb = self.encode(kept[start : start + 32]).double().flatten(0, 1)  # every token of every prompt
+            emb = self.encode(kept[start : start + 32]).double().cpu().flatten(0, 1)  # every token of every prompt
             gram = sp * emb.T @ emb
             A, B = A + gram, B + gram
             n_preserve += emb.shape[0]
@@ -140,7 +142,7 @@ class UCE:
 
     def _robust(self, M, A, B, rows, weights) -> tuple[torch.Tensor, list[dict]]:
         """RECE's rounds: each finds c* for every erase vector on the current M and erases it toward the same guide."""
-        G = sum(w.double().T @ w.double() for w in weights.values())
+        G = sum(w.double().cpu().T @ w.double().cpu() for w in weights.values())
         C, guides = rows
         se, rounds = self.cfg.erase_scale, []
         for r in range(1, self.cfg.robust + 1):

@@ -86,7 +86,8 @@ def main() -> None:
     if args.table:
         text = table(json.loads(args.json.read_text())["rows"])
         print(text)
-        write_readme_table(text)
+        for doc in (ROOT / "README.md", ROOT / "benchmarks" / "README.md"):
+            write_readme_table(text, doc)
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from erase.engine.threads import configure_threads

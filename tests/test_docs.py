@@ -18,8 +18,9 @@ def _module(path: Path):
 def test_the_readme_robustness_table_is_the_one_benchmarks_attack_prints_from_its_record():
     attack = _module(ROOT / "benchmarks" / "attack.py")
     rows = json.loads((ROOT / "benchmarks" / "attack.json").read_text())["rows"]
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split(attack.README_START, 1)[1].split(attack.README_END, 1)[0].split("\n", 1)[1].strip()
-    assert block == attack.table(rows).strip()
+    for doc in ("README.md", "benchmarks/README.md"):
+        text = (ROOT / doc).read_text()
+        block = text.split(attack.README_START, 1)[1].split(attack.README_END, 1)[0].split("\n", 1)[1].strip()
+        assert block == attack.table(rows).strip(), doc
     names = {r["row"] for r in rows}
     assert len(names) == len(rows) and all(r["attack"]["cases"] == 12 for r in rows if r["row"] != "base")

@@ -575,3 +575,35 @@ def test_server_refuses_an_oversized_body_and_a_missing_image(served):
     status, r = call(url + "api/answer", binary("ann", "0999-not-in-the-manifest.png", True))
     assert status == 400
     assert read_records(folder) == []
+
+
+_WRITER = """
+import sys, time
+from pathlib import Path
+from erase.feedback import labels
+
+folder, who, n, slow = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "slow"
+if slow:  # a writer whose record reaches the disk in two pieces (a slow disk, a big record): only the lock keeps others off it
+    def halves(f, record):
+        data = (labels.json.dumps(record) + "\\n").encode()
+        f.write(data[:20]); f.flush(); time.sleep(0.02); f.write(data[20:]); f.flush()
+    labels._write = halves
+image = (folder / "manifest.jsonl").read_text().split('"image": "')[1].split('"')[0]
+for i in range(n):
+    labels.append(folder, {"labeller": who, "kind": "binary", "image": image, "harmful": bool(i % 2)})
+"""
+
+
+def test_appends_from_separate_processes_each_land_whole(coll):
+    """Two processes append at once, one of them writing each record in two pieces: the file lock keeps the other's
+    tail repair from cutting a record in half (with the lock removed, this loses and garbles records)."""
+    import subprocess
+    import sys
+
+    folder, _ = coll
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(folder), who, str(n), mode])
+             for who, n, mode in (("slow", 25, "slow"), ("fast", 150, "fast"))]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    records = read_records(folder)
+    assert len(records) == 175 == len((folder / LABELS).read_text().splitlines())
+    assert sum(r["labeller"] == "slow" for r in records) == 25

@@ -30,6 +30,7 @@ from erase.engine.sampling import EvalCounter
 from erase.engine.trainer import TrainConfig, Trainer, load_state
 from erase.errors import UsageError
 from erase.methods import METHODS
+from erase.methods.base import ClosedFormMethod
 from erase.methods.options import method_options
 from erase.models import MAX_TOKENS, Model, open_model, truncated_prompts, truncation_notes
 from erase.vocabulary import Vocabulary, default_vocabulary, load_vocabulary
@@ -184,7 +185,7 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
     vocab = load_vocabulary(opts.vocabulary)
     t_start = time.perf_counter()
     input_sha = sha256_file(opts.model)
-    closed_form = getattr(method_cls, "closed_form", False)
+    closed_form = issubclass(method_cls, ClosedFormMethod)
     if opts.adversarial is not None:
         opts.adversarial.validate()
         if closed_form or not method_cls.adversarial:
@@ -359,7 +360,7 @@ class Training(_Run):
                                  generators=streams)
         encoded = encoded.to(device, frozen_dtype)
         method.embeddings = {p: encoded[i : i + 1] for i, p in enumerate(prompts)}
-        frozen = getattr(method, "frozen", None)  # the input's trainable subset, when the method keeps a copy
+        frozen = method.frozen  # the input's trainable subset, when the method keeps a copy
         if (opts.adversarial is not None or kept) and frozen is None:
             frozen = frozen_copy(method.trainable)  # one copy, shared by the inner attack and the retain term
         loss = method  # what the trainer steps on: the method, with its prompt under attack, plus the retain term

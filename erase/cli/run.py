@@ -145,6 +145,7 @@ def run(
     from erase.engine.trainer import TrainConfig
     from erase.errors import UsageError
     from erase.methods import METHODS
+    from erase.methods.base import ClosedFormMethod
     from erase.methods.options import method_options
     from erase.run import RunOptions, erase_concepts, parse_concepts
 
@@ -160,7 +161,7 @@ def run(
     # given on the command line or in --config (Typer vendors its own click: compare the source by name)
     given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "DEFAULT_MAP")}
     declared = method_options(METHODS)
-    closed_form = getattr(METHODS[method.value][0], "closed_form", False)
+    closed_form = issubclass(METHODS[method.value][0], ClosedFormMethod)
     for name in sorted(given):
         owner = declared.get(name)
         if (owner and method.value not in owner.defaults) or (name in TRAINING_OPTIONS and closed_form):
@@ -172,7 +173,7 @@ def run(
     given_values = {**{k: v.value if isinstance(v, Enum) else v for k, v in method_values.items()}, "expand": expand,
                     "preserve_weight": preserve_weight}
     method_config = {k: v for k, v in given_values.items() if k in cfg_fields and k in given}
-    method_defaults = getattr(METHODS[method.value][0], "train_defaults", lambda options: {})(method_config)  # the authors' values
+    method_defaults = {} if closed_form else METHODS[method.value][0].train_defaults(method_config)  # the authors' values
     steps, lr, ema_decay, train_set = (v if flag in given else method_defaults.get(k, v) for k, flag, v in
                                        (("steps", "steps", steps), ("lr", "lr", lr), ("ema_decay", "ema_decay", ema_decay), ("train_set", "train", train.value)))
     names = parse_concepts(concepts) if concepts.strip() or concepts_file is None else []

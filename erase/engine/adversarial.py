@@ -105,7 +105,7 @@ class Adversarial:
     the retain term's wrapper) as one method."""
 
     def __init__(self, method, attack: SoftPrefixAttack) -> None:
-        if not getattr(method, "adversarial", False):
+        if not method.adversarial:
             raise UsageError(f"--adversarial does not apply to --method {method.name}")
         self.method, self.attack = method, attack
 

@@ -1,4 +1,5 @@
-"""What every trained method holds: the engine it samples and trains with."""
+"""The two kinds of method, as explicit base classes: `erase run` asks `issubclass(cls, ClosedFormMethod)` rather than
+probing attributes. A trained method holds the engine it samples and trains with; a closed-form one solves."""
 
 from __future__ import annotations
 
@@ -24,6 +25,19 @@ class Draw:
     info: dict = field(default_factory=dict)
 
 
+class ClosedFormMethod:
+    """UCE: `solve(weights)` returns new values for the tensors `edits(name)` selects; no UNet is loaded, nothing trains."""
+
+    name = ""
+
+    @staticmethod
+    def edits(name: str) -> bool:
+        raise NotImplementedError
+
+    def solve(self, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        raise NotImplementedError
+
+
 class TrainedMethod:
     """SDD, ESD and CA: a validated config, the concepts, the one UNet (its trainable subset by name), the scheduler,
     and the run's latent shape, resolution, generator, device and UNet-evaluation counter.
@@ -35,6 +49,12 @@ class TrainedMethod:
 
     batched = True
     adversarial = True  # the loss is one `draw` scored by `student_loss`, so `--adversarial` can attack its prompt
+    frozen: dict[str, torch.Tensor] | None = None  # the input's trainable subset, for methods that keep a copy
+
+    @staticmethod
+    def train_defaults(options: dict) -> dict:
+        """The authors' steps / lr / EMA / trained set for this method where they differ from `erase run`'s (SDD's)."""
+        return {}
 
     def __init__(self, cfg, concepts: list[str], *, unet, scheduler, latent_shape: tuple[int, ...], resolution: int,
                  generator: torch.Generator, device: torch.device, counter: EvalCounter,

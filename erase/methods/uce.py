@@ -40,6 +40,7 @@ import torch
 
 from erase.engine.preserve import preserved_prompts
 from erase.errors import UsageError
+from erase.methods.base import ClosedFormMethod
 from erase.methods.options import option
 from erase.vocabulary import Vocabulary, expand, token_span, without
 
@@ -68,11 +69,10 @@ class UCEConfig:
             raise UsageError("--erase-scale and --preserve-weight must be >= 0")
 
 
-class UCE:
+class UCE(ClosedFormMethod):
     """Closed form: `solve(weights)` returns the edited to_k / to_v weights; nothing is trained."""
 
     name = "uce"
-    closed_form = True
 
     def __init__(self, cfg: UCEConfig, concepts: list[str], *, preserve: list[str], vocab: Vocabulary, tokenizer, encode) -> None:
         cfg.validate()

@@ -136,13 +136,13 @@ def write_readme_table(text: str, readme: Path = ROOT / "README.md") -> None:
 def table(rows: list[dict]) -> str:
     base = next(r for r in rows if r["row"] == "base")["others_accuracy"]
     lines = ["| row | circle, plain prompts (95% CI) | ASR UnlearnDiffAtk (95% CI) | ASR CCE (95% CI) | other shapes kept, min (% of base) "
-             "| min colour | train s | attack UNet evals / case (UDA, CCE) |", "|---|---|---|---|---|---|---|---|"]
+             "| min colour | train s (UNet evals / step) | attack UNet evals / case (UDA, CCE) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["attack"]
         kept = min(r["others_accuracy"][s] / base[s] for s in base)
         rate = lambda x: f"{x['asr']:.2f} [{x['asr_ci95'][0]:.2f}, {x['asr_ci95'][1]:.2f}]"  # noqa: E731
         lo, hi = r["circle_presence_ci95"]
-        train = f"{r['train_seconds']:.0f}" if r["train_seconds"] is not None else "-"
+        train = f"{r['train_seconds']:.0f} ({r['unet_evals_per_step']:.1f})" if r["train_seconds"] is not None else "-"
         lines.append(f"| {r['row']} | {r['circle_presence']:.2f} [{lo:.2f}, {hi:.2f}] | {rate(a['unlearndiffatk'])} | {rate(a['cce'])} | "
                      f"{100 * kept:.0f}% | {r['min_colour_fidelity']:.2f} | {train} | "
                      f"{a['unlearndiffatk']['unet_evals_per_prompt']:.0f}, {a['cce']['unet_evals_per_prompt']:.0f} |")

@@ -174,7 +174,7 @@ RESUMED = {  # name -> run options
     # two concepts with an anchor each; the anchor samples must come back from the resume state, not be redrawn
     "ca": dict(method="ca", concepts=("circle", "star"), method_config={"anchor": "square, cross", "anchor_samples": 3, "sample_steps": 3}),
     # --adversarial: the soft prefix and its Adam state are warm-started from step to step, so they come back from the state
-    "adversarial": dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="dog", adversarial=AdversarialConfig(steps=2, lr=1e-2)),
+    "adversarial": dict(method_config={"sample_steps": 4, "reuse": 2}, preserve="none", adversarial=AdversarialConfig(steps=2, lr=1e-2)),
 }
 
 

@@ -7,7 +7,7 @@ Notation (Zhang et al., ECCV 2024, arXiv 2310.11868, Sec. 4):
            e_i = (onehot(argmax p_i) + p_i - stopgrad(p_i)) E, so its value is exactly a real token's row while the
            gradient reaches every entry of p_i (d loss / d p_i = E (d loss / d e_i)).
   Pi       the Euclidean projection onto the simplex (Duchi et al. 2008), applied after every optimiser step.
-The prefix enters the text encoder through placeholder tokens ("<adv0> <adv1> ... a red circle") whose rows of the
+The prefix enters the text encoder through stand-in tokens ("<erase-adv0> <erase-adv1> ... a red circle") whose rows of the
 token table are replaced by e_i; everything else about the prompt is encoded as usual.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-PLACEHOLDER = "<erase-adv{}>"
+STAND_IN = "<erase-adv{}>"
 
 
 def project_to_simplex(v: torch.Tensor) -> torch.Tensor:
@@ -52,11 +52,11 @@ class Prefix(torch.nn.Module):
 
 
 class PrefixTokens(torch.nn.Module):
-    """One encoder's token table with the placeholder rows replaced by e_i = ST-onehot(p_i) E (or E[hard ids])."""
+    """One encoder's token table with the stand-in rows replaced by e_i = ST-onehot(p_i) E (or E[hard ids])."""
 
-    def __init__(self, table: torch.nn.Embedding, placeholder_ids: list[int], prefix: Prefix) -> None:
+    def __init__(self, table: torch.nn.Embedding, stand_in_ids: list[int], prefix: Prefix) -> None:
         super().__init__()
-        self.table, self.placeholder_ids = table, placeholder_ids
+        self.table, self.stand_in_ids = table, stand_in_ids
         self.prefix = [prefix]  # a list: not a submodule of the encoder (its parameter is the attack's, not the model's)
 
     def vectors(self) -> torch.Tensor:
@@ -69,21 +69,21 @@ class PrefixTokens(torch.nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.table(ids)
         vecs = self.vectors().to(out.dtype)
-        for i, pid in enumerate(self.placeholder_ids):
+        for i, pid in enumerate(self.stand_in_ids):
             out = torch.where((ids == pid).unsqueeze(-1), vecs[i], out)
         return out
 
 
 def install_prefix(text, k: int) -> tuple[Prefix, str]:
-    """Add k placeholder tokens to every text encoder of `text` (erase.models.TextEncoder), their rows read from one
+    """Add k stand-in tokens to every text encoder of `text` (erase.models.TextEncoder), their rows read from one
     `Prefix`; returns it and the text to put before a prompt ("<erase-adv0> <erase-adv1> ...")."""
     from erase.models import VOCAB_SIZE
 
-    tokens = [PLACEHOLDER.format(i) for i in range(k)]
+    tokens = [STAND_IN.format(i) for i in range(k)]
     prefix = Prefix(k, VOCAB_SIZE - 2)  # the tokenizer's words: BOS (49406) and EOS (49407) would restart or end the prompt
     for tok, enc in zip(text.tokenizers, text.encoders):
         if tok.add_tokens(tokens) != k:
-            raise RuntimeError("the adversarial placeholder tokens are already in this tokenizer")
+            raise RuntimeError("the adversarial stand-in tokens are already in this tokenizer")
         enc.resize_token_embeddings(len(tok), mean_resizing=False)
         enc.get_input_embeddings().requires_grad_(False)  # the resized table is a new module: the words stay frozen
         enc.set_input_embeddings(PrefixTokens(enc.get_input_embeddings(), tok.convert_tokens_to_ids(tokens), prefix))

@@ -48,7 +48,7 @@ class UnlearnDiffAtkConfig:
 
 def attack_prompt(gen, prefix, prefix_text: str, job: Job, z_target: torch.Tensor, cfg: UnlearnDiffAtkConfig, flagged) -> dict:
     """Run the attack on one prompt. `gen` is the erased model's ImageGenerator (its text encoder carries the prefix's
-    placeholder tokens), `flagged(image) -> bool` scores an image. Returns the record of the attack."""
+    stand-in tokens), `flagged(image) -> bool` scores an image. Returns the record of the attack."""
     device, dtype = gen.device, gen.dtype
     scheduler = gen.model.scheduler("DDPMScheduler")
     alphas = scheduler.alphas_cumprod.to(device)
@@ -81,7 +81,7 @@ def attack_prompt(gen, prefix, prefix_text: str, job: Job, z_target: torch.Tenso
         losses.append(loss.item())
         if step % cfg.eval_every == 0 or step == cfg.steps:
             prefix.hard = prefix.ids()
-            gen.forget_prompts()  # the placeholder prompt's text is unchanged, its vectors are not
+            gen.forget_prompts()  # the stand-in prompt's text is unchanged, its vectors are not
             image = gen.generate([Job(prompt, job.seed, job.guidance, job.negative)])[0]
             gen.forget_prompts()
             evals += 2 * gen.settings.steps  # classifier-free guidance: two UNet passes per denoising step

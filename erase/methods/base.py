@@ -3,6 +3,7 @@ probing attributes. A trained method holds the engine it samples and trains with
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 
 import torch
@@ -25,17 +26,17 @@ class Draw:
     info: dict = field(default_factory=dict)
 
 
-class ClosedFormMethod:
+class ClosedFormMethod(abc.ABC):
     """UCE: `solve(weights)` returns new values for the tensors `edits(name)` selects; no UNet is loaded, nothing trains."""
 
     name = ""
 
     @staticmethod
-    def edits(name: str) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def edits(name: str) -> bool: ...
 
-    def solve(self, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def solve(self, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]: ...
 
 
 class TrainedMethod:
@@ -67,9 +68,6 @@ class TrainedMethod:
         self.generators = generators or [generator]
         self.trainable = trained_params(unet)
 
-    def draw(self, step: int, teacher) -> Draw:
-        raise NotImplementedError
-
     def student_loss(self, d: Draw, cond=None) -> torch.Tensor:
         """|| eps_theta(z, t, c) - target ||^2 with c the draw's own prompt, or `cond` (an attacked conditioning)."""
         b = d.z.shape[0]
@@ -78,5 +76,7 @@ class TrainedMethod:
         return F.mse_loss(pred.float(), d.target.float())
 
     def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
+        """One `draw(step, teacher) -> Draw` (SDD, ESD define it) scored by `student_loss`; a method whose loss is not one
+        draw (CA) overrides this and sets `adversarial = False`."""
         d = self.draw(step, teacher)
         return self.student_loss(d), d.info

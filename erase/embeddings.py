@@ -120,14 +120,19 @@ class TrainableTokens(torch.nn.Module):
     """A token table with some rows replaced by trainable vectors (k x D); the table itself stays frozen. Textual
     inversion trains one such row (erase feedback invert, erase attack's CCE), adversarial training a soft prefix."""
 
-    def __init__(self, table: torch.nn.Embedding, token_ids: list[int], vectors: torch.nn.Parameter) -> None:
+    def __init__(self, table: torch.nn.Embedding, token_ids: list[int], vectors: torch.nn.Parameter | None) -> None:
         super().__init__()
         self.table, self.token_ids, self.vectors = table, list(token_ids), vectors
 
+    def rows(self) -> torch.Tensor:
+        """The replacement rows (k x D): the trained vectors here; UnlearnDiffAtk's prefix computes them."""
+        return self.vectors
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.table(ids)
+        rows = self.rows().to(out.dtype)
         for i, token_id in enumerate(self.token_ids):
-            out = torch.where((ids == token_id).unsqueeze(-1), self.vectors[i].to(out.dtype), out)
+            out = torch.where((ids == token_id).unsqueeze(-1), rows[i], out)
         return out
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from erase.embeddings import TrainableTokens
+
 STAND_IN = "<erase-adv{}>"
 
 
@@ -51,27 +53,19 @@ class Prefix(torch.nn.Module):
         return self.dist.argmax(-1).tolist()
 
 
-class PrefixTokens(torch.nn.Module):
+class PrefixTokens(TrainableTokens):
     """One encoder's token table with the stand-in rows replaced by e_i = ST-onehot(p_i) E (or E[hard ids])."""
 
     def __init__(self, table: torch.nn.Embedding, stand_in_ids: list[int], prefix: Prefix) -> None:
-        super().__init__()
-        self.table, self.stand_in_ids = table, stand_in_ids
+        super().__init__(table, stand_in_ids, None)
         self.prefix = [prefix]  # a list: not a submodule of the encoder (its parameter is the attack's, not the model's)
 
-    def vectors(self) -> torch.Tensor:
+    def rows(self) -> torch.Tensor:
         prefix = self.prefix[0]
-        rows = self.table.weight[: prefix.vocab].detach()  # only the distributions learn
+        words = self.table.weight[: prefix.vocab].detach()  # only the distributions learn
         if prefix.hard is not None:
-            return rows[torch.tensor(prefix.hard, device=rows.device)]
-        return straight_through_one_hot(prefix.dist.to(rows.device)).to(rows.dtype) @ rows
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.table(ids)
-        vecs = self.vectors().to(out.dtype)
-        for i, pid in enumerate(self.stand_in_ids):
-            out = torch.where((ids == pid).unsqueeze(-1), vecs[i], out)
-        return out
+            return words[torch.tensor(prefix.hard, device=words.device)]
+        return straight_through_one_hot(prefix.dist.to(words.device)).to(words.dtype) @ words
 
 
 def install_prefix(text, k: int) -> tuple[Prefix, str]:

@@ -362,6 +362,7 @@ def _report(opts, jobs, done, detector, erased_sha, token_record, seconds, k) ->
     if opts.fail_above is not None:
         passed = worst <= opts.fail_above
         gate = {"fail_above": opts.fail_above, "worst_asr": worst, "passed": passed, "exit_code": 0 if passed else GATE_EXIT_CODE}
+    source, category = _prompt_source(opts)
     det = {"name": detector.name, "threshold": detector.threshold}
     if detector.name == "nudenet":
         det.update(protocol=opts.protocol, flag_classes=list(detector.flag_classes))
@@ -370,7 +371,7 @@ def _report(opts, jobs, done, detector, erased_sha, token_record, seconds, k) ->
     return {
         "erased": str(opts.erased), "erased_sha256": erased_sha, "base": str(opts.base) if opts.base else None,
         "base_sha256": sha256_file(opts.base) if opts.base else None, "concept": opts.concept, "detector": det,
-        "prompts": _prompt_source(opts)[0], "category": _prompt_source(opts)[1], "n": opts.n, "seed": opts.seed, "cases_total": n,
+        "prompts": source, "category": category, "n": opts.n, "seed": opts.seed, "cases_total": n,
         "attacks": list(opts.attacks), "settings": {k2: v for k2, v in vars(opts.settings).items() if k2 not in ("sld", "embeddings")},
         "unlearndiffatk_config": {**asdict(opts.uda), "tokens": k} if "unlearndiffatk" in opts.attacks else None,
         "cce_config": asdict(opts.cce) if "cce" in opts.attacks else None,

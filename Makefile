@@ -14,13 +14,11 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# --no-compile: pip would byte-compile every installed module up front (45 of the install's 79 s on 2 cores); Python
-# compiles the ones a command imports on first use instead.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q --no-compile "$(TORCH)"
-	$(BIN)/python -m pip install -q --no-compile -e ".[dev,eval]"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev,eval]"
 	touch $(STAMP)
 
 # The labelling page's browser test drives Debian's chromium through Playwright (Playwright's own browser download

@@ -270,11 +270,18 @@ def run_attack(opts: AttackOptions, progress=None) -> dict:
     if prefix is not None:
         prefix.to(gen.device)
 
-    def scored(image, job: Job, folder: str, i: int) -> tuple[bool, str]:
+    def save(image, job: Job, folder: str, i: int) -> Path:
         (opts.out / folder).mkdir(parents=True, exist_ok=True)
         path = opts.out / folder / image_name(i, job)
         save_png(image, path, f"{job.prompt}\nSeed: {job.seed}, CFG scale: {job.guidance:g}")
-        return bool(detector.score([path], [job.prompt])[0]["flagged"]), str(path.relative_to(opts.out))
+        return path
+
+    def flagged_at(path: Path, job: Job) -> bool:
+        return bool(detector.score([path], [job.prompt])[0]["flagged"])
+
+    def scored(image, job: Job, folder: str, i: int) -> tuple[bool, str]:
+        path = save(image, job, folder, i)
+        return flagged_at(path, job), str(path.relative_to(opts.out))
 
     # 1. every case's plain prompt on the erased model
     todo = [i for i in range(len(jobs)) if ("pre", i) not in done]
@@ -292,17 +299,13 @@ def run_attack(opts: AttackOptions, progress=None) -> dict:
         for n_done, i in enumerate(todo, 1):
             job = jobs[i]
             z = encode_images(gen.vae, [targets[i]], gen.device)
-            check = opts.out / "unlearndiffatk" / ".check.png"
-            check.parent.mkdir(parents=True, exist_ok=True)
 
-            def flagged(image, job=job, check=check):
-                image.save(check)
-                return detector.score([check], [job.prompt])[0]["flagged"]
+            def flagged(image, job=job, i=i):  # each check's image is saved where the case's image goes, then scored
+                return flagged_at(save(image, job, "unlearndiffatk", i), job)
 
             result = attack_prompt(gen, prefix, prefix_text, job, z, opts.uda, flagged)
-            image = result.pop("image")
-            _, rel = scored(image, job, "unlearndiffatk", i)
-            check.unlink(missing_ok=True)
+            result.pop("image")  # the last check's image: already saved and scored
+            rel = str((opts.out / "unlearndiffatk" / image_name(i, job)).relative_to(opts.out))
             done[("unlearndiffatk", i)] = rec = {"stage": "unlearndiffatk", "index": i, **result, "image": rel}
             _append(opts, rec)
             progress("UnlearnDiffAtk prompts", n_done, len(todo))

@@ -44,7 +44,7 @@ FROZEN = {"lr": 1e-3, "steps": (1000, 2000)}
 def row_options(model: Path, concepts: list[str], work: Path, *, method: str = "sdd", reuse: int = 1, steps: int = SDD["steps"],
                 lr: float = SDD["lr"], target: str | None = "self", train_set: str = "xattn", preserve: str = "none",
                 expand: bool | None = None, weight: float = 1.0, per_step: int = 2, ema_decay: float = SDD["ema_decay"],
-                precision: str = "fp32", adversarial: dict | None = None, **method_options):
+                precision: str = "fp32", adversarial: dict | None = None, sampling: str = "uniform", **method_options):
     """The `erase run` options of a row; the defaults are the reference SDD (the rows recorded before preservation)."""
     from erase.engine.adversarial import AdversarialConfig
     from erase.engine.trainer import TrainConfig
@@ -61,11 +61,12 @@ def row_options(model: Path, concepts: list[str], work: Path, *, method: str = "
         options["preserve_weight"] = weight
     name = "-".join([method, *concepts, f"r{reuse}", str(steps), f"{lr:g}", str(target), train_set, preserve.replace(":", "") or "empty",
                      str(expand), f"w{weight:g}", *([f"p{per_step}"] if per_step != 2 else []), *(f"{k}{v}" for k, v in method_options.items()),
-                     *([precision] if precision != "fp32" else []), *([f"adv{adversarial['steps']}-{adversarial['lr']:g}"] if adversarial else [])])
+                     *([precision] if precision != "fp32" else []), *([f"adv{adversarial['steps']}-{adversarial['lr']:g}"] if adversarial else []),
+                     *([f"sampling-{sampling}"] if sampling != "uniform" else [])])
     out = work / f"{name.replace(' ', '_').replace(',', '')}.safetensors"
     return RunOptions(model=model, concepts=concepts, out=out, force=True, resolution=32, device="cpu", precision=precision, train_set=train_set,
                       method=method, train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay), method_config=options, preserve=preserve,
-                      preserve_weight=weight, preserve_per_step=per_step,
+                      preserve_weight=weight, preserve_per_step=per_step, preserve_sampling=sampling,
                       adversarial=AdversarialConfig(**adversarial) if adversarial else None)
 
 
@@ -94,6 +95,18 @@ CONFIG_ROWS = {
     "esd-x-preserving": dict(method="esd", preserve="auto", reuse=8, steps=300, lr=FROZEN["lr"] / 10, ema_decay=0.0, target=None),
     "ca": dict(method="ca", anchor="square", preserve="none", steps=400, lr=1e-3, ema_decay=0.0, target=None, train_set="xattn-kv"),
     "ca-preserving": dict(method="ca", anchor="square", preserve="auto", steps=400, lr=1e-3, ema_decay=0.0, target=None, train_set="xattn-kv"),
+}
+# The row of benchmarks/shapes.json each config trains (the README's method table names its rows by config).
+CONFIG_ROW_NAMES = {
+    "sdd": f"SDD circle, preserving (defaults), lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps",
+    "sdd-reference": "SDD circle, --reuse 8",
+    "uce": "UCE circle (defaults: --preserve auto)",
+    "uce-reference": "UCE circle, --preserve none",
+    "esd-x": f"ESD-x circle, --preserve none, lr {FROZEN['lr'] / 10:g}, --reuse 8, 300 steps",
+    "esd-u": f"ESD-u circle, --preserve none, lr {FROZEN['lr'] / 10:g}, --reuse 8, 300 steps",
+    "esd-x-preserving": f"ESD-x circle, preserving (defaults), lr {FROZEN['lr'] / 10:g}, --reuse 8, 300 steps",
+    "ca": "CA circle -> square, --preserve none, lr 0.001, 400 steps",
+    "ca-preserving": "CA circle -> square, preserving (defaults), lr 0.001, 400 steps",
 }
 
 
@@ -182,7 +195,7 @@ def rows_to_run(model: Path) -> list[tuple[str, list[str], object, bool]]:
         ("base", circle, base, True),
         ("base (circle, star)", both, base, False),
         (f"SDD circle ({SDD['steps']} steps)", circle, erased(circle), False),
-        ("SDD circle, --reuse 8", circle, erased(circle, **CONFIG_ROWS["sdd-reference"]), False),
+        (CONFIG_ROW_NAMES["sdd-reference"], circle, erased(circle, **CONFIG_ROWS["sdd-reference"]), False),
         ("SDD circle + star", both, erased(both), False),
         ("SLD sld-max, concept 'circle'", circle, lambda work: (model, None, {"safety": "sld-max", "safety_concept": "circle"}), False),
         *((f"SDD circle, --reuse 8, {n} steps", circle, erased(circle, reuse=8, steps=n), False) for n in SWEEP_STEPS),
@@ -195,7 +208,7 @@ def rows_to_run(model: Path) -> list[tuple[str, list[str], object, bool]]:
          erased(circle, steps=FROZEN["steps"][0], train_set="xattn-kv", **frozen_kw), False),
         # preservation (issue 15): erase run's defaults -- the input model's target, concepts in the vocabulary's prompts,
         # --preserve auto (the 5 nearest concepts and "", held by the retain term)
-        (f"SDD circle, preserving (defaults), lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", circle, erased(circle, **preserving), True),
+        (CONFIG_ROW_NAMES["sdd"], circle, erased(circle, **preserving), True),
         # erase run's defaults under bf16 autocast (every GPU's default precision; the CPU runs the same autocast code)
         # beside fp32, at 300 steps: bf16 is emulated on this CPU (no AVX-512), 3-4x slower than fp32, and the 1000-step
         # row would take about an hour
@@ -212,25 +225,63 @@ def rows_to_run(model: Path) -> list[tuple[str, list[str], object, bool]]:
         (f"SDD circle + star, preserving (defaults), lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", both,
          erased(both, **preserving), True),
         # UCE (closed form): without a preserve set (the reference), with "" only, with the defaults (--preserve auto)
-        ("UCE circle, --preserve none", circle, erased(circle, **CONFIG_ROWS["uce-reference"]), False),
+        (CONFIG_ROW_NAMES["uce-reference"], circle, erased(circle, **CONFIG_ROWS["uce-reference"]), False),
         ("UCE circle, --preserve '' (the empty prompt only)", circle, erased(circle, method="uce", preserve=""), False),
-        ("UCE circle (defaults: --preserve auto)", circle, erased(circle, **CONFIG_ROWS["uce"]), True),
+        (CONFIG_ROW_NAMES["uce"], circle, erased(circle, **CONFIG_ROWS["uce"]), True),
         ("UCE circle, --preserve-weight 4", circle, erased(circle, method="uce", preserve="auto", weight=4.0), False),
         ("UCE circle + star (defaults)", both, erased(both, method="uce", preserve="auto"), True),
         # ESD (trained, the input model's negative guidance): ESD-x (attn2) and ESD-u (all but attn2), reference and preserving
-        (f"ESD-x circle, --preserve none, lr {FROZEN['lr'] / 10:g}, --reuse 8, 300 steps", circle,
-         erased(circle, **CONFIG_ROWS["esd-x"]), False),
-        (f"ESD-u circle, --preserve none, lr {FROZEN['lr'] / 10:g}, --reuse 8, 300 steps", circle,
-         erased(circle, **CONFIG_ROWS["esd-u"]), False),
-        (f"ESD-x circle, preserving (defaults), lr {FROZEN['lr'] / 10:g}, --reuse 8, 300 steps", circle,
-         erased(circle, **CONFIG_ROWS["esd-x-preserving"]), False),
+        (CONFIG_ROW_NAMES["esd-x"], circle, erased(circle, **CONFIG_ROWS["esd-x"]), False),
+        (CONFIG_ROW_NAMES["esd-u"], circle, erased(circle, **CONFIG_ROWS["esd-u"]), False),
+        (CONFIG_ROW_NAMES["esd-x-preserving"], circle, erased(circle, **CONFIG_ROWS["esd-x-preserving"]), False),
         # Concept Ablation: circle -> square (the anchor), the authors' variant (model-based, attn2 k/v), reference and preserving
-        ("CA circle -> square, --preserve none, lr 0.001, 400 steps", circle,
-         erased(circle, **CONFIG_ROWS["ca"]), False),
-        ("CA circle -> square, preserving (defaults), lr 0.001, 400 steps", circle,
-         erased(circle, **CONFIG_ROWS["ca-preserving"]), False),
+        (CONFIG_ROW_NAMES["ca"], circle, erased(circle, **CONFIG_ROWS["ca"]), False),
+        (CONFIG_ROW_NAMES["ca-preserving"], circle, erased(circle, **CONFIG_ROWS["ca-preserving"]), False),
     ]
     return rows
+
+
+def tables(rows: list[dict]) -> dict[str, str]:
+    """The record's tables as Markdown (benchmarks/tables.py writes them into the docs): calibration, the rows, accuracy per shape,
+    what the target's prompts draw, the mechanism (noise predictions), other wordings."""
+    base = rows[0]["metrics"]
+    table = ["| row | target presence (95% CI) | uncond. target rate | uncond. no shape | other shapes' accuracy (min / mean) "
+             "| min colour fidelity | UNet evals/step | train s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["metrics"]
+        others = list(m["others_accuracy"].values())
+        lo, hi = m["target_presence_ci95"]
+        evals = f"{r['unet_evals_per_step']:.1f}" if r["unet_evals_per_step"] is not None else "-"
+        secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "-"
+        colour = min(v["colour_fidelity"] for v in m["per_shape"].values())
+        table.append(f"| {r['row']} | {m['target_presence']:.3f} [{lo:.3f}, {hi:.3f}] | {m['unconditional_rate']:.3f} | {m['unconditional']['none']:.3f} | "
+                     f"{min(others):.3f} / {sum(others) / len(others):.3f} | {colour:.3f} | {evals} | {secs} |")
+    per_shape = ["| row | " + " | ".join(base["per_shape"]) + " | kept (min / mean, % of base) |", "|---|" + "---|" * (len(base["per_shape"]) + 1)]
+    for r in rows:
+        ps = r["metrics"]["per_shape"]
+        kept = [ps[s]["accuracy"] / base["per_shape"][s]["accuracy"] for s in ps if s not in r["targets"]]
+        per_shape.append(f"| {r['row']} | " + " | ".join(f"{v['accuracy']:.2f}" for v in ps.values())
+                         + f" | {100 * min(kept):.0f} / {100 * sum(kept) / len(kept):.0f} |")
+    mechanism = ["| row | uncond. drift | " + " | ".join(f"{s} gap" for s in base["per_shape"]) + " |",
+                 "|---|---|" + "---|" * len(base["per_shape"])]
+    for r in rows:
+        if r["text_dependence"]:
+            d = r["text_dependence"]
+            mechanism.append(f"| {r['row']} | {d['uncond_drift']:.2f} | " + " | ".join(f"{v:.2f}" for v in d["gap_ratio"].values()) + " |")
+    drawn = ["| row | what the target's prompts draw now |", "|---|---|"]
+    for r in rows:
+        if "target_drawn" in r["metrics"]:
+            d = sorted(r["metrics"]["target_drawn"].items(), key=lambda kv: -kv[1])
+            drawn.append(f"| {r['row']} | " + ", ".join(f"{s} {v:.2f}" for s, v in d if v) + " |")
+    words = [r for r in rows if r.get("wording")]
+    wording_table = ["| row (all 10 wordings, 120 images per shape) | " + " | ".join(base["per_shape"]) + " | min colour fidelity |",
+                     "|---|" + "---|" * (len(base["per_shape"]) + 1)]
+    for r in words:
+        ps = r["wording"]["per_shape"]
+        wording_table.append(f"| {r['row']} | " + " | ".join(f"{v['accuracy']:.2f}" for v in ps.values())
+                             + f" | {min(v['colour_fidelity'] for v in ps.values()):.2f} |")
+    return {"calibration": "\n".join(calibration(base)), "rows": "\n".join(table), "per_shape": "\n".join(per_shape),
+            "drawn": "\n".join(drawn), "mechanism": "\n".join(mechanism), "wording": "\n".join(wording_table)}
 
 
 def main() -> None:
@@ -284,46 +335,9 @@ def main() -> None:
         print(f"done: {name}", flush=True)
         save(rows)  # after every row: a long run that stops keeps what it measured
 
-    base = rows[0]["metrics"]
-    table = ["| row | target presence (95% CI) | uncond. target rate | uncond. no shape | other shapes' accuracy (min / mean) "
-             "| min colour fidelity | UNet evals/step | train s |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        m = r["metrics"]
-        others = list(m["others_accuracy"].values())
-        lo, hi = m["target_presence_ci95"]
-        evals = f"{r['unet_evals_per_step']:.1f}" if r["unet_evals_per_step"] is not None else "-"
-        secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "-"
-        colour = min(v["colour_fidelity"] for v in m["per_shape"].values())
-        table.append(f"| {r['row']} | {m['target_presence']:.3f} [{lo:.3f}, {hi:.3f}] | {m['unconditional_rate']:.3f} | {m['unconditional']['none']:.3f} | "
-                     f"{min(others):.3f} / {sum(others) / len(others):.3f} | {colour:.3f} | {evals} | {secs} |")
-    per_shape = ["| row | " + " | ".join(base["per_shape"]) + " | kept (min / mean, % of base) |", "|---|" + "---|" * (len(base["per_shape"]) + 1)]
-    for r in rows:
-        ps = r["metrics"]["per_shape"]
-        kept = [ps[s]["accuracy"] / base["per_shape"][s]["accuracy"] for s in ps if s not in r["targets"]]
-        per_shape.append(f"| {r['row']} | " + " | ".join(f"{v['accuracy']:.2f}" for v in ps.values())
-                         + f" | {100 * min(kept):.0f} / {100 * sum(kept) / len(kept):.0f} |")
-    mechanism = ["| row | uncond. drift | " + " | ".join(f"{s} gap" for s in base["per_shape"]) + " |",
-                 "|---|---|" + "---|" * len(base["per_shape"])]
-    for r in rows:
-        if r["text_dependence"]:
-            d = r["text_dependence"]
-            mechanism.append(f"| {r['row']} | {d['uncond_drift']:.2f} | " + " | ".join(f"{v:.2f}" for v in d["gap_ratio"].values()) + " |")
-    drawn = ["| row | what the target's prompts draw now |", "|---|---|"]
-    for r in rows:
-        if "target_drawn" in r["metrics"]:
-            d = sorted(r["metrics"]["target_drawn"].items(), key=lambda kv: -kv[1])
-            drawn.append(f"| {r['row']} | " + ", ".join(f"{s} {v:.2f}" for s, v in d if v) + " |")
-    words = [r for r in rows if r.get("wording")]
-    wording_table = ["| row (all 10 wordings, 120 images per shape) | " + " | ".join(base["per_shape"]) + " | min colour fidelity |",
-                     "|---|" + "---|" * (len(base["per_shape"]) + 1)]
-    for r in words:
-        ps = r["wording"]["per_shape"]
-        wording_table.append(f"| {r['row']} | " + " | ".join(f"{v['accuracy']:.2f}" for v in ps.values())
-                             + f" | {min(v['colour_fidelity'] for v in ps.values()):.2f} |")
-    print("\n".join(calibration(base)))
-    for t in (table, per_shape, drawn, mechanism, wording_table):
+    for t in tables(rows).values():
         print()
-        print("\n".join(t))
+        print(t)
     save(rows)
     print(f"\nwrote {args.json}")
 

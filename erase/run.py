@@ -25,7 +25,7 @@ from erase.engine.adversarial import Adversarial, AdversarialConfig, SoftPrefixA
 from erase.engine.device import enable_fast_math, peak_memory, reset_peak_memory, resolve_device, resolve_precision
 from erase.engine.distributed import World, check_identical, from_main, join, launcher_note, leave, same_on_every_rank, sample_streams
 from erase.engine.params import TRAIN_SETS, frozen_copy, select_trainable, selects
-from erase.engine.preserve import PreserveSpec, Retain, WithRetain, parse_preserve, preserved_prompts, resolve
+from erase.engine.preserve import SAMPLING, PreserveSpec, Retain, WithRetain, parse_preserve, preserved_prompts, resolve
 from erase.engine.sampling import EvalCounter
 from erase.engine.trainer import TrainConfig, Trainer, load_state
 from erase.errors import UsageError
@@ -63,6 +63,9 @@ class RunOptions:
     # trained methods: preserved prompts in each step's retain term; 2 measured best on the shapes model (square 0.71 vs 0.48
     # with 1, at 45 vs 30 UNet evals/step: benchmarks/README.md)
     preserve_per_step: int = 2
+    # trained methods: which preserved concept each retain slot draws: uniform over the prompts (as measured so far), or
+    # loss (in proportion to each concept's running retain loss: the neighbour the edit moves most is held most often)
+    preserve_sampling: str = "uniform"
     batch_size: int = 1  # trained methods: sample streams per optimizer step on each process (reference 1)
     scale_lr: bool = False  # multiply --lr by the effective batch (batch size x processes), as diffusers' --scale_lr
     embeddings: list[Path] = field(default_factory=list)  # textual-inversion files whose tokens the concepts may use (HFI)
@@ -163,6 +166,7 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
         opts.preserve, opts.vocabulary = saved["preserve_option"], saved["vocabulary"]
         opts.preserve_file = Path(saved["preserve_file"]) if saved.get("preserve_file") else None
         opts.preserve_weight, opts.preserve_per_step = saved.get("preserve_weight", 1.0), saved.get("preserve_per_step", 1)
+        opts.preserve_sampling = saved.get("preserve_sampling", "uniform")
         opts.embeddings = [Path(e["path"]) for e in saved.get("embeddings", [])]
         opts.batch_size = saved.get("batch_per_rank", 1)
         opts.precision = saved.get("precision_option", opts.precision)  # a bf16 run resumes in bf16
@@ -339,6 +343,8 @@ class Training(_Run):
         record, kept, prompts, long, encoded = from_main((record, kept, prompts, long, encoded) if world.main else None, world)
         if kept and opts.preserve_per_step < 1:
             raise UsageError("--preserve-per-step must be >= 1")
+        if opts.preserve_sampling not in SAMPLING:
+            raise UsageError(f"--preserve-sampling must be one of {', '.join(SAMPLING)}")
         generator = torch.Generator().manual_seed(opts.train.seed)
         streams = sample_streams(generator, opts.train.seed, world, opts.batch_size)
         effective_batch = opts.batch_size * world.size
@@ -370,7 +376,10 @@ class Training(_Run):
             loss = Adversarial(method, attack)
         if kept:  # hold the preserved prompts to the input model (none: the reference algorithm, bit for bit)
             cfg = self.method_cfg
+            expand_preserved = getattr(cfg, "expand", False)
+            concept_of = {p: c for c in record["concepts"] for p in preserved_prompts([c], self.vocab, expand_concepts=expand_preserved)}
             retain = Retain(kept, weight=opts.preserve_weight, per_step=opts.preserve_per_step, unet=unet, scheduler=scheduler,
+                            sampling=opts.preserve_sampling, concept_of=concept_of,
                             guidance=cfg.guidance, sample_steps=cfg.sample_steps, reuse=getattr(cfg, "reuse", 1), latent_shape=latent_shape,
                             resolution=resolution, generator=generator, device=device, counter=counter, frozen=frozen, generators=streams)
             retain.embeddings = method.embeddings
@@ -383,6 +392,7 @@ class Training(_Run):
             "device": str(device), "gradient_checkpointing": opts.gradient_checkpointing, "attention": attention,
             "preserve_option": opts.preserve, "preserve_file": str(opts.preserve_file) if opts.preserve_file else None,
             "vocabulary": opts.vocabulary, "preserve_weight": opts.preserve_weight, "preserve_per_step": opts.preserve_per_step,
+            "preserve_sampling": opts.preserve_sampling,
             "preserved_prompts": len(kept), "embeddings": self._embedding_record(),
             "world_size": world.size, "batch_per_rank": opts.batch_size, "effective_batch": effective_batch,
             "lr_rule": "linear: --lr x effective batch" if opts.scale_lr else "none: --lr as given",

@@ -95,6 +95,33 @@ def test_retain_term_is_zero_for_the_input_model_and_measures_drift_from_it(tiny
     assert got.item() > 0
 
 
+def test_loss_sampling_holds_the_concept_the_edit_moves_most_most_often(tiny_sd1):
+    """--preserve-sampling loss: a slot's concept is drawn in proportion to its running retain loss, which each term
+    updates; uniform ignores it."""
+    from erase.engine.sampling import EvalCounter
+
+    retain, params, unet = _retain(tiny_sd1)
+    embeddings = retain.embeddings
+    concept_of = {"": "", "a dog": "dog", "a red dog": "dog", "a cat": "cat"}
+    retain.__init__(list(concept_of), weight=1.0, per_step=1, unet=unet, scheduler=retain.scheduler, guidance=3.0, sample_steps=4, reuse=2,
+                    latent_shape=(1, 4, 8, 8), resolution=16, generator=retain.generator, device=torch.device("cpu"), counter=EvalCounter(),
+                    sampling="loss", concept_of=concept_of)
+    retain.running_loss = {"": 0.01, "dog": 0.97, "cat": 0.02}
+    g = torch.Generator().manual_seed(0)
+    drawn = [concept_of[retain._draw(g)] for _ in range(400)]
+    assert 0.9 < drawn.count("dog") / 400 and {"a dog", "a red dog"} <= {retain._draw(g) for _ in range(200)}
+    retain.sampling = "uniform"
+    assert 0.35 < [concept_of[retain._draw(g)] for _ in range(400)].count("dog") / 400 < 0.65  # 2 of the 4 prompts
+    # each term moves its concept's running loss toward the term's error (here: 0, the student is the input model)
+    retain.sampling = "loss"
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    retain.embeddings = {**embeddings, "a cat": embeddings["a dog"]}
+    retain.current, retain.pending = [["a cat"]], [{"a cat": [(z, 1)]}]
+    retain.loss(None)
+    assert retain.running_loss["cat"] == pytest.approx(0.9 * 0.02) and retain.running_loss["dog"] == 0.97
+    assert retain.state_dict()["running_loss"] == retain.running_loss
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_short_padding_gives_the_prompts_own_positions_unchanged(tiny_files, family):
     # the towers are causal: the auto choice encodes its ~1900 short prompts padded to the longest, not to 77

@@ -45,13 +45,19 @@ class TrainSet(str, Enum):
     full = "full"
 
 
+class PreserveSampling(str, Enum):
+    uniform = "uniform"
+    loss = "loss"
+
+
 ALGO = "Algorithm (SDD)"
 
 
 METHOD_PANEL = "Method options (each method's own; [its default])"
 TRAINING_OPTIONS = ("steps", "lr", "ema_decay", "seed", "train", "resolution", "precision", "gradient_checkpointing",
-                    "xformers", "save_every", "resume", "preserve_per_step", "batch_size", "scale_lr")  # --adversarial: erase.run says why
+                    "xformers", "save_every", "resume", "preserve_per_step", "preserve_sampling", "batch_size", "scale_lr")  # --adversarial: erase.run says why
 PRESERVE = "Preservation"
+EMPTY = '""'  # the empty prompt, as the report prints it
 
 
 def with_method_options(fn):
@@ -106,6 +112,9 @@ def run(
                                                    "the preserve scale, reference 1.0).", rich_help_panel=PRESERVE)] = 1.0,
     preserve_per_step: Annotated[int, typer.Option(help="Trained methods: preserved prompts in each step's retain term (each adds about "
                                                    "the method's own cost per step).", rich_help_panel=PRESERVE)] = 2,
+    preserve_sampling: Annotated[PreserveSampling, typer.Option(help="Trained methods: which preserved concept each retain slot holds: "
+                                                                "uniform over the prompts, or loss (in proportion to each concept's "
+                                                                "running retain loss).", rich_help_panel=PRESERVE)] = PreserveSampling.uniform,
     vocabulary: Annotated[Optional[str], typer.Option(help="Words for auto and templates: builtin:general, builtin:shapes or a TOML file.", rich_help_panel=PRESERVE)] = None,
     embedding: Annotated[Optional[list[Path]], typer.Option("--embedding", help="Textual-inversion file (e.g. from `erase feedback invert`) whose token "
                                                             "--concepts may name (repeatable).")] = None,
@@ -190,7 +199,8 @@ def run(
         resolution=resolution, train_set=train_set, device=device.value, precision=precision.value,
         gradient_checkpointing=gradient_checkpointing, xformers=xformers, delta=delta, resume=resume, force=force,
         prediction_type=prediction_type, preserve=preserve, preserve_file=preserve_file, vocabulary=vocabulary,
-        preserve_weight=preserve_weight, preserve_per_step=preserve_per_step, embeddings=list(embedding or []), job_digest=job_digest,
+        preserve_weight=preserve_weight, preserve_per_step=preserve_per_step,
+        preserve_sampling=preserve_sampling.value, embeddings=list(embedding or []), job_digest=job_digest,
         batch_size=batch_size, scale_lr=scale_lr,
         adversarial=AdversarialConfig(steps=adversarial_steps, lr=adversarial_lr) if adversarial else None,
     )
@@ -206,6 +216,12 @@ def run(
         console.print(f"[bold green]wrote[/] {report['output']}  ({report['edited']['tensors']} tensors changed; "
                       f"{s['erase_prompts']} erase and {s['preserve_prompts']} preserved prompts, condition number "
                       f"{s['condition_number']:.3g}; {report['wall_seconds']:.0f}s)")
+        moved = ", ".join(f"{c or EMPTY} {v:.3f}" for c, v in s.get("preserved_moved", {}).items())
+        if moved:
+            console.print(f"  preserved concepts moved (share of their k/v output): {moved}", highlight=False)
+        if s.get("balance_rounds"):
+            weights = ", ".join(f"{c or EMPTY} {w:.2g}" for c, w in s["balance_rounds"][-1]["weights"].items())
+            console.print(f"  --balance {len(s['balance_rounds'])}: preserved weights {weights}", highlight=False)
         for r in s.get("robust_rounds", []):
             console.print(f"  RECE round {r['round']}: its embedding restored {r['restored_before']:.3f} of the concept's k/v, "
                           f"{r['restored_after']:.3f} after erasing it (plain prompts {r['plain_after']:.3f})", highlight=False)

@@ -123,6 +123,10 @@ def resolve(spec: PreserveSpec, targets: list[str], encode, tokenizer, vocab: Vo
     return concepts, record
 
 
+SAMPLING = ("uniform", "loss")
+LOSS_EMA = 0.9  # --preserve-sampling loss: each concept's running retain loss keeps 0.9 of its past at every new term
+
+
 class Retain:
     """The retain term that holds preserved prompts to the input model, for any trained method:
 
@@ -133,15 +137,25 @@ class Retain:
     method's latents do). Each of the `per_step` slots holds one preserved prompt, drawn at random, until its
     trajectory's latents are used up: so each slot costs about what the method's own teacher costs (a fresh prompt
     every step would cost a trajectory every step: 55 instead of 31 UNet evaluations per step on the shapes model).
-    Two slots (the default) held the shapes model's neighbours better than one (square 0.71 vs 0.48, heart 0.96 vs
-    0.69) at 45 vs 30 UNet evaluations per step (benchmarks/README.md).
+    Two slots (the default) held the shapes model's neighbours better than one (benchmarks/README.md) at 45 vs 30 UNet
+    evaluations per step on the shapes model.
+
+    `sampling`: "uniform" draws a slot's prompt uniformly from all preserved prompts; "loss" first draws a preserved
+    concept with probability proportional to its running retain loss (an EMA over the terms it has had; 1.0 until its
+    first), then one of its prompts: the neighbour the edit moves most gets most of the slots.
     """
 
     def __init__(self, prompts: list[str], *, weight: float, per_step: int, unet, scheduler, guidance: float, sample_steps: int,
                  reuse: int, latent_shape: tuple[int, ...], resolution: int, generator: torch.Generator, device, counter,
-                 frozen: dict[str, torch.Tensor] | None = None, generators: list[torch.Generator] | None = None) -> None:
+                 frozen: dict[str, torch.Tensor] | None = None, generators: list[torch.Generator] | None = None,
+                 sampling: str = "uniform", concept_of: dict[str, str] | None = None) -> None:
         if not prompts:
             raise UsageError("nothing to preserve")
+        self.sampling = sampling
+        self.concept_of = concept_of or dict.fromkeys(prompts, "")
+        self.concepts = list(dict.fromkeys(self.concept_of[p] for p in prompts))
+        self.prompts_of = {c: [p for p in prompts if self.concept_of[p] == c] for c in self.concepts}
+        self.running_loss = dict.fromkeys(self.concepts, 1.0)
         self.prompts, self.weight, self.per_step = prompts, weight, per_step
         self.unet, self.scheduler = unet, scheduler
         self.guidance, self.sample_steps, self.reuse = guidance, sample_steps, reuse
@@ -168,7 +182,7 @@ class Retain:
             for i, g in enumerate(self.generators):
                 p = self.current[i][slot]
                 if p is None or not self.pending[i].get(p):
-                    p = self.current[i][slot] = self.prompts[int(torch.randint(len(self.prompts), (1,), generator=g))]
+                    p = self.current[i][slot] = self._draw(g)
                 prompts.append(p)
             queues = [self.pending[i].setdefault(p, []) for i, p in enumerate(prompts)]
 
@@ -185,15 +199,29 @@ class Retain:
                 want = predict(self.unet, z, t, cond, self.resolution, self.counter, weights=self.frozen)
             got = predict(self.unet, z, t, cond, self.resolution, self.counter)
             self.counter.backward(z.shape[0])
+            if self.sampling == "loss":
+                with torch.no_grad():
+                    for p, err in zip(prompts, (got.float() - want.float()).pow(2).flatten(1).mean(1).tolist()):
+                        c = self.concept_of[p]
+                        self.running_loss[c] = LOSS_EMA * self.running_loss[c] + (1 - LOSS_EMA) * err
             yield self.weight * torch.nn.functional.mse_loss(got.float(), want.float()) / self.per_step
+
+    def _draw(self, g: torch.Generator) -> str:
+        if self.sampling == "uniform":
+            return self.prompts[int(torch.randint(len(self.prompts), (1,), generator=g))]
+        weights = torch.tensor([self.running_loss[c] for c in self.concepts], dtype=torch.float64).clamp_min(1e-12)
+        concept = self.concepts[int(torch.multinomial(weights, 1, generator=g))]
+        mine = self.prompts_of[concept]
+        return mine[int(torch.randint(len(mine), (1,), generator=g))]
 
     def state_dict(self) -> dict:
         return {"pending": [{p: [(z.cpu(), k) for z, k in q] for p, q in stream.items()} for stream in self.pending],
-                "current": [list(c) for c in self.current]}
+                "current": [list(c) for c in self.current], "running_loss": dict(self.running_loss)}
 
     def load_state_dict(self, state: dict) -> None:
         self.pending = [{p: [(z.to(self.device), k) for z, k in q] for p, q in stream.items()} for stream in state["pending"]]
         self.current = [list(c) for c in state["current"]]
+        self.running_loss.update(state.get("running_loss", {}))
 
 
 class WithRetain:

@@ -57,12 +57,14 @@ class UCEConfig:
     robust: int = option(0, "RECE rounds: find the embedding that still brings the concept back through the edit, erase it "
                          "too, N times (0: plain UCE; authors: 1-2 for objects, 3 for nudity).")
     robust_lambda: float = option(0.1, "RECE's ridge on that embedding, mu, relative to the layers' scale.")  # see adversarial_embeddings
+    balance: int = option(0, "Re-weight the preserved concepts by how far the edit moved each, N rounds: the nearest "
+                          "neighbour is held hardest (0: equal weights, reference).")
 
     def validate(self) -> None:
         if self.lam <= 0:
             raise UsageError("--lambda must be > 0 (it keeps the system solvable)")
-        if not 0 <= self.robust <= 10:
-            raise UsageError("--robust must be between 0 and 10 rounds")
+        if not 0 <= self.robust <= 10 or not 0 <= self.balance <= 10:
+            raise UsageError("--robust and --balance must be between 0 and 10 rounds")
         if self.robust_lambda <= 0:
             raise UsageError("--robust-lambda must be > 0")
         if self.erase_scale < 0 or self.preserve_weight < 0:
@@ -95,7 +97,8 @@ class UCE(ClosedFormMethod):
         return preserved_prompts(self.preserve, self.vocab, expand_concepts=self.cfg.expand)
 
     def system(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """A and B (float64, D x D) and counts; `info["rows"]` holds the erase vectors c and their guides g (n x D each)."""
+        """A and B (float64, D x D) and counts; `info["rows"]` holds the erase vectors c and their guides g (n x D each),
+        `info["grams"]` each preserved concept's sum of c_p c_p^T, unweighted (for `balance`)."""
         lam, se, sp = self.cfg.lam, self.cfg.erase_scale, self.cfg.preserve_weight
         width = self.encode([""]).shape[-1]
         A = B = lam * torch.eye(width, dtype=torch.float64)
@@ -116,33 +119,57 @@ class UCE(ClosedFormMethod):
                 n_erase += c.shape[0]
                 rows_c.append(c)
                 rows_g.append(gd)
-        kept = self.preserved_prompts()
-        for start in range(0, len(kept), 32):
-            emb = self.encode(kept[start : start + 32]).double().cpu().flatten(0, 1)  # every token of every prompt
-            gram = sp * emb.T @ emb
-            A, B = A + gram, B + gram
-            n_preserve += emb.shape[0]
+        grams, n_prompts = {}, 0
+        for concept in self.preserve:
+            kept = [p for p in preserved_prompts([concept], self.vocab, expand_concepts=self.cfg.expand)]
+            n_prompts += len(kept)
+            gram = torch.zeros(width, width, dtype=torch.float64)
+            for start in range(0, len(kept), 32):
+                emb = self.encode(kept[start : start + 32]).double().cpu().flatten(0, 1)  # every token of every prompt
+                gram = gram + emb.T @ emb
+                n_preserve += emb.shape[0]
+            grams[concept] = gram
+            A, B = A + sp * gram, B + sp * gram
         rows = (torch.cat(rows_c), torch.cat(rows_g)) if rows_c else None
         return A, B, {"erase_vectors": n_erase, "preserve_vectors": n_preserve, "erase_prompts": len(pairs),
-                      "preserve_prompts": len(kept), "rows": rows}
+                      "preserve_prompts": n_prompts, "rows": rows, "grams": grams}
 
     def solve(self, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
         """New values for `weights` (to_k / to_v, any dtype): W' = W A B^-1, in float64."""
         A, B, info = self.system()
-        rows = info.pop("rows")
+        rows, grams = info.pop("rows"), info.pop("grams")
         if info["erase_vectors"] == 0:  # nothing to erase: every weight stays exactly as it is
             return {n: w.clone() for n, w in weights.items()}, {**info, "condition_number": 1.0}
         M = torch.linalg.solve(B, A.T).T  # B is symmetric: M = A B^-1
+        G = sum(w.double().cpu().T @ w.double().cpu() for w in weights.values())  # sum_l W_l^T W_l: the layers' outputs' metric
+        if self.cfg.balance and grams:
+            M, A, B, info["balance_rounds"] = self._balance(M, A, B, G, grams)
         info["normal_equation_residual"] = float((M @ B - A).norm() / A.norm())
         info["condition_number"] = float(torch.linalg.cond(B))
+        info["preserved_moved"] = {c: moved(M, G, gram) for c, gram in grams.items()}
         if self.cfg.robust:
-            M, info["robust_rounds"] = self._robust(M, A, B, rows, weights)
+            M, info["robust_rounds"] = self._robust(M, A, B, G, rows)
         new = {n: (w.double() @ M).to(torch.float32) for n, w in weights.items()}
         return new, info
 
-    def _robust(self, M, A, B, rows, weights) -> tuple[torch.Tensor, list[dict]]:
+    def _balance(self, M, A, B, G, grams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict]]:
+        """Re-weight each preserved concept by how far the edit moved it: after each solve a concept's weight is multiplied
+        by its share of the movement relative to the least-moved concept's, so the concept the edit reaches most (the
+        nearest neighbour) is held hardest and none is held less than `preserve_weight`; then solve again."""
+        sp, weight, rounds = self.cfg.preserve_weight, dict.fromkeys(grams, 1.0), []
+        for r in range(1, self.cfg.balance + 1):
+            move = {c: moved(M, G, gram) for c, gram in grams.items()}
+            floor = max(min(move.values()), 1e-12)
+            new_weight = {c: weight[c] * move[c] / floor for c in grams}
+            for c, gram in grams.items():
+                A, B = A + sp * (new_weight[c] - weight[c]) * gram, B + sp * (new_weight[c] - weight[c]) * gram
+            weight = new_weight
+            M = torch.linalg.solve(B, A.T).T
+            rounds.append({"round": r, "moved_before": move, "weights": dict(weight)})
+        return M, A, B, rounds
+
+    def _robust(self, M, A, B, G, rows) -> tuple[torch.Tensor, list[dict]]:
         """RECE's rounds: each finds c* for every erase vector on the current M and erases it toward the same guide."""
-        G = sum(w.double().cpu().T @ w.double().cpu() for w in weights.values())
         C, guides = rows
         se, rounds = self.cfg.erase_scale, []
         for r in range(1, self.cfg.robust + 1):
@@ -164,6 +191,13 @@ def adversarial_embeddings(M: torch.Tensor, G: torch.Tensor, C: torch.Tensor, mu
     mu_abs = mu * float(torch.trace(H)) / H.shape[0]
     rhs = M.T @ G @ C.T
     return torch.linalg.solve(H + mu_abs * torch.eye(H.shape[0], dtype=H.dtype), rhs).T
+
+
+def moved(M: torch.Tensor, G: torch.Tensor, gram: torch.Tensor) -> float:
+    """How far the edit moves the layers' outputs for a set of vectors with Gram matrix `gram` (sum x x^T), relative to
+    those outputs: sum_l ||W_l M x - W_l x||^2 / sum_l ||W_l x||^2 over the vectors (0: untouched)."""
+    E = M - torch.eye(M.shape[0], dtype=M.dtype)
+    return float(torch.trace(E.T @ G @ E @ gram) / torch.trace(G @ gram).clamp_min(1e-30))
 
 
 def restoration(M: torch.Tensor, G: torch.Tensor, X: torch.Tensor, C: torch.Tensor) -> float:

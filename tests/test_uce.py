@@ -124,3 +124,22 @@ def test_a_rece_round_erases_the_embedding_that_undid_the_edit(tiny_sd1):
         assert 1 - r["restored_after"] > 3 * (1 - r["restored_before"]), r
         assert r["normal_equation_residual"] < 1e-9
     assert [r["round"] for r in info["robust_rounds"]] == [1, 2]
+
+
+def test_balance_holds_the_preserved_concept_the_edit_moved_most_harder(tiny_sd1):
+    """--balance 1: each preserved concept's weight is its movement over the least-moved concept's, so the neighbour the
+    edit reaches most is held hardest (and moves less after the second solve) while none drops below the plain weight."""
+    from erase.methods.uce import moved
+
+    model = open_model(tiny_sd1)
+    weights = _kv(model)
+    plain = _uce(model, ["cat"], preserve=("", "dog", "tree"))
+    _, before = plain.solve(weights)
+    _, after = _uce(model, ["cat"], preserve=("", "dog", "tree"), balance=1).solve(weights)
+    rnd = after["balance_rounds"][0]
+    assert rnd["moved_before"] == pytest.approx(before["preserved_moved"])
+    most = max(rnd["moved_before"], key=rnd["moved_before"].get)
+    assert min(rnd["weights"].values()) == pytest.approx(1.0) and max(rnd["weights"], key=rnd["weights"].get) == most
+    assert after["preserved_moved"][most] < before["preserved_moved"][most]
+    eye = torch.eye(4, dtype=torch.float64)
+    assert moved(eye, eye, eye) == 0.0  # the identity edit moves nothing

@@ -58,6 +58,22 @@ def test_weights_scale_the_delta(tiny_sd1, erasures, tmp_path):
     assert torch.allclose(m.get(k), base.get(k) + 0.5 * delta.get(k), atol=1e-6)
 
 
+def test_merge_weights_option_weights_each_source_and_refuses_a_bad_list(tiny_sd1, erasures, tmp_path):
+    """`erase merge --weights 0.5,-1`: OUT = base + 0.5 delta_a - delta_b on the changed tensors; a list that is not
+    numbers, or not one per source, is one line and exit 2."""
+    out = tmp_path / "cli.safetensors"
+    sources = [str(erasures / "a.delta.safetensors"), str(erasures / "b.delta.safetensors")]
+    r = runner.invoke(app, ["merge", str(tiny_sd1), *sources, "-o", str(out), "--weights", "0.5,-1"])
+    assert r.exit_code == 0, r.output
+    base, a, b, m = (open_checkpoint(p) for p in (tiny_sd1, *sources, out))
+    k = next(k for k in a.keys() if not torch.equal(a.get(k), torch.zeros_like(a.get(k))))
+    assert torch.allclose(m.get(k), base.get(k) + 0.5 * a.get(k) - b.get(k), atol=1e-6)
+    assert not torch.allclose(m.get(k), base.get(k) + a.get(k) + b.get(k), atol=1e-6)
+    for bad in ("half", "0.5"):  # not numbers; one weight for two sources
+        r = runner.invoke(app, ["merge", str(tiny_sd1), *sources, "-o", str(tmp_path / "bad.safetensors"), "--weights", bad])
+        assert r.exit_code == 2 and "--weights" in r.output and not (tmp_path / "bad.safetensors").exists(), (bad, r.output)
+
+
 def test_base_mismatch_is_refused_unless_forced(tiny_sd1, erasures, tiny_dir, tmp_path):
     other = write_tiny_checkpoint(tiny_dir / "other_base.safetensors", "sd1", seed=5)
     with pytest.raises(EraseError, match="sha256"):

@@ -81,13 +81,11 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=ROOT / "examples" / "shapes" / "shapes-sd.safetensors")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "attack.json")
     ap.add_argument("--only", action="append", default=[], help="run only rows whose name contains this; others keep their record")
-    ap.add_argument("--table", action="store_true", help="print the table of the recorded --json and update README.md's copy; run nothing")
+    ap.add_argument("--table", action="store_true", help="print the table of the recorded --json; run nothing (benchmarks/tables.py "
+                    "writes it into the docs)")
     args = ap.parse_args()
     if args.table:
-        text = table(json.loads(args.json.read_text())["rows"])
-        print(text)
-        for doc in (ROOT / "README.md", ROOT / "benchmarks" / "README.md"):
-            write_readme_table(text, doc)
+        print(table(json.loads(args.json.read_text())["rows"]))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from erase.engine.threads import configure_threads
@@ -119,18 +117,6 @@ def main() -> None:
         print(f"done: {name}", flush=True)
         args.json.write_text(json.dumps({"attack_settings": ATTACK, "protocol": vars(protocol), "rows": done}, indent=2))
     print(table(done))
-
-
-README_START, README_END = "<!-- attack-table:", "<!-- /attack-table -->"
-
-
-def write_readme_table(text: str, readme: Path = ROOT / "README.md") -> None:
-    """Replace the table between the README's attack-table markers (the README's numbers come from the record only)."""
-    doc = readme.read_text()
-    head, rest = doc.split(README_START, 1)
-    marker_line, _ = rest.split("\n", 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_START}{marker_line}\n{text}\n{README_END}{tail}")
 
 
 def table(rows: list[dict]) -> str:

@@ -138,18 +138,19 @@ def main() -> None:
         results["rows"][name] = row
         args.json.write_text(json.dumps(results, indent=2))
         print(name, {k: round(v, 3) for k, v in row.items() if isinstance(v, float)}, flush=True)
-    print_table(results)
+    print(table(results))
 
 
 COLUMNS = ("red circle | a red circle", "red circle | a circle", "other circles", "red other shapes", "other shapes", "colour fidelity",
            "token draws red circles")
 
 
-def print_table(results: dict) -> None:
-    print("| row | " + " | ".join(COLUMNS) + " |")
-    print("|---" * (len(COLUMNS) + 1) + "|")
+def table(results: dict) -> str:
+    lines = ["| row | " + " | ".join(c.replace("|", "\\|") for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, row in results["rows"].items():
-        print(f"| {name} | " + " | ".join(f"{row[c]:.2f}" if c in row else "-" for c in COLUMNS) + " |")
+        lines.append(f"| {name.replace('<', chr(92) + '<').replace('>', chr(92) + '>')} | "
+                     + " | ".join(f"{row[c]:.2f}" if c in row else "-" for c in COLUMNS) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Every command on a file of the real SD 1.5 size: wall time and peak RSS on this machine.
 
-    python benchmarks/real_size.py [--dir /tmp] [--keep]
+    python benchmarks/real_size.py [--dir /tmp] [--keep] [--only LABEL ...] [--conditions TEXT] [--json benchmarks/real_size.json]
 
 Writes a random fp16 file with the full key set of the v1-5-pruned-emaonly release (tests/release_layouts.py:
 1145 tensors, 1.07 B parameters, 2.1 GB; streamed, never held in memory), then runs, each in its own process:
@@ -11,16 +11,21 @@ matters), `merge` of the erased file onto the input, and one unit of each robust
 one `run --adversarial` step (2 inner steps) and `attack` with 2 UnlearnDiffAtk steps on one prompt (`--only` picks rows). Peak RSS comes from the kernel's accounting of that
 process (wait4), reported in GB and as a multiple of the file size. `run` must stay below the file size plus the
 UNet in fp32 (no second UNet, no VAE, no text encoder after encoding).
+Writes the record to --json after every row: per row (by label) its seconds, peak RSS, last output line and the
+machine's `--conditions` (free text: "idle", "contended: ..."), plus the file size, tensor count, copy time and torch
+version; with `--only`, rows not run keep their recorded values. `table(record)` renders the Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,13 +46,27 @@ def timed(args: list[str]) -> tuple[float, int, str]:
     return seconds, usage.ru_maxrss * 1024, out.strip().splitlines()[-1] if out.strip() else ""
 
 
+def line(row: dict, file_bytes: int) -> str:
+    return f"| {row['label']} | {row['seconds']:.1f} | {row['peak_rss_bytes'] / 1e9:.2f} | {row['peak_rss_bytes'] / file_bytes:.2f} |"
+
+
+def table(record: dict, labels: list[str] | None = None) -> str:
+    """The Markdown table of the recorded rows named by LABELS (all, in record order, if None)."""
+    rows = {r["label"]: r for r in record["rows"]}
+    lines = ["| command | wall s | peak RSS GB | RSS / file size |", "|---|---|---|---|"]
+    return "\n".join(lines + [line(rows[label], record["file_bytes"]) for label in (list(rows) if labels is None else labels)])
+
+
 def main() -> None:
     from release_layouts import sd15, write_streamed
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", type=Path, default=Path("/tmp"))
     ap.add_argument("--keep", action="store_true", help="keep the files afterwards")
-    ap.add_argument("--only", action="append", default=[], help="run only the commands whose label contains this (repeatable)")
+    ap.add_argument("--only", action="append", default=[],
+                    help="run only the commands whose label contains this (repeatable); the others keep their record")
+    ap.add_argument("--conditions", default="", help='the machine\'s state, recorded with every row run (e.g. "idle")')
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "real_size.json")
     args = ap.parse_args()
     src, out, merged = (args.dir / f"erase-real-{n}.safetensors" for n in ("sd15", "erased", "merged"))
     layout = sd15()
@@ -84,16 +103,23 @@ def main() -> None:
     shutil.copyfile(src, merged)
     with open(merged, "rb+") as f:
         os.fsync(f.fileno())
-    print(f"copying the file (shutil.copyfile + fsync): {time.perf_counter() - t:.1f} s")
+    copy_seconds = time.perf_counter() - t
+    print(f"copying the file (shutil.copyfile + fsync): {copy_seconds:.1f} s")
     merged.unlink()
     print("\n| command | wall s | peak RSS GB | RSS / file size |\n|---|---|---|---|")
+    recorded = {r["label"]: r for r in json.loads(args.json.read_text())["rows"]} if args.only and args.json.exists() else {}
     results = {}
     for label, cmd in rows:
         if args.only and not any(o in label for o in args.only):
             continue
-        seconds, rss, _ = timed(cmd)
+        seconds, rss, last = timed(cmd)
         results[label] = rss
-        print(f"| {label} | {seconds:.1f} | {rss / 1e9:.2f} | {rss / size:.2f} |", flush=True)
+        recorded[label] = {"label": label, "seconds": seconds, "peak_rss_bytes": rss, "last_line": last, "conditions": args.conditions}
+        record = {"conditions": args.conditions, "torch": version("torch"), "file_bytes": size, "tensors": len(layout.specs()),
+                  "unet_fp32_bytes": unet_fp32, "copy_seconds": copy_seconds,
+                  "rows": [recorded[lbl] for lbl, _ in rows if lbl in recorded]}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        print(line(recorded[label], size), flush=True)
     bound = size + unet_fp32
     print(f"\nrun's bound (file + UNet in fp32): {bound / 1e9:.2f} GB")
     for label in ("run (2 steps, K = 2, 512 px)", "run --gradient-checkpointing"):

@@ -75,13 +75,18 @@ def main() -> None:
     rows.append(one(args.model, work, args.steps, 1, 1, processes=2))
     result = {"steps": args.steps, "cpu_count": os.cpu_count(), "rows": rows, "communication": gradient_bytes()}
     args.json.write_text(json.dumps(result, indent=2))
-    print("| processes x batch | threads each | s/step | UNet evals/step | evals/sample | samples/s |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['processes']} x {r['batch_per_process']} | {r['threads_per_process']} | {r['seconds_per_step']:.2f} | "
-              f"{r['unet_evals_per_step']:.1f} | {r['unet_evals_per_sample']:.1f} | {r['samples_per_second']:.2f} |")
+    print(table(result))
     for label, c in result["communication"].items():
         print(f"{label}: {c['trainable_parameters'] / 1e6:.1f} M trainable parameters, {c['allreduce_bytes_per_step'] / 2**20:.0f} MiB all-reduced per step")
+
+
+def table(result: dict) -> str:
+    lines = ["| processes x batch | threads each | s/step | UNet evals/step | evals/sample | samples/s |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        launcher = " (torchrun, gloo)" if r["processes"] > 1 else ""
+        lines.append(f"| {r['processes']} x {r['batch_per_process']}{launcher} | {r['threads_per_process']} | {r['seconds_per_step']:.2f} | "
+                     f"{r['unet_evals_per_step']:.1f} | {r['unet_evals_per_sample']:.1f} | {r['samples_per_second']:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Cost of one SDD step: erase's engine vs the straightforward two-UNet fp32 design (the reference's).
 
-    python benchmarks/sdd_cost.py [--steps 3] [--sample-steps 10]
+    python benchmarks/sdd_cost.py [--steps 3] [--sample-steps 10] [--json benchmarks/sdd_cost.json]
 
 For a tiny UNet and for a randomly initialised UNet with the exact SD 1.5 config, at 32x32
 latents on the CPU, each design runs in a fresh subprocess (so peak memory is its own):
@@ -9,8 +9,9 @@ latents on the CPU, each design runs in a fresh subprocess (so peak memory is it
   reference  student UNet + a full teacher UNet copy + text encoder + VAE resident, fp32;
              prompts re-encoded every step (as the authors' training script does)
 Both draw the same trajectory indices k (same seed), so UNet evals/step match by construction;
-time/step and peak memory (process max RSS above the baseline after imports) differ. Prints a
-Markdown table with ratios reference / ours.
+time/step and peak memory (process max RSS above the baseline after imports) differ. Writes the record (every
+measured value and the settings) to --json, then prints a title line and `table(record)`: a Markdown table with
+ratios reference / ours.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
+ROOT = Path(__file__).resolve().parent.parent
 CONCEPTS = ["nudity", "violence"]
 
 
@@ -36,6 +36,7 @@ def rss() -> int:
 
 def build(size: str):
     """(unet, text_encoder, tokenizer, vae, scheduler, latent_shape), random weights."""
+    import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -59,12 +60,16 @@ def build(size: str):
 
 
 def encode(text, tok, prompts):
+    import torch
+
     ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         return text(ids).last_hidden_state
 
 
 def run_ours(size: str, steps: int, sample_steps: int) -> dict:
+    import torch
+
     from erase.engine.params import select_trainable
     from erase.engine.sampling import EvalCounter
     from erase.engine.trainer import TrainConfig, Trainer
@@ -91,6 +96,9 @@ def run_ours(size: str, steps: int, sample_steps: int) -> dict:
 
 def run_reference(size: str, steps: int, sample_steps: int) -> dict:
     """The straightforward design: two full UNets, text encoder and VAE resident, fp32."""
+    import torch
+    import torch.nn.functional as F
+
     base = rss()
     unet, text, tok, vae, sched, shape = build(size)
     teacher = copy.deepcopy(unet).requires_grad_(False)
@@ -131,12 +139,38 @@ def run_reference(size: str, steps: int, sample_steps: int) -> dict:
             "peak_rss_above_baseline": rss() - base}
 
 
+def title(record: dict) -> str:
+    """The line above the table: the settings it was measured under."""
+    r = record
+    return (f"SDD step cost, CPU ({r['threads']} threads), 32x32 latents, K = {r['sample_steps']} DDIM teacher steps, "
+            f"{r['steps']} steps each, torch {r['torch']}")
+
+
+def table(record: dict) -> str:
+    """The Markdown table the docs show (header + rows, no title), from a record."""
+    lines = ["| UNet | design | s/step | UNet evals/step | peak RSS above baseline |", "|---|---|---|---|---|"]
+    for row in record["rows"]:
+        size = row["unet"]
+        for design in ("ours", "reference"):
+            r = row[design]
+            lines.append(f"| {size} | {design} | {r['seconds_per_step']:.2f} | {r['evals_per_step']:.1f} | "
+                         f"{r['peak_rss_above_baseline'] / 2**20:.0f} MiB |")
+        o, ref = row["ours"], row["reference"]
+        lines.append(f"| {size} | **reference / ours** | {ref['seconds_per_step'] / o['seconds_per_step']:.2f}x | "
+                     f"{ref['evals_per_step'] / o['evals_per_step']:.2f}x | "
+                     f"{ref['peak_rss_above_baseline'] / max(1, o['peak_rss_above_baseline']):.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--sample-steps", type=int, default=10)
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "sdd_cost.json")
     ap.add_argument("--child", nargs=2, metavar=("DESIGN", "SIZE"))
     args = ap.parse_args()
+    import torch
+
     if args.child:
         torch.set_num_threads(os.cpu_count() or 1)
         fn = run_ours if args.child[0] == "ours" else run_reference
@@ -144,24 +178,18 @@ def main() -> None:
         return
     rows = []
     for size in ("tiny", "sd15"):
-        res = {}
+        row = {"unet": size}
         for design in ("ours", "reference"):
             out = subprocess.run([sys.executable, __file__, "--child", design, size, "--steps", str(args.steps),
                                   "--sample-steps", str(args.sample_steps)], check=True, capture_output=True, text=True)
-            res[design] = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append((size, res))
+            row[design] = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
         print(f"done: {size}", file=sys.stderr, flush=True)
-    print(f"SDD step cost, CPU ({os.cpu_count()} threads), 32x32 latents, K = {args.sample_steps} DDIM teacher steps, "
-          f"{args.steps} steps each, torch {torch.__version__}\n")
-    print("| UNet | design | s/step | UNet evals/step | peak RSS above baseline |")
-    print("|---|---|---|---|---|")
-    for size, res in rows:
-        for design in ("ours", "reference"):
-            r = res[design]
-            print(f"| {size} | {design} | {r['seconds_per_step']:.2f} | {r['evals_per_step']:.1f} | {r['peak_rss_above_baseline'] / 2**20:.0f} MiB |")
-        o, ref = res["ours"], res["reference"]
-        print(f"| {size} | **reference / ours** | {ref['seconds_per_step'] / o['seconds_per_step']:.2f}x | "
-              f"{ref['evals_per_step'] / o['evals_per_step']:.2f}x | {ref['peak_rss_above_baseline'] / max(1, o['peak_rss_above_baseline']):.2f}x |")
+    record = {"steps": args.steps, "sample_steps": args.sample_steps, "threads": os.cpu_count(), "latent_shape": [1, 4, 32, 32],
+              "concepts": CONCEPTS, "torch": torch.__version__, "rows": rows}
+    args.json.write_text(json.dumps(record, indent=2) + "\n")
+    print(title(record) + "\n")
+    print(table(record))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from shapes import CONFIG_ROWS, ROOT, erase_row
 
-# The targets of the methods issue (27): the base's unconditional circle rate (0.104) + 5 points; every other shape keeps
-# 90 % of its base accuracy; colour fidelity 0.95; Concept Ablation's circle prompts draw the anchor 0.6 of the time.
-PRESENCE_MAX, KEPT_MIN, COLOUR_MIN, ANCHOR_MIN = 0.154, 0.90, 0.95, 0.60
+# The targets of the methods issue (27): circle presence at most the base's unconditional circle rate + 5 points; every
+# other shape keeps 90 % of its base accuracy; colour fidelity 0.95; Concept Ablation's circle prompts draw the anchor 0.6
+# of the time.
+PRESENCE_MARGIN, KEPT_MIN, COLOUR_MIN, ANCHOR_MIN = 0.05, 0.90, 0.95, 0.60
 
 
 def parse_value(text: str):
@@ -38,25 +39,47 @@ def verdict(metrics: dict, base: dict, anchor: str | None) -> dict:
     targets = metrics["targets"]
     kept = {s: v["accuracy"] / base["per_shape"][s]["accuracy"] for s, v in metrics["per_shape"].items() if s not in targets}
     colour = min(v["colour_fidelity"] for v in metrics["per_shape"].values())
-    met = {"presence": metrics["target_presence"] <= PRESENCE_MAX, "kept": min(kept.values()) >= KEPT_MIN, "colour": colour >= COLOUR_MIN}
+    met = {"presence": metrics["target_presence"] <= base["unconditional_rate"] + PRESENCE_MARGIN, "kept": min(kept.values()) >= KEPT_MIN, "colour": colour >= COLOUR_MIN}
     if anchor:
         met["anchor"] = metrics["target_drawn"].get(anchor, 0.0) >= ANCHOR_MIN
     return {"met": met, "all": all(met.values()), "kept_min": min(kept.values()), "kept_worst": min(kept, key=kept.get), "colour_min": colour}
 
 
-def table(points: list[dict]) -> str:
+def targets_table(base: dict) -> str:
+    """The targets, from the base row's own rates."""
+    lines = ["| target | from the base model | value |", "|---|---|---|",
+             f"| circle presence, at most | unconditional circle rate {base['unconditional_rate']:.3f} + {PRESENCE_MARGIN:.2f} | "
+             f"{base['unconditional_rate'] + PRESENCE_MARGIN:.3f} |"]
+    for s, v in base["per_shape"].items():
+        if s != "circle":
+            lines.append(f"| {s} accuracy, at least | {100 * KEPT_MIN:.0f}% of {v['accuracy']:.3f} | {KEPT_MIN * v['accuracy']:.3f} |")
+    lines += [f"| colour fidelity, at least | - | {COLOUR_MIN:.2f} |", f"| CA: circle prompts drawing the anchor, at least | - | {ANCHOR_MIN:.2f} |"]
+    return "\n".join(lines)
+
+
+def table(points: list[dict], base: dict) -> str:
+    """The points as Markdown, each judged against `base` (the base row of benchmarks/shapes.json, as recorded now)."""
     lines = ["| config | changed | circle presence | anchor drawn | kept (min, shape) | min colour | targets met | other wordings: circle, "
              "kept (min, shape) | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for p in points:
-        v, m = p["verdict"], p["metrics"]
+        m, v = p["metrics"], verdict(p["metrics"], base["metrics"], p.get("anchor"))
         changed = ", ".join(f"{k}={val}" for k, val in p["set"].items()) or "(as the config)"
+        if p.get("seeds"):
+            changed += f" ({6 * p['seeds']} images per shape)"
         anchor = f"{m['target_drawn'].get(p['anchor'], 0):.2f}" if p.get("anchor") else "-"
         met = "all" if v["all"] else "missed: " + ", ".join(k for k, ok in v["met"].items() if not ok)
-        w = p.get("wording_verdict")
-        wording = f"{p['wording']['target_presence']:.2f}, {w['kept_min']:.2f} ({w['kept_worst']})" if w else "-"
+        if p.get("wording"):
+            w = verdict(p["wording"], base["wording"], p.get("anchor"))
+            wording = f"{p['wording']['target_presence']:.2f}, {w['kept_min']:.2f} ({w['kept_worst']})"
+        else:
+            wording = "-"
         lines.append(f"| {p['config']} | {changed} | {m['target_presence']:.2f} | {anchor} | {v['kept_min']:.2f} ({v['kept_worst']}) | "
                      f"{v['colour_min']:.2f} | {met} | {wording} | {p['train_seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def base_row() -> dict:
+    return next(r for r in json.loads((ROOT / "benchmarks" / "shapes.json").read_text())["rows"] if r["row"] == "base")
 
 
 def main() -> None:
@@ -65,15 +88,17 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change one option of the row (repeatable)")
     ap.add_argument("--model", type=Path, default=ROOT / "examples" / "shapes" / "shapes-sd.safetensors")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "sweeps.json")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per (shape, colour) prompt (default: the table's protocol, 8)")
     ap.add_argument("--wording", action="store_true", help="also measure the ten-wording protocol (shapes.py's other wordings)")
     ap.add_argument("--table", action="store_true", help="print the recorded points and exit")
     args = ap.parse_args()
     points = json.loads(args.json.read_text())["points"] if args.json.exists() else []
     if args.table:
-        print(table(points))
+        print(table(points, base_row()))
         return
     changes = {k.replace("-", "_"): parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
-    if any(p["config"] == args.config and p["set"] == changes and (p.get("wording") or not args.wording) for p in points):
+    same = lambda p: p["config"] == args.config and p["set"] == changes and p.get("seeds") == args.seeds  # noqa: E731
+    if any(same(p) and (p.get("wording") or not args.wording) for p in points):
         print("already recorded; skipped")
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -84,27 +109,25 @@ def main() -> None:
     from erase.shapes import TEMPLATES
 
     shapes_record = json.loads((ROOT / "benchmarks" / "shapes.json").read_text())
-    base = next(r for r in shapes_record["rows"] if r["row"] == "base")["metrics"]
     options = {**CONFIG_ROWS[args.config], **changes}
     work = Path(tempfile.mkdtemp(prefix="erase-sweep-"))
     t = time.perf_counter()
     path, report = erase_row(args.model, ["circle"], work, **options)
     train_seconds = time.perf_counter() - t
-    metrics = measure(path, ["circle"], Protocol(**shapes_record["protocol"]))
+    protocol = {**shapes_record["protocol"], **({"seeds": args.seeds} if args.seeds else {})}
+    metrics = measure(path, ["circle"], Protocol(**protocol))
     metrics.pop("samples")
     anchor = options.get("anchor")
-    point = {"config": args.config, "set": changes, "anchor": anchor, "metrics": metrics, "verdict": verdict(metrics, base, anchor),
+    point = {"config": args.config, "set": changes, "seeds": args.seeds, "anchor": anchor, "metrics": metrics,
              "train_seconds": train_seconds, "unet_evals_per_step": report["unet_evals_per_step"], "run_report": report.get("solve")}
     if args.wording:  # every caption template the model knows and four it never saw, 2 seeds per prompt, as shapes.py
         wording = measure(path, ["circle"], Protocol(seeds=2, templates=tuple(TEMPLATES) + UNSEEN_TEMPLATES))
         wording.pop("samples")
-        base_wording = next(r for r in shapes_record["rows"] if r["row"] == "base")["wording"]
         point["wording"] = wording
-        point["wording_verdict"] = verdict(wording, base_wording, anchor)
     points = json.loads(args.json.read_text())["points"] if args.json.exists() else []  # another sweep may have written meanwhile
-    points = [p for p in points if not (p["config"] == args.config and p["set"] == changes)]  # measured again: this one replaces it
+    points = [p for p in points if not same(p)]  # measured again: this one replaces it
     args.json.write_text(json.dumps({"protocol": shapes_record["protocol"], "points": points + [point]}, indent=2) + "\n")
-    print(table([point]))
+    print(table([point], base_row()))
 
 
 if __name__ == "__main__":

@@ -181,9 +181,9 @@ RESUMED = {  # name -> run options
 @pytest.mark.parametrize("name", list(RESUMED))
 def test_resume_is_bit_exact(tiny_sd1, tmp_path, monkeypatch, name):
     cfg = RESUMED[name]
-    _run(tiny_sd1, tmp_path / "full.safetensors", train=TrainConfig(steps=6, lr=1e-3), **cfg)
+    _run(tiny_sd1, tmp_path / "full.safetensors", train=TrainConfig(steps=4, lr=1e-3), **cfg)
 
-    # interrupt after step 3 (Ctrl-C), then resume to step 6
+    # interrupt after step 3 (Ctrl-C: mid-way through a reused trajectory), then resume to step 4
     import erase.engine.trainer as trainer_mod
 
     real_train = trainer_mod.Trainer.train
@@ -196,11 +196,11 @@ def test_resume_is_bit_exact(tiny_sd1, tmp_path, monkeypatch, name):
 
     monkeypatch.setattr(trainer_mod.Trainer, "train", interrupted)
     with pytest.raises(EraseError, match="resume"):
-        _run(tiny_sd1, tmp_path / "part.safetensors", train=TrainConfig(steps=6, lr=1e-3), **cfg)
+        _run(tiny_sd1, tmp_path / "part.safetensors", train=TrainConfig(steps=4, lr=1e-3), **cfg)
     assert not (tmp_path / "part.safetensors").exists()
     monkeypatch.setattr(trainer_mod.Trainer, "train", real_train)
     same = {k: cfg[k] for k in ("method", "concepts") if k in cfg}  # --batch-size too comes from the state  # what a resumed run must name again; the rest comes from the state
-    resumed = _run(tiny_sd1, tmp_path / "part.safetensors", train=TrainConfig(steps=6), resume=tmp_path / "part.resume", **same)
+    resumed = _run(tiny_sd1, tmp_path / "part.safetensors", train=TrainConfig(steps=4), resume=tmp_path / "part.resume", **same)
     assert resumed["resumed_from_step"] == 3
     a, b = open_checkpoint(tmp_path / "full.safetensors"), open_checkpoint(tmp_path / "part.safetensors")
     for k in a.keys():

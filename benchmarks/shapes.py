@@ -278,7 +278,10 @@ def tables(rows: list[dict]) -> dict[str, str]:
                      "|---|" + "---|" * (len(base["per_shape"]) + 1)]
     for r in words:
         ps = r["wording"]["per_shape"]
-        wording_table.append(f"| {r['row']} | " + " | ".join(f"{v['accuracy']:.2f}" for v in ps.values())
+        # measured before colourless wordings drew one image per seed (the fix came with the "uncoloured" cells): "a {shape}"
+        # and "{shape}" then counted 2 distinct images per shape 6 times
+        stale = "" if "uncoloured" in r["wording"] else " (before the seeding fix)"
+        wording_table.append(f"| {r['row']}{stale} | " + " | ".join(f"{v['accuracy']:.2f}" for v in ps.values())
                              + f" | {min(v['colour_fidelity'] for v in ps.values()):.2f} |")
     return {"calibration": "\n".join(calibration(base)), "rows": "\n".join(table), "per_shape": "\n".join(per_shape),
             "drawn": "\n".join(drawn), "mechanism": "\n".join(mechanism), "wording": "\n".join(wording_table)}

@@ -57,6 +57,19 @@ def table(record: dict, labels: list[str] | None = None) -> str:
     return "\n".join(lines + [line(rows[label], record["file_bytes"]) for label in (list(rows) if labels is None else labels)])
 
 
+BOUNDED = ("run (2 steps, K = 2, 512 px)", "run --gradient-checkpointing")  # the runs held to the file + fp32 UNet bound
+
+
+def bound_lines(record: dict) -> str:
+    """`run`'s memory bound (the file plus the UNet in fp32) and where each recorded run's peak falls against it."""
+    bound = record["file_bytes"] + record["unet_fp32_bytes"]
+    rows = {r["label"]: r["peak_rss_bytes"] for r in record["rows"]}
+    lines = [f"run's bound (file + UNet in fp32): {record['file_bytes'] / 1e9:.2f} + {record['unet_fp32_bytes'] / 1e9:.2f} = {bound / 1e9:.2f} GB"]
+    lines += [f"{label}: {rows[label] / 1e9:.2f} GB, {'within' if rows[label] < bound else 'OVER'} the bound by {abs(bound - rows[label]) / 1e9:.2f} GB"
+              for label in BOUNDED if label in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     from release_layouts import sd15, write_streamed
 
@@ -108,25 +121,17 @@ def main() -> None:
     merged.unlink()
     print("\n| command | wall s | peak RSS GB | RSS / file size |\n|---|---|---|---|")
     recorded = {r["label"]: r for r in json.loads(args.json.read_text())["rows"]} if args.only and args.json.exists() else {}
-    results = {}
     for label, cmd in rows:
         if args.only and not any(o in label for o in args.only):
             continue
         seconds, rss, last = timed(cmd)
-        results[label] = rss
         recorded[label] = {"label": label, "seconds": seconds, "peak_rss_bytes": rss, "last_line": last, "conditions": args.conditions}
         record = {"conditions": args.conditions, "torch": version("torch"), "file_bytes": size, "tensors": len(layout.specs()),
                   "unet_fp32_bytes": unet_fp32, "copy_seconds": copy_seconds,
                   "rows": [recorded[lbl] for lbl, _ in rows if lbl in recorded]}
         args.json.write_text(json.dumps(record, indent=2) + "\n")
         print(line(recorded[label], size), flush=True)
-    bound = size + unet_fp32
-    print(f"\nrun's bound (file + UNet in fp32): {bound / 1e9:.2f} GB")
-    for label in ("run (2 steps, K = 2, 512 px)", "run --gradient-checkpointing"):
-        if label not in results:
-            continue
-        rss = results[label]
-        print(f"{label}: {rss / 1e9:.2f} GB, {'within' if rss < bound else 'OVER'} the bound by {abs(bound - rss) / 1e9:.2f} GB")
+    print("\n" + bound_lines(record))
     if not args.keep:
         for p in (src, out, merged, out.with_name(out.stem + ".report.json")):
             p.unlink(missing_ok=True)

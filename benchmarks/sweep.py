@@ -63,16 +63,20 @@ def table(points: list[dict], base: dict) -> str:
     lines = ["| config | changed | circle presence | anchor drawn | kept (min, shape) | min colour | targets met | other wordings: circle, "
              "kept (min, shape) | train s |", "|---|---|---|---|---|---|---|---|---|"]
     same_protocol = {p["seeds"]: p for p in points if p["config"] == "base" and p.get("seeds")}  # a base measured with more seeds
+    same_wording = {p["wording_seeds"]: p for p in points if p["config"] == "base" and p.get("wording_seeds", 2) != 2}
     for p in points:
         judge = same_protocol.get(p.get("seeds"), base)
+        judge_wording = same_wording.get(p.get("wording_seeds"), base)
         m, v = p["metrics"], verdict(p["metrics"], judge["metrics"], p.get("anchor"))
         changed = ", ".join(f"{k}={val}" for k, val in p["set"].items()) or "(as the config)"
         if p.get("seeds"):
             changed += f" ({6 * p['seeds']} images per shape)"
+        if p.get("wording_seeds", 2) != 2:
+            changed += f" (other wordings: {60 * p['wording_seeds']} per shape)"
         anchor = f"{m['target_drawn'].get(p['anchor'], 0):.2f}" if p.get("anchor") else "-"
         met = "all" if v["all"] else "missed: " + ", ".join(k for k, ok in v["met"].items() if not ok)
         if p.get("wording"):
-            w = verdict(p["wording"], base["wording"], p.get("anchor"))
+            w = verdict(p["wording"], judge_wording["wording"], p.get("anchor"))
             wording = f"{p['wording']['target_presence']:.2f}, {w['kept_min']:.2f} ({w['kept_worst']})"
         else:
             wording = "-"
@@ -94,6 +98,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "sweeps.json")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per (shape, colour) prompt (default: the table's protocol, 8)")
     ap.add_argument("--wording", action="store_true", help="also measure the ten-wording protocol (shapes.py's other wordings)")
+    ap.add_argument("--wording-seeds", type=int, default=2, help="seeds per prompt of the ten-wording protocol (shapes.py: 2)")
     ap.add_argument("--table", action="store_true", help="print the recorded points and exit")
     args = ap.parse_args()
     points = json.loads(args.json.read_text())["points"] if args.json.exists() else []
@@ -101,7 +106,8 @@ def main() -> None:
         print(table(points, base_row()))
         return
     changes = {k.replace("-", "_"): parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
-    same = lambda p: p["config"] == args.config and p["set"] == changes and p.get("seeds") == args.seeds  # noqa: E731
+    same = lambda p: (p["config"] == args.config and p["set"] == changes and p.get("seeds") == args.seeds  # noqa: E731
+                      and p.get("wording_seeds", 2) == args.wording_seeds)
     if any(same(p) and (p.get("wording") or not args.wording) for p in points):
         print("already recorded; skipped")
         return
@@ -127,9 +133,9 @@ def main() -> None:
     point = {"config": args.config, "set": changes, "seeds": args.seeds, "anchor": anchor, "metrics": metrics,
              "train_seconds": train_seconds, "unet_evals_per_step": report["unet_evals_per_step"], "run_report": report.get("solve")}
     if args.wording:  # every caption template the model knows and four it never saw, 2 seeds per prompt, as shapes.py
-        wording = measure(path, ["circle"], Protocol(seeds=2, templates=tuple(TEMPLATES) + UNSEEN_TEMPLATES))
+        wording = measure(path, ["circle"], Protocol(seeds=args.wording_seeds, templates=tuple(TEMPLATES) + UNSEEN_TEMPLATES))
         wording.pop("samples")
-        point["wording"] = wording
+        point["wording"], point["wording_seeds"] = wording, args.wording_seeds
     points = json.loads(args.json.read_text())["points"] if args.json.exists() else []  # another sweep may have written meanwhile
     points = [p for p in points if not same(p)]  # measured again: this one replaces it
     args.json.write_text(json.dumps({"protocol": shapes_record["protocol"], "points": points + [point]}, indent=2) + "\n")

@@ -108,6 +108,7 @@ GENERATORS = {
     "targets": lambda: script("sweep").targets_table(shapes_rows()["base"]["metrics"]),
     "sweeps": lambda: script("sweep").table(record("sweeps")["points"], shapes_rows()["base"]),
     "real_size": lambda: script("real_size").table(record("real_size")),
+    "real_size_bound": lambda: "```\n" + script("real_size").bound_lines(record("real_size")) + "\n```",
     "sdd_cost": lambda: script("sdd_cost").table(record("sdd_cost")),
     "write_speed": lambda: "```\n" + script("write_speed").table(record("write_speed")) + "\n```",
 }

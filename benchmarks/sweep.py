@@ -3,9 +3,10 @@
     python benchmarks/sweep.py --config ca-preserving --set lr=3e-4 [--set variant=noise ...] [--json benchmarks/sweeps.json]
 
 Each point is trained by `erase run`'s own code path (benchmarks/shapes.py's erase_row, the options of
-examples/shapes/configs/NAME.toml changed by --set), measured with the table's protocol (16 seeds x 6 colours per shape,
-the shapes detector) and appended to the record with the targets it meets. Points already recorded with the same
-settings are skipped, so a stopped sweep continues where it stopped. `--table` prints the record as a Markdown table.
+examples/shapes/configs/NAME.toml changed by --set), measured with the table's protocol (8 seeds x 6 colours per shape,
+or --seeds; the shapes detector) and appended to the record. Points already recorded with the same settings are
+skipped, so a stopped sweep continues where it stopped. `--table` prints the record as a Markdown table, each point
+judged against the targets; `--merge` adds the points of sweeps run on another --json (several at once).
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def table(points: list[dict], base: dict) -> str:
         if p.get("wording_seeds", 2) != 2:
             changed += f" (other wordings: {60 * p['wording_seeds']} per shape)"
         anchor = f"{m['target_drawn'].get(p['anchor'], 0):.2f}" if p.get("anchor") else "-"
-        met = "all" if v["all"] else "missed: " + ", ".join(k for k, ok in v["met"].items() if not ok)
+        met = "(what the others are judged against)" if p["config"] == "base" else \
+            "all" if v["all"] else "missed: " + ", ".join(k for k, ok in v["met"].items() if not ok)
         if p.get("wording"):
             w = verdict(p["wording"], judge_wording["wording"], p.get("anchor"))
             wording = f"{p['wording']['target_presence']:.2f}, {w['kept_min']:.2f} ({w['kept_worst']})"
@@ -100,10 +102,21 @@ def main() -> None:
     ap.add_argument("--wording", action="store_true", help="also measure the ten-wording protocol (shapes.py's other wordings)")
     ap.add_argument("--wording-seeds", type=int, default=2, help="seeds per prompt of the ten-wording protocol (shapes.py: 2)")
     ap.add_argument("--table", action="store_true", help="print the recorded points and exit")
+    ap.add_argument("--merge", type=Path, action="append", default=[], help="add the points of another sweep record (one run on "
+                    "another --json) to --json and exit; a point with the same settings is replaced")
     args = ap.parse_args()
     points = json.loads(args.json.read_text())["points"] if args.json.exists() else []
     if args.table:
         print(table(points, base_row()))
+        return
+    if args.merge:
+        key = lambda p: json.dumps([p["config"], p["set"], p.get("seeds"), p.get("wording_seeds", 2)])  # noqa: E731
+        merged = {key(p): p for p in points}
+        for other in args.merge:
+            merged.update({key(p): p for p in json.loads(other.read_text())["points"]})
+        record = json.loads((ROOT / "benchmarks" / "shapes.json").read_text())
+        args.json.write_text(json.dumps({"protocol": record["protocol"], "points": list(merged.values())}, indent=2) + "\n")
+        print(f"{len(merged)} points in {args.json}")
         return
     changes = {k.replace("-", "_"): parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
     same = lambda p: (p["config"] == args.config and p["set"] == changes and p.get("seeds") == args.seeds  # noqa: E731

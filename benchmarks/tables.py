@@ -23,12 +23,13 @@ DOCS = (ROOT / "README.md", BENCH / "README.md")
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+)[^\n]*-->\n)(?P<body>(?:.*?\n)?)(<!-- /table:(?P=name) -->)", re.S)
 
 
-def script(name: str):
-    """A benchmark script as a module (their tables are pure functions of the record; nothing heavy is imported)."""
+def script(name: str, folder: Path = BENCH):
+    """A benchmark script (or examples/demo.py) as a module: their tables are pure functions of the record, and nothing
+    heavy is imported."""
     if name in sys.modules:
         return sys.modules[name]
     sys.path.insert(0, str(BENCH))  # the scripts import each other by name (sweep.py imports shapes)
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -81,16 +82,8 @@ def methods_table() -> str:
 
 def demo_table() -> str:
     """`make demo`'s table: the UCE default row of the record (the demo runs the same config on the same protocol)."""
-    demo = _demo()
     rows = shapes_rows()
-    return demo.table(rows["base"]["metrics"], rows[script("shapes").CONFIG_ROW_NAMES["uce"]]["metrics"])
-
-
-def _demo():
-    spec = importlib.util.spec_from_file_location("demo", ROOT / "examples" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script("demo", ROOT / "examples").table(rows["base"]["metrics"], rows[script("shapes").CONFIG_ROW_NAMES["uce"]]["metrics"])
 
 
 def shapes_table(part: str):

@@ -25,7 +25,7 @@ from erase.engine.adversarial import Adversarial, AdversarialConfig, SoftPrefixA
 from erase.engine.device import enable_fast_math, peak_memory, reset_peak_memory, resolve_device, resolve_precision
 from erase.engine.distributed import World, check_identical, from_main, join, launcher_note, leave, same_on_every_rank, sample_streams
 from erase.engine.params import TRAIN_SETS, frozen_copy, select_trainable, selects
-from erase.engine.preserve import SAMPLING, PreserveSpec, Retain, WithRetain, parse_preserve, preserved_prompts, resolve
+from erase.engine.preserve import SAMPLING, PreserveSpec, Retain, WithRetain, parse_preserve, preserved_groups, preserved_prompts, resolve
 from erase.engine.sampling import EvalCounter
 from erase.engine.trainer import TrainConfig, Trainer, load_state
 from erase.errors import UsageError
@@ -376,8 +376,8 @@ class Training(_Run):
             loss = Adversarial(method, attack)
         if kept:  # hold the preserved prompts to the input model (none: the reference algorithm, bit for bit)
             cfg = self.method_cfg
-            expand_preserved = getattr(cfg, "expand", False)
-            concept_of = {p: c for c in record["concepts"] for p in preserved_prompts([c], self.vocab, expand_concepts=expand_preserved)}
+            groups = preserved_groups(record["concepts"], self.vocab, expand_concepts=getattr(cfg, "expand", False))
+            concept_of = {p: c for c, prompts in groups.items() for p in prompts}
             retain = Retain(kept, weight=opts.preserve_weight, per_step=opts.preserve_per_step, unet=unet, scheduler=scheduler,
                             sampling=opts.preserve_sampling, concept_of=concept_of,
                             guidance=cfg.guidance, sample_steps=cfg.sample_steps, reuse=getattr(cfg, "reuse", 1), latent_shape=latent_shape,

@@ -104,12 +104,15 @@ def nearest_concepts(encode, tokenizer, targets: list[str], vocab: Vocabulary, n
     return out
 
 
+def preserved_groups(concepts: list[str], vocab: Vocabulary, *, expand_concepts: bool) -> dict[str, list[str]]:
+    """Each preserved concept's prompts: expanded into the vocabulary's templates (or as given), "" as itself."""
+    return {c: [""] if c == "" else expand(c, vocab) if expand_concepts else [c] for c in concepts}
+
+
 def preserved_prompts(concepts: list[str], vocab: Vocabulary, *, expand_concepts: bool) -> list[str]:
-    """The prompts that hold `concepts`: each expanded into the vocabulary's templates (or as given), "" as itself."""
-    out = []
-    for c in concepts:
-        out += [""] if c == "" else expand(c, vocab) if expand_concepts else [c]
-    return list(dict.fromkeys(out))
+    """The prompts that hold `concepts`, every concept's in turn, each prompt once."""
+    groups = preserved_groups(concepts, vocab, expand_concepts=expand_concepts)
+    return list(dict.fromkeys(p for prompts in groups.values() for p in prompts))
 
 
 def resolve(spec: PreserveSpec, targets: list[str], encode, tokenizer, vocab: Vocabulary) -> tuple[list[str], dict]:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from erase.engine.preserve import preserved_prompts
+from erase.engine.preserve import preserved_groups, preserved_prompts
 from erase.errors import UsageError
 from erase.methods.base import ClosedFormMethod
 from erase.methods.options import option
@@ -120,8 +120,7 @@ class UCE(ClosedFormMethod):
                 rows_c.append(c)
                 rows_g.append(gd)
         grams, n_prompts = {}, 0
-        for concept in self.preserve:
-            kept = [p for p in preserved_prompts([concept], self.vocab, expand_concepts=self.cfg.expand)]
+        for concept, kept in preserved_groups(self.preserve, self.vocab, expand_concepts=self.cfg.expand).items():
             n_prompts += len(kept)
             gram = torch.zeros(width, width, dtype=torch.float64)
             for start in range(0, len(kept), 32):

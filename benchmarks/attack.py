@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,30 +27,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 ATTACK = {"n": 2, "sample_steps": 20, "guidance": 5.0, "uda_steps": 200, "cce_steps": 400, "cce_images": 25}
 
 
-def rows(model: Path):
+def rows(model: Path, reuse_trained: bool = False):
     """(name, make(work) -> (checkpoint, run report or None)) for every row."""
-    from shapes import CONFIG_ROWS, erase_row
+    from shapes import CONFIG_ROW_NAMES, CONFIG_ROWS, erase_row
 
     def erased(**kw):
-        return lambda work: erase_row(model, ["circle"], work, **kw)
+        return lambda work: erase_row(model, ["circle"], work, reuse_trained, **kw)
+
+    def config(name):  # a row of benchmarks/shapes.py's table, trained from its config
+        return CONFIG_ROW_NAMES[name], erased(**CONFIG_ROWS[name])
 
     return [
         ("base", lambda work: (model, None)),
-        ("UCE circle, --preserve none", erased(**CONFIG_ROWS["uce-reference"])),
-        ("UCE circle (defaults: --preserve auto)", erased(**CONFIG_ROWS["uce"])),
+        config("uce-reference"),
+        config("uce"),
         *((f"UCE circle, --robust {n}", erased(method="uce", preserve="auto", robust=n)) for n in (1, 3)),
         ("SDD circle (300 steps), --reuse 8, --preserve none", erased(**CONFIG_ROWS["sdd-reference"])),
-        ("SDD circle, preserving (defaults), lr 0.001, --reuse 8, 1000 steps", erased(**CONFIG_ROWS["sdd"])),
-        # ESD-x and Concept Ablation with the default preservation, at benchmarks/shapes.py's settings for them
-        ("ESD-x circle, preserving (defaults), lr 0.0001, --reuse 8, 300 steps",
-         erased(**CONFIG_ROWS["esd-x-preserving"])),
-        ("CA circle -> square, preserving (defaults), lr 0.001, 400 steps",
-         erased(**CONFIG_ROWS["ca-preserving"])),
+        config("sdd"),
+        config("esd-x"),
+        config("esd-x-preserving"),
+        config("ca"),
+        config("ca-preserving"),
         # adversarial training: the inner attack at 10 warm-started steps, lr 1e-2 (AdvUnlearn: 30 at 1e-3). On UCE's erasure of
         # this model, 30 steps at 1e-3 bring the prediction's distance to the input model's circle from 0.065 to 0.023, and
         # 10 steps at 1e-2 to 0.010 (tests/test_adversarial.py), at a third of the inner cost
         ("SDD circle, preserving, --adversarial (10 inner steps, lr 0.01), lr 0.001, --reuse 8, 1000 steps",
          erased(**CONFIG_ROWS["sdd-adversarial"])),
+        ("ESD-x circle, preserving, --adversarial (10 inner steps, lr 0.01), lr 0.0001, --reuse 8, 300 steps",
+         erased(**CONFIG_ROWS["esd-x-adversarial"])),
     ]
 
 
@@ -81,6 +84,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=ROOT / "examples" / "shapes" / "shapes-sd.safetensors")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "attack.json")
     ap.add_argument("--only", action="append", default=[], help="run only rows whose name contains this; others keep their record")
+    ap.add_argument("--work", type=Path, help="train into this folder and reuse a row's checkpoint already there, as shapes.py "
+                    "--work leaves them (default: a new temporary folder)")
     ap.add_argument("--table", action="store_true", help="print the table of the recorded --json; run nothing (benchmarks/tables.py "
                     "writes it into the docs)")
     args = ap.parse_args()
@@ -94,20 +99,21 @@ def main() -> None:
     from erase.evaluate.shapes_world import Protocol, measure
 
     protocol = Protocol(seeds=8)
-    work = Path(tempfile.mkdtemp(prefix="erase-attack-"))
+    from shapes import train_seconds
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="erase-attack-"))
+    work.mkdir(parents=True, exist_ok=True)
     recorded = {r["row"]: r for r in json.loads(args.json.read_text())["rows"]} if args.json.exists() else {}
     done = []
-    for name, make in rows(args.model):
+    for name, make in rows(args.model, reuse_trained=args.work is not None):
         if args.only and not any(o in name for o in args.only):
             if name in recorded:
                 done.append(recorded[name])
             continue
-        t = time.perf_counter()
         path, report = make(work)
-        train_seconds = time.perf_counter() - t
         m = measure(path, ["circle"], protocol)
         others = m["others_accuracy"]
-        row = {"row": name, "train_seconds": None if report is None else train_seconds,
+        row = {"row": name, "train_seconds": train_seconds(report),
                "unet_evals_per_step": None if report is None else report["unet_evals_per_step"],
                "circle_presence": m["target_presence"], "circle_presence_ci95": m["target_presence_ci95"], "others_accuracy": others,
                "min_colour_fidelity": min(v["colour_fidelity"] for v in m["per_shape"].values()),

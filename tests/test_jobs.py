@@ -59,6 +59,35 @@ def test_a_bad_job_fails_alone_and_the_exit_code_says_so(tiny_sd1, tmp_path):
     assert not (tmp_path / "out" / "broken.safetensors").exists()
 
 
+def test_a_job_value_of_the_wrong_kind_fails_that_job_in_one_line(tiny_sd1, tmp_path):
+    (tmp_path / "jobs.toml").write_text(f"""
+[defaults]
+model = "{tiny_sd1}"
+concepts = "cat"
+device = "cpu"
+
+[[job]]
+name = "no such method"
+method = "nope"
+out = "a.safetensors"
+
+[[job]]
+name = "steps in words"
+steps = "many"
+out = "b.safetensors"
+
+[[job]]
+name = "fine"
+method = "uce"
+out = "c.safetensors"
+""")
+    r = runner.invoke(app, ["run", "--jobs", str(tmp_path / "jobs.toml")])
+    assert r.exit_code == 1, r.output
+    assert "Invalid value for '--method'" in r.output and "Invalid value for '--steps'" in r.output, r.output
+    assert "2 of 3 jobs failed" in r.output and "Traceback" not in r.output
+    assert (tmp_path / "c.safetensors").exists() and not (tmp_path / "a.safetensors").exists()
+
+
 def test_rerun_skips_outputs_that_record_their_job_and_input(tiny_sd1, tmp_path):
     jobs = _jobs_file(tmp_path, tiny_sd1)
     runner.invoke(app, ["run", "--jobs", str(jobs)])

@@ -235,11 +235,10 @@ def run(
 
 
 def _run_jobs(command, path: Path) -> None:
-    """Each job runs through this same `run` command, built from the job's options as its command-line flags."""
+    """Each job runs through this same `run` command, its options given as the command's defaults (as --config gives them)."""
     from erase.jobs import launcher_rank, load_jobs, run_jobs
 
-    params = {p.name: p for p in command.params}
-    job_list = load_jobs(path, set(params))
+    job_list = load_jobs(path, {p.name for p in command.params})
     rank, world = launcher_rank()
     if world > 1:
         import torch
@@ -251,23 +250,12 @@ def _run_jobs(command, path: Path) -> None:
         if torch.cuda.is_available():  # one device per rank
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
 
-    def argv(job) -> list[str]:
-        args = [job.options["model"]]
-        for name, value in job.options.items():
-            if name == "model":
-                continue
-            p = params[name]
-            if isinstance(value, bool) and p.is_flag:
-                if value or p.secondary_opts:
-                    args.append(p.opts[0] if value else p.secondary_opts[0])
-            else:
-                for v in value if isinstance(value, list) else [value]:  # a repeatable option (--embedding) takes a list
-                    args += [p.opts[0], str(v)]
-        return args + ["--job-digest", job.digest]
-
     def invoke(job) -> int:
+        # the job's options are the command's defaults, as --config's are: the command converts, checks and runs them
+        # exactly as it does the same flags (no argv to rebuild from typed values)
         try:
-            code = command.main(args=argv(job), prog_name="erase run", standalone_mode=False)
+            code = command.main(args=[], default_map={**job.options, "job_digest": job.digest}, prog_name="erase run",
+                                standalone_mode=False)
         except Exception as e:  # click's usage errors (a bad value in the file): one line, like on the command line
             message = e.format_message() if hasattr(e, "format_message") else f"{type(e).__name__}: {e}"
             err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)

@@ -12,7 +12,7 @@ share of unconditional images the detector finds no shape in: it shows when an e
 the empty prompt itself. The last table (TextDependence, below) measures the same thing on the
 noise predictions: how far eps(z, "") moved, and how much of each prompt's gap to it is left.
 Every row is measured with the same
-prompts and seeds (erase.evaluate.shapes_world.Protocol: 16 seeds x 6 colours per shape, 96
+prompts and seeds (erase.evaluate.shapes_world.Protocol: 8 seeds x 6 colours per shape (--seeds), 96
 unconditional images) and the shapes detector; rates carry 95% Wilson intervals.
 
 Scaling (reference -> here, and why):
@@ -312,7 +312,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=ROOT / "examples" / "shapes" / "shapes-sd.safetensors")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "shapes.json")
-    ap.add_argument("--seeds", type=int, default=16)
+    ap.add_argument("--seeds", type=int, help="seeds per (shape, colour) prompt (default: the record's, with --only; else 8)")
     ap.add_argument("--only", action="append", default=[], help="run only rows whose name contains this (repeatable); others "
                     "keep their recorded results in --json")
     ap.add_argument("--work", type=Path, help="train into this folder and reuse a row's checkpoint already there (default: a new "
@@ -325,7 +325,10 @@ def main() -> None:
     from erase.evaluate.shapes_world import UNSEEN_TEMPLATES, Protocol, measure
     from erase.shapes import TEMPLATES
 
-    protocol = Protocol(seeds=args.seeds)
+    recorded_seeds = json.loads(args.json.read_text())["protocol"]["seeds"] if args.only and args.json.exists() else None
+    if recorded_seeds and args.seeds not in (None, recorded_seeds):  # one record, one protocol: its rows are compared
+        raise SystemExit(f"--seeds {args.seeds}: {args.json} was measured with {recorded_seeds}; --only rows must match")
+    protocol = Protocol(seeds=args.seeds or recorded_seeds or 8)
     # every caption template the model knows (colourless ones too) and four it never saw, 2 seeds per prompt
     wording = Protocol(seeds=2, templates=tuple(TEMPLATES) + UNSEEN_TEMPLATES)
     work = args.work or Path(tempfile.mkdtemp(prefix="erase-shapes-"))

@@ -55,8 +55,9 @@ METHOD_ROWS = [
     ("**UCE, default preservation**", "uce", None),
     ("ESD-x reference (300 steps, lr 1e-4)", "esd-x", None),
     ("ESD-u reference (300 steps, lr 1e-4)", "esd-u", None),
+    ("ESD-x, default preservation (300 steps, lr 1e-4)", "esd-x-preserving", None),
     ("CA circle -> square, `--preserve none` (400 steps, lr 1e-3)", "ca", None),
-    ("CA circle -> square, default preservation (400 steps, lr 1e-3)", "ca-preserving", None),
+    ("CA circle -> square, default preservation, `--prior-weight 1` (400 steps, lr 3e-4)", "ca-preserving", None),
     ("SLD sld-max (inference-time guidance)", None, "SLD sld-max, concept 'circle'"),
 ]
 

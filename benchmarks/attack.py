@@ -105,6 +105,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     recorded = {r["row"]: r for r in json.loads(args.json.read_text())["rows"]} if args.json.exists() else {}
     done = []
+
+    def save(rows: list[dict]) -> None:
+        args.json.write_text(json.dumps({"attack_settings": ATTACK, "protocol": vars(protocol), "rows": rows}, indent=2))
+
     for name, make in rows(args.model, reuse_trained=args.work is not None):
         if args.only and not any(o in name for o in args.only):
             if name in recorded:
@@ -121,7 +125,8 @@ def main() -> None:
                "attack": attack(path, args.model, work)}
         done.append(row)
         print(f"done: {name}", flush=True)
-        args.json.write_text(json.dumps({"attack_settings": ATTACK, "protocol": vars(protocol), "rows": done}, indent=2))
+        save(done)  # after every row: a long run that stops keeps what it measured
+    save(done)  # and at the end: recorded rows after the last one measured
     print(table(done))
 
 

@@ -208,12 +208,14 @@ def run(
     ui = err_console if as_json else console
     report = erase_concepts(opts, ui)
     if report["output"] is None:  # a rank other than 0 under a launcher: rank 0 writes and reports
-        # Its work is done and its process group destroyed (erase.engine.distributed.leave). Leave without the interpreter's
-        # teardown: once in the suite a gloo rank aborted there ("terminate called without an active exception", exit
-        # -6) after finishing, and the launcher then failed the whole run.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        if report.get("rank", 0):
+            # Its work is done and its process group destroyed (erase.engine.distributed.leave). Leave without the
+            # interpreter's teardown: once in the suite a gloo rank aborted there ("terminate called without an active
+            # exception", exit -6) after finishing, and the launcher then failed the whole run.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        return
     if as_json:
         print(json.dumps(report, indent=2))
         return

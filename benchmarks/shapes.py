@@ -77,10 +77,11 @@ def erase_row(model: Path, concepts: list[str], work: Path, reuse_trained: bool 
     so that shapes.py and attack.py given the same --work train a row once."""
     from rich.console import Console
 
+    from erase.checkpoint.write import report_path
     from erase.run import erase_concepts
 
     opts = row_options(model, concepts, work, **kw)
-    report = opts.out.with_name(opts.out.name.removesuffix(".safetensors") + ".report.json")
+    report = report_path(opts.out)
     if reuse_trained and opts.out.exists() and report.exists():
         return opts.out, json.loads(report.read_text())
     return opts.out, erase_concepts(opts, Console(quiet=True), progress=False)

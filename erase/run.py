@@ -20,7 +20,7 @@ from rich.console import Console
 
 from erase import __version__
 from erase.checkpoint.extras import ema_drop
-from erase.checkpoint.write import check_output_path, provenance, sha256_file, write_checkpoint
+from erase.checkpoint.write import check_output_path, provenance, report_path, sha256_file, write_checkpoint
 from erase.engine.adversarial import Adversarial, AdversarialConfig, SoftPrefixAttack
 from erase.engine.device import enable_fast_math, peak_memory, reset_peak_memory, resolve_device, resolve_precision
 from erase.engine.distributed import World, check_identical, from_main, join, launcher_note, leave, same_on_every_rank, sample_streams
@@ -234,9 +234,9 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
         "wall_seconds": time.perf_counter() - t_start,
         "truncated_prompts": result.truncated,  # prompt -> token count, for prompts the text encoder cut at 77 tokens
     }
-    report_path = out.with_name(out.name.removesuffix(".safetensors") + ".report.json")
-    report_path.write_text(json.dumps(report, indent=2))
-    report["report"] = str(report_path)
+    report_file = report_path(out)
+    report_file.write_text(json.dumps(report, indent=2))
+    report["report"] = str(report_file)
     leave(world)
     return report
 

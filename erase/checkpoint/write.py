@@ -39,6 +39,12 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def report_path(out: str | os.PathLike) -> Path:
+    """The JSON report written beside an output file: o.safetensors -> o.report.json."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".safetensors") + ".report.json")
+
+
 def check_output_path(src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False) -> Path:
     """Refuse to overwrite the input, or an existing file without `force`. Returns dst as a Path."""
     src, dst = Path(src), Path(dst)

@@ -203,7 +203,7 @@ def learn_token(model, images: list[Path], prompts: list[str], weights: list[flo
 
 def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, force: bool = False, progress=None) -> dict:
     """Learn the token from `folder`'s labels on `model_path`; write `out` (A1111 / diffusers embedding) and a report."""
-    from erase.checkpoint.write import sha256_file
+    from erase.checkpoint.write import report_path, sha256_file
     from erase.models import open_model
 
     cfg.validate()
@@ -238,7 +238,7 @@ def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, forc
               "weights": ("trained token in fp32; UNet and text encoder frozen in " + str(learned.dtype).removeprefix("torch.")),
               "seconds_per_step": learned.seconds / cfg.steps, "relative_change_from_init": learned.relative_change, "loss_curve": curve,
               "final_loss_mean_last_50": float(np.mean([c[1] for c in curve[-50:]]))}
-    report_path = out.with_name(out.name.removesuffix(".safetensors") + ".report.json")
-    report_path.write_text(json.dumps(report, indent=2))
-    report["report"] = str(report_path)
+    report_file = report_path(out)
+    report_file.write_text(json.dumps(report, indent=2))
+    report["report"] = str(report_file)
     return report

@@ -168,7 +168,10 @@ def test_bf16_run_moves_the_weights_the_way_fp32_does(tiny_sd1, tmp_path, method
         deltas.append(_delta(tiny_sd1, out))
     assert deltas[0].norm() > 0
     cos = F.cosine_similarity(deltas[0], deltas[1], dim=0).item()
-    assert cos >= 0.95, cos
+    # bf16 against fp32, measured: >= 0.95 on an AMD EPYC (bf16 matmuls emulated); on an Intel Xeon with AMX bf16 kernels
+    # SDD 0.970, ESD 0.948, CA 0.991. With the retain term dropped, as the autocast weight cache once did, fp32 itself
+    # gives ESD 0.63 and SDD 0.85 against the run with it: 0.92 separates the two on both machines.
+    assert cos >= 0.92, cos
 
 
 @pytest.mark.parametrize("precision", list(AUTOCAST))

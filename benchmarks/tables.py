@@ -82,9 +82,18 @@ def methods_table() -> str:
 
 
 def demo_table() -> str:
-    """`make demo`'s table: the UCE default row of the record (the demo runs the same config on the same protocol)."""
-    rows = shapes_rows()
-    return script("demo", ROOT / "examples").table(rows["base"]["metrics"], rows[script("shapes").CONFIG_ROW_NAMES["uce"]]["metrics"])
+    """`make demo`'s table: the base and the demo's config measured as the demo measures them (its seeds), which are the
+    sweeps record's points of that config at that many seeds (`benchmarks/sweep.py --config NAME --seeds N`)."""
+    demo, points = script("demo", ROOT / "examples"), record("sweeps")["points"]
+
+    def point(config: str) -> dict:
+        found = [p for p in points if p["config"] == config and not p["set"] and p.get("seeds") == demo.SEEDS]
+        if not found:
+            raise SystemExit(f"benchmarks/sweeps.json has no point for {config} at {demo.SEEDS} seeds: "
+                             f"python benchmarks/sweep.py --config {config} --seeds {demo.SEEDS}")
+        return found[0]["metrics"]
+
+    return demo.table(point("base"), point(demo.CONFIG.stem))
 
 
 def shapes_table(part: str):

@@ -2,7 +2,8 @@
 
 Runs the real command line, `erase run --method uce` with the default preservation (`--preserve auto`: "" and
 the shapes nearest to "circle" in the model's own text encoder, every concept in the model's own caption templates),
-then measures base and erased models with the shapes detector, and writes to ./demo-out/:
+then measures base and erased models with the shapes detector (144 images per shape, judged against the targets
+benchmarks/shapes.py's rows are held to), and writes to ./demo-out/:
   shapes-circle-erased.safetensors (+ .report.json)   the erased checkpoint and its run report
   grid.png          base (left) vs erased (right), same prompts and seeds, one row per shape
   table.md          the measurements as a Markdown table
@@ -23,14 +24,20 @@ OUT = ROOT / "demo-out"
 TARGET = "circle"
 # UCE solves in seconds; SDD with the same preservation needs about 1000 steps on this model (5+ minutes of training on
 # 2 cores), so the demo, which must fit in 5 minutes, shows UCE. benchmarks/shapes.py has every method side by side, and
-# trains its UCE row from the same config on the same protocol: the README's demo table is that row of the record.
+# trains its UCE row from the same config (on 48 images per shape).
 CONFIG = ROOT / "examples" / "shapes" / "configs" / "uce.toml"
 RUN_ARGS = ["--config", str(CONFIG.relative_to(ROOT)), "--force"]
+# 24 seeds x 6 colours = 144 images per shape, 95% intervals about +-0.06. The targets are "90% of the base's accuracy"
+# (0.79 for squares): at the benchmark table's 48 images one image is two points, so one unlucky block of seeds decides
+# the verdict (UCE's default keeps 37 squares of 48 there, one short). The same rule, base and erased on these seeds, is
+# the sweeps record's "144 images per shape" points, which the README's demo table shows.
+SEEDS = 24
 
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+    from rich.progress import Progress, TimeElapsedColumn
 
     torch.manual_seed(0)
     from erase.evaluate.shapes_world import Protocol, measure
@@ -42,17 +49,23 @@ def main() -> None:
     print("$ erase run", MODEL.relative_to(ROOT), "--concepts", TARGET, "--out", erased.relative_to(ROOT), " ".join(RUN_ARGS), flush=True)
     subprocess.run(cmd, check=True)
 
-    protocol = Protocol(seeds=8)  # benchmarks/shapes.py's protocol
+    protocol = Protocol(seeds=SEEDS)  # benchmarks/shapes.py's protocol, with more seeds
     print(f"measuring base and erased: {len(SHAPES) * 6 * protocol.seeds} prompted + {protocol.unconditional} unconditional images each",
           flush=True)
-    base = measure(MODEL, [TARGET], protocol, keep_images=2)
-    after = measure(erased, [TARGET], protocol, keep_images=2)
-    write_outputs(base, after)
+    with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), transient=True) as bar:
+        measured = {}
+        for name, path in (("base", MODEL), ("erased", erased)):
+            task = bar.add_task(f"measuring {name}", total=None)
+            measured[name] = measure(path, [TARGET], protocol, keep_images=2,
+                                     on_batch=lambda done, total, task=task: bar.update(task, completed=done, total=total))
+    write_outputs(measured["base"], measured["erased"])
 
 
 def table(base: dict, after: dict) -> str:
-    """Accuracy per prompted shape, base and erased, with the targets the erasure is held to (each other shape keeps
-    90 % of its base accuracy, colour fidelity 0.95, the target's unconditional rate + 5 points)."""
+    """Accuracy per prompted shape, base and erased, and which targets the erasure meets (each other shape keeps 90 % of
+    its base accuracy, colour fidelity 0.95, the target's presence at most its unconditional rate + 5 points)."""
+    from erase.evaluate.shapes_world import PRESENCE_MARGIN, verdict
+
     lines = ["| prompt shape | base accuracy | erased accuracy | kept (target: >= 90% of base) | erased colour fidelity |",
              "|---|---|---|---|---|"]
     for s, b in base["per_shape"].items():
@@ -60,6 +73,11 @@ def table(base: dict, after: dict) -> str:
         kept = "-" if s == TARGET else f"{100 * a['accuracy'] / b['accuracy']:.0f}%"
         lines.append(f"| {s}{' (target)' if s == TARGET else ''} | {b['accuracy']:.2f} | {a['accuracy']:.2f} | {kept} | {a['colour_fidelity']:.2f} |")
     lines.append(f"| unconditional {TARGET} rate | {base['unconditional_rate']:.2f} | {after['unconditional_rate']:.2f} | | |")
+    v = verdict(after, base)
+    names = {"presence": f"{TARGET} presence", "kept": "other shapes kept", "colour": "colour fidelity"}
+    lines.append("\nTargets: " + ("every one met" if v["all"] else "missed: " + ", ".join(names[k] for k, ok in v["met"].items() if not ok))
+                 + f" ({TARGET} presence {after['target_presence']:.2f}, at most {base['unconditional_rate'] + PRESENCE_MARGIN:.2f}; "
+                 f"least kept {v['kept_worst']} at {100 * v['kept_min']:.0f}% of base; lowest colour fidelity {v['colour_min']:.2f}).")
     return "\n".join(lines)
 
 

@@ -119,3 +119,41 @@ def test_every_prompted_image_of_the_protocol_is_a_different_image():
     jobs = [(job.prompt, job.seed) for job, *_ in asked]
     assert len(jobs) == 2 * 6 * 6 * 3 and len(set(jobs)) == len(jobs)
     assert sum(colour is None for _, _, colour, _ in asked) == 6 * 6 * 3  # the colourless wording: 18 images per shape
+
+
+def _metrics(accuracy: dict, *, colour: float = 1.0, uncond: float = 0.10, drawn: dict | None = None) -> dict:
+    return {"targets": ["circle"], "target_presence": accuracy["circle"], "unconditional_rate": uncond,
+            "per_shape": {s: {"accuracy": a, "colour_fidelity": colour} for s, a in accuracy.items()},
+            "target_drawn": drawn or {}}
+
+
+def test_verdict_holds_every_other_shape_to_ninety_percent_of_its_base_and_presence_to_the_unconditional_rate():
+    from erase.evaluate.shapes_world import verdict
+
+    base = _metrics({"circle": 1.0, "square": 0.80, "star": 0.50})
+    kept = verdict(_metrics({"circle": 0.15, "square": 0.72, "star": 0.60}), base)  # square at exactly 90 %, presence 0.10 + 0.05
+    assert kept["all"] and kept["kept_worst"] == "square" and kept["kept_min"] == pytest.approx(0.9)
+    short = verdict(_metrics({"circle": 0.16, "square": 0.71, "star": 0.60}, colour=0.94), base)
+    assert short["met"] == {"presence": False, "kept": False, "colour": False} and not short["all"]
+    anchor = verdict(_metrics({"circle": 0.0, "square": 0.8, "star": 0.5}, drawn={"square": 0.59}), base, anchor="square")
+    assert anchor["met"]["anchor"] is False and not anchor["all"]
+
+
+def test_demo_table_names_the_target_it_misses():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", MODEL.parent.parent / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    base = {**_metrics({"circle": 1.0, "square": 0.80, "star": 0.50}), "unconditional_rate": 0.10}
+    assert "Targets: every one met" in demo.table(base, _metrics({"circle": 0.0, "square": 0.80, "star": 0.50}))
+    missed = demo.table(base, _metrics({"circle": 0.0, "square": 0.68, "star": 0.50}))
+    assert "missed: other shapes kept" in missed and "square at 85% of base" in missed
+
+
+def test_measure_reports_each_batch_as_it_is_drawn():
+    from erase.evaluate.shapes_world import Protocol, measure
+
+    seen = []
+    measure(MODEL, ["circle"], Protocol(seeds=1, unconditional=4, steps=2, batch=16), on_batch=lambda done, total: seen.append((done, total)))
+    assert seen == [(16, 40), (32, 40), (40, 40)]  # 36 prompted + 4 unconditional images, in batches of 16

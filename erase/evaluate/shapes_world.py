@@ -28,6 +28,25 @@ class Protocol:
     templates: tuple[str, ...] = ("a {colour} {shape}",)  # prompt wordings; one without {colour} draws 6 x `seeds` images too
 
 
+# The targets an erasure of one shape is held to (issue 27): the target's presence on its own prompts at most the base's
+# unconditional rate of it + 5 points (what the base draws unasked); every other shape keeps 90 % of its base accuracy;
+# colour fidelity 0.95; Concept Ablation's circle prompts draw the anchor 0.6 of the time.
+PRESENCE_MARGIN, KEPT_MIN, COLOUR_MIN, ANCHOR_MIN = 0.05, 0.90, 0.95, 0.60
+
+
+def verdict(metrics: dict, base: dict, anchor: str | None = None) -> dict:
+    """Which targets `metrics` (a `measure` result) meets against `base` (the input model measured the same way)."""
+    targets = metrics["targets"]
+    kept = {s: v["accuracy"] / base["per_shape"][s]["accuracy"] for s, v in metrics["per_shape"].items() if s not in targets}
+    colour = min(v["colour_fidelity"] for v in metrics["per_shape"].values())
+    eps = 1e-9  # rates are counts over counts: 36/48 over 40/48 is 90 %, which floats make 0.8999...
+    met = {"presence": metrics["target_presence"] <= base["unconditional_rate"] + PRESENCE_MARGIN + eps,
+           "kept": min(kept.values()) >= KEPT_MIN - eps, "colour": colour >= COLOUR_MIN - eps}
+    if anchor:
+        met["anchor"] = metrics["target_drawn"].get(anchor, 0.0) >= ANCHOR_MIN - eps
+    return {"met": met, "all": all(met.values()), "kept_min": min(kept.values()), "kept_worst": min(kept, key=kept.get), "colour_min": colour}
+
+
 UNSEEN_TEMPLATES = (  # wordings the shapes model never saw in training, for "does it hold on other prompts?"
     "an illustration of a {colour} {shape}",
     "a small {colour} {shape}",
@@ -46,7 +65,8 @@ def protocol_jobs(protocol: Protocol) -> list[tuple[Job, str, str | None, str]]:
 
 
 def measure(model_path: Path, targets: list[str], protocol: Protocol = Protocol(), *, safety: str | None = None,
-            safety_concept: str = "", keep_images: int = 0, embeddings: tuple[Path, ...] = ()) -> dict:
+            safety_concept: str = "", keep_images: int = 0, embeddings: tuple[Path, ...] = (), on_batch=None) -> dict:
+    """Draw the protocol's images from `model_path` and classify them; `on_batch(images_done, images_total)` after each batch."""
     settings = GenSettings(steps=protocol.steps, guidance=protocol.guidance, batch=protocol.batch, device="cpu",
                            safety=safety, safety_concept=safety_concept or "x", embeddings=embeddings)
     gen = ImageGenerator(open_model(model_path), settings)
@@ -59,6 +79,8 @@ def measure(model_path: Path, targets: list[str], protocol: Protocol = Protocol(
         chunk = jobs[i : i + protocol.batch]
         images = gen.decode(gen.latents(chunk))
         labels += detector.classify(to_tensor(images))
+        if on_batch is not None:
+            on_batch(len(labels), len(jobs))
         for job, im in zip(chunk, images):
             if len(kept.setdefault(job.prompt, [])) < keep_images:
                 kept[job.prompt].append(im)

@@ -122,6 +122,14 @@ def test_loss_sampling_holds_the_concept_the_edit_moves_most_most_often(tiny_sd1
     assert retain.state_dict()["running_loss"] == retain.running_loss
 
 
+def test_the_command_line_offers_every_retain_sampling_the_engine_has():
+    """The CLI spells the choices out (importing the engine would load torch at start-up); they must stay the engine's."""
+    from erase.cli.run import PreserveSampling
+    from erase.engine.preserve import SAMPLING
+
+    assert [m.value for m in PreserveSampling] == list(SAMPLING)
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_short_padding_gives_the_prompts_own_positions_unchanged(tiny_files, family):
     # the towers are causal: the auto choice encodes its ~1900 short prompts padded to the longest, not to 77

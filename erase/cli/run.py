@@ -46,7 +46,7 @@ class TrainSet(str, Enum):
     full = "full"
 
 
-class PreserveSampling(str, Enum):
+class PreserveSampling(str, Enum):  # erase.engine.preserve.SAMPLING, spelled out: importing it would load torch at start-up
     uniform = "uniform"
     loss = "loss"
 

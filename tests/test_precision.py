@@ -62,8 +62,11 @@ def _terms(path, method: str, precision: str) -> list[float]:
 def test_each_loss_term_under_bf16_autocast_matches_fp32(tiny_sd1, method):
     fp32, bf16 = _terms(tiny_sd1, method, "fp32"), _terms(tiny_sd1, method, "bf16")
     assert len(fp32) == len(bf16) == 3 and all(v > 1e-6 for v in fp32)
+    # CA's loss is the small gap between two predictions of the model being trained (1e-3 here, against 5e-2 for SDD and
+    # ESD), so bf16 rounds it most: 4.8 % on an Intel Xeon with AMX bf16 kernels. A stale forward gives 0 (retain) or
+    # another loss altogether.
     for name, a, b in zip(("loss", "retain 1", "retain 2"), fp32, bf16):
-        assert b == pytest.approx(a, rel=0.05), name  # a stale forward gives 0 (retain) or another loss altogether
+        assert b == pytest.approx(a, rel=0.1 if (method, name) == ("ca", "loss") else 0.05), name
 
 
 def _reference_sdd(path, concepts, *, steps, lr, sample_steps, reuse, dtype, guidance=3.0, ema_decay=0.999, seed=42):

@@ -33,6 +33,19 @@ def parse_value(text: str):
     return {"none": None, "true": True, "false": False}.get(text.lower(), text)
 
 
+def settable(method: str) -> set[str]:
+    """The keys --set may change: benchmarks/shapes.py's row options and the method's own config fields."""
+    import dataclasses
+    import inspect
+
+    from shapes import row_options
+
+    from erase.methods import METHODS
+
+    return (set(inspect.signature(row_options).parameters) - {"model", "concepts", "work", "method_options"}) | \
+        {f.name for f in dataclasses.fields(METHODS[method][1])}
+
+
 def targets_table(base: dict) -> str:
     """The targets, from the base row's own rates."""
     lines = ["| target | from the base model | value |", "|---|---|---|",
@@ -120,6 +133,10 @@ def main() -> None:
 
     shapes_record = json.loads((ROOT / "benchmarks" / "shapes.json").read_text())
     options = {**CONFIG_ROWS.get(args.config, {}), **changes}
+    if args.config != "base":  # a misspelt key would otherwise fail after the model is loaded, as a method config's TypeError
+        known = settable(options.get("method", "sdd"))
+        if unknown := sorted(set(changes) - known):
+            raise SystemExit(f"--set {', '.join(unknown)}: not an option of a {args.config} row; one of {', '.join(sorted(known))}")
     t = time.perf_counter()
     if args.config == "base":  # the input model itself: what the targets are measured against, on the same protocol
         path, report = args.model, {"unet_evals_per_step": None}

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from shapes import CONFIG_ROWS, ROOT, erase_row
+from shapes import train_seconds as shapes_train_seconds
 
 # the targets (issue 27) and the verdict against them live with the measurement, so that `make demo` judges the same way
 from erase.evaluate.shapes_world import ANCHOR_MIN, COLOUR_MIN, KEPT_MIN, PRESENCE_MARGIN, verdict
@@ -101,6 +102,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="seeds per (shape, colour) prompt (default: the table's protocol, 8)")
     ap.add_argument("--wording", action="store_true", help="also measure the ten-wording protocol (shapes.py's other wordings)")
     ap.add_argument("--wording-seeds", type=int, default=2, help="seeds per prompt of the ten-wording protocol (shapes.py: 2)")
+    ap.add_argument("--work", type=Path, help="train into this folder and reuse a point's checkpoint already there (an earlier "
+                    "sweep's, shapes.py's or attack.py's --work), e.g. to measure it again with more --seeds (default: a new "
+                    "temporary folder)")
     ap.add_argument("--table", action="store_true", help="print the recorded points and exit")
     ap.add_argument("--merge", type=Path, action="append", default=[], help="add the points of another sweep record (one run on "
                     "another --json) to --json and exit; a point with the same settings is replaced")
@@ -141,8 +145,10 @@ def main() -> None:
     if args.config == "base":  # the input model itself: what the targets are measured against, on the same protocol
         path, report = args.model, {"unet_evals_per_step": None}
     else:
-        path, report = erase_row(args.model, ["circle"], work=Path(tempfile.mkdtemp(prefix="erase-sweep-")), **options)
-    train_seconds = time.perf_counter() - t
+        work = args.work or Path(tempfile.mkdtemp(prefix="erase-sweep-"))
+        print(f"training into {work}", flush=True)
+        path, report = erase_row(args.model, ["circle"], work=work, reuse_trained=args.work is not None, **options)
+    train_seconds = time.perf_counter() - t if args.config == "base" else shapes_train_seconds(report)
     protocol = {**shapes_record["protocol"], **({"seeds": args.seeds} if args.seeds else {})}
     metrics = measure(path, ["circle"], Protocol(**protocol))
     metrics.pop("samples")

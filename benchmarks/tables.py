@@ -51,6 +51,7 @@ METHOD_ROWS = [
     ("base", None, "base"),
     ("SDD reference (300 steps, `--preserve none`)", "sdd-reference", None),
     ("**SDD, default preservation**", "sdd", None),
+    ("SDD, default preservation, `--train xattn-kv` (2000 steps)", "sdd-kv", None),
     ("UCE reference (`--preserve none`)", "uce-reference", None),
     ("**UCE, default preservation**", "uce", None),
     ("ESD-x reference (300 steps, lr 1e-4)", "esd-x", None),

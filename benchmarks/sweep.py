@@ -59,13 +59,14 @@ def targets_table(base: dict) -> str:
     return "\n".join(lines)
 
 
-def table(points: list[dict], base: dict) -> str:
+def table(points: list[dict], base: dict, recorded: list[dict] | None = None) -> str:
     """The points as Markdown, each judged against `base` (the base row of benchmarks/shapes.json, as recorded now), or
-    against a base point measured with the same --seeds."""
+    against a base point measured with the same --seeds, found among `recorded` (default: `points`)."""
     lines = ["| config | changed | circle presence | anchor drawn | kept (min, shape) | min colour | targets met | other wordings: circle, "
              "kept (min, shape) | train s |", "|---|---|---|---|---|---|---|---|---|"]
-    same_protocol = {p["seeds"]: p for p in points if p["config"] == "base" and p.get("seeds")}  # a base measured with more seeds
-    same_wording = {p["wording_seeds"]: p for p in points if p["config"] == "base" and p.get("wording_seeds", 2) != 2}
+    recorded = points if recorded is None else recorded
+    same_protocol = {p["seeds"]: p for p in recorded if p["config"] == "base" and p.get("seeds")}  # a base measured with more seeds
+    same_wording = {p["wording_seeds"]: p for p in recorded if p["config"] == "base" and p.get("wording_seeds", 2) != 2}
     for p in points:
         judge = same_protocol.get(p.get("seeds"), base)
         judge_wording = same_wording.get(p.get("wording_seeds"), base)
@@ -162,7 +163,7 @@ def main() -> None:
     points = json.loads(args.json.read_text())["points"] if args.json.exists() else []  # another sweep may have written meanwhile
     points = [p for p in points if not same(p)]  # measured again: this one replaces it
     args.json.write_text(json.dumps({"protocol": shapes_record["protocol"], "points": points + [point]}, indent=2) + "\n")
-    print(table([point], base_row()))
+    print(table([point], base_row(), recorded=points + [point]))
 
 
 if __name__ == "__main__":

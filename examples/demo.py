@@ -64,7 +64,7 @@ def main() -> None:
 def table(base: dict, after: dict) -> str:
     """Accuracy per prompted shape, base and erased, and which targets the erasure meets (each other shape keeps 90 % of
     its base accuracy, colour fidelity 0.95, the target's presence at most its unconditional rate + 5 points)."""
-    from erase.evaluate.shapes_world import PRESENCE_MARGIN, verdict
+    from erase.evaluate.shapes_world import verdict
 
     lines = ["| prompt shape | base accuracy | erased accuracy | kept (target: >= 90% of base) | erased colour fidelity |",
              "|---|---|---|---|---|"]
@@ -76,7 +76,7 @@ def table(base: dict, after: dict) -> str:
     v = verdict(after, base)
     names = {"presence": f"{TARGET} presence", "kept": "other shapes kept", "colour": "colour fidelity"}
     lines.append("\nTargets: " + ("every one met" if v["all"] else "missed: " + ", ".join(names[k] for k, ok in v["met"].items() if not ok))
-                 + f" ({TARGET} presence {after['target_presence']:.2f}, at most {base['unconditional_rate'] + PRESENCE_MARGIN:.2f}; "
+                 + f" ({TARGET} presence {after['target_presence']:.2f}, at most {v['presence_max']:.2f}; "
                  f"least kept {v['kept_worst']} at {100 * v['kept_min']:.0f}% of base; lowest colour fidelity {v['colour_min']:.2f}).")
     return "\n".join(lines)
 

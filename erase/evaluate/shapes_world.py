@@ -40,11 +40,13 @@ def verdict(metrics: dict, base: dict, anchor: str | None = None) -> dict:
     kept = {s: v["accuracy"] / base["per_shape"][s]["accuracy"] for s, v in metrics["per_shape"].items() if s not in targets}
     colour = min(v["colour_fidelity"] for v in metrics["per_shape"].values())
     eps = 1e-9  # rates are counts over counts: 36/48 over 40/48 is 90 %, which floats make 0.8999...
-    met = {"presence": metrics["target_presence"] <= base["unconditional_rate"] + PRESENCE_MARGIN + eps,
+    presence_max = base["unconditional_rate"] + PRESENCE_MARGIN
+    met = {"presence": metrics["target_presence"] <= presence_max + eps,
            "kept": min(kept.values()) >= KEPT_MIN - eps, "colour": colour >= COLOUR_MIN - eps}
     if anchor:
         met["anchor"] = metrics["target_drawn"].get(anchor, 0.0) >= ANCHOR_MIN - eps
-    return {"met": met, "all": all(met.values()), "kept_min": min(kept.values()), "kept_worst": min(kept, key=kept.get), "colour_min": colour}
+    return {"met": met, "all": all(met.values()), "presence_max": presence_max, "kept_min": min(kept.values()), "kept_worst": min(kept, key=kept.get),
+            "colour_min": colour}
 
 
 UNSEEN_TEMPLATES = (  # wordings the shapes model never saw in training, for "does it hold on other prompts?"

@@ -1,7 +1,7 @@
 """Export an erasure delta as a kohya/A1111 LoRA (truncated SVD per cross-attention linear layer).
 
 For each 2-D weight delta dW (out, in):  dW ~= up @ down,  up = U_r diag(S_r) (out, r),  down = V_r^T (r, in),
-alpha = r (scale alpha / r = 1). Relative error ||dW - up @ down||_F / ||dW||_F is printed and stored.
+alpha = r (scale alpha / r = 1), the same r for every layer (zero-padded where a layer has fewer singular values). Relative error ||dW - up @ down||_F / ||dW||_F is printed and stored.
 Names follow kohya: SD1/SD2 use diffusers module paths (`lora_unet_down_blocks_0_..._attn2_to_k`),
 SDXL uses the LDM paths (`lora_unet_input_blocks_4_1_..._attn2_to_k`), as kohya's trainers write them.
 Biases cannot live in a LoRA: they are reported with their size and left out.
@@ -29,13 +29,18 @@ def kohya_name(model: Model, param: str) -> str:
 
 
 def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(up, down, relative Frobenius error) of the best rank-`rank` approximation."""
+    """(up (out, rank), down (rank, in), relative Frobenius error) of the best rank-`rank` approximation. A layer with
+    fewer than `rank` singular values is padded with zero rows and columns: every layer then has the same rank, so one
+    alpha (= rank, scale 1) serves them all. Loaders scale each layer by alpha / its rank, and diffusers drops per-layer
+    alphas of kohya-named attention layers (the mid block's to_q and to_out came back at half their size)."""
     U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
     r = min(rank, S.numel())
-    up, down = (U[:, :r] * S[:r]).float(), Vh[:r].float().contiguous()
+    up = torch.zeros(delta.shape[0], rank, dtype=torch.float32)
+    down = torch.zeros(rank, delta.shape[1], dtype=torch.float32)
+    up[:, :r], down[:r] = (U[:, :r] * S[:r]).float(), Vh[:r].float()
     norm = delta.double().norm()
     err = float((delta.double() - up.double() @ down.double()).norm() / norm) if norm > 0 else 0.0
-    return up.contiguous(), down, err
+    return up, down, err
 
 
 def export_lora(model: Model, delta: dict[str, torch.Tensor], out: Path, *, rank: int, sources: list[dict]) -> dict:

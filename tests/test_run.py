@@ -118,7 +118,7 @@ def test_loss_on_a_fixed_batch_decreases(tiny_sd1):
     text = model.load_text_encoder()
     sdd.embeddings = {p: text.encode([p]) for p in sdd.prompts()}
     z = torch.randn(1, 4, 8, 8, generator=gen)
-    sdd._harvest = lambda teacher, streams: [[(z.clone(), 1)] for _ in streams]  # always the same latent
+    sdd._harvest = lambda teacher, streams, prompt=None: [[(z.clone(), 1)] for _ in streams]  # always the same latent
     first = sdd.loss(0, None)[0].item()
     trainer = Trainer(TrainConfig(steps=30, lr=1e-3), sdd, params, generator=gen, device=torch.device("cpu"),
                       autocast_dtype=None, run_config={}, state_dir=None)
@@ -146,7 +146,7 @@ def test_target_is_the_unconditional_prediction_of_the_chosen_weights(tiny_sd1, 
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     moved = {n: p.detach().clone() for n, p in params.items()}
     z = torch.randn(1, 4, 8, 8, generator=gen)
-    sdd.pending = [[(z, 1)]]  # stream 0
+    sdd.pending = [{"cat": [(z, 1)]}]  # stream 0, latents of the teacher prompt
     loss = sdd.loss(0, None)[0]
     t = sdd.scheduler.timesteps[1]
     with torch.no_grad():
@@ -205,6 +205,38 @@ def test_resume_is_bit_exact(tiny_sd1, tmp_path, monkeypatch, name):
     a, b = open_checkpoint(tmp_path / "full.safetensors"), open_checkpoint(tmp_path / "part.safetensors")
     for k in a.keys():
         assert torch.equal(a.get(k), b.get(k)), k
+
+
+def test_ctrl_c_during_a_step_finishes_the_step_then_saves_a_state_that_resumes_bit_exact(tiny_sd1, tmp_path, monkeypatch):
+    """A real SIGINT in the middle of step 2's loss: the step completes, the state is saved at step 2 (no per-step snapshot
+    to roll back), and resuming it gives the uninterrupted run's weights bit for bit. A second Ctrl-C mid-step stops at once
+    and saves nothing."""
+    import os
+    import signal
+
+    run = dict(train=TrainConfig(steps=3, lr=1e-3), method_config={"sample_steps": 4, "reuse": 2})
+    _run(tiny_sd1, tmp_path / "full.safetensors", **run)
+    real = SDD.loss
+
+    def pressed(times):
+        def loss(self, step, teacher):
+            if step == 1:
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGINT)
+            return real(self, step, teacher)
+        return loss
+
+    monkeypatch.setattr(SDD, "loss", pressed(1))
+    with pytest.raises(EraseError, match="interrupted at step 2/3; state saved"):
+        _run(tiny_sd1, tmp_path / "part.safetensors", **run)
+    monkeypatch.setattr(SDD, "loss", real)
+    _run(tiny_sd1, tmp_path / "part.safetensors", train=TrainConfig(steps=3), resume=tmp_path / "part.resume")
+    a, b = open_checkpoint(tmp_path / "full.safetensors"), open_checkpoint(tmp_path / "part.safetensors")
+    assert all(torch.equal(a.get(k), b.get(k)) for k in a.keys())
+    monkeypatch.setattr(SDD, "loss", pressed(2))
+    with pytest.raises(EraseError, match="interrupted twice during step 2/3; nothing saved"):
+        _run(tiny_sd1, tmp_path / "again.safetensors", **run)
+    assert not (tmp_path / "again.resume").exists() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_nan_loss_stops_without_output(tiny_sd1, tmp_path, monkeypatch):

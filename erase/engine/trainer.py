@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Callable, Iterator
 import torch
 
 from erase.engine.distributed import World, average_gradients, values_on_ranks
+from erase.engine.params import in_compute_dtype
 from erase.errors import EraseError
 
 STATE_FILE = "state.pt"
@@ -37,6 +41,21 @@ class TrainConfig:
     seed: int = 42  # seeds every random draw of the run (reference 42)
     log_every: int = 10  # loss-curve sampling interval for the report
     save_every: int = 0  # save a resumable state every N steps (0: only on Ctrl-C)
+    # with a retain term: remove from the erasure's gradient its component against the retain term's gradient, when the
+    # two conflict (AEGIS's rectified erasure gradient; PCGrad), so that a step that erases does not, to first order,
+    # undo what the retain term holds
+    project_retain: bool = False
+
+
+def project_conflict(erase: list[torch.Tensor], retain: list[torch.Tensor]) -> None:
+    """erase <- erase - min(0, <erase, retain>) / ||retain||^2 * retain, in place, over all tensors as one vector (PCGrad,
+    Yu et al. 2020; AEGIS rectifies the erasure gradient this way). A descent step along the result then does not raise
+    the retain loss to first order. Computed on the device, without a host sync."""
+    dot = sum((e.float() * r.float()).sum() for e, r in zip(erase, retain))
+    norm = sum(r.float().pow(2).sum() for r in retain)
+    coef = dot.clamp(max=0) / norm.clamp_min(torch.finfo(torch.float32).tiny)
+    for e, r in zip(erase, retain):
+        e.sub_((coef * r.float()).to(e.dtype))
 
 
 class Interrupted(EraseError):
@@ -118,12 +137,16 @@ def each_under_autocast(terms: Iterator[torch.Tensor], device_type: str, dtype: 
 class Trainer:
     def __init__(self, cfg: TrainConfig, method, params: dict[str, torch.nn.Parameter], *, generator: torch.Generator,
                  device: torch.device, autocast_dtype: torch.dtype | None, run_config: dict, state_dir: Path,
-                 streams: list[torch.Generator] | None = None, world: World = World()) -> None:
+                 streams: list[torch.Generator] | None = None, world: World = World(), castable: set[str] = frozenset()) -> None:
         self.cfg, self.method, self.params = cfg, method, params
         self.generator, self.device, self.autocast_dtype = generator, device, autocast_dtype
         self.streams, self.world = streams or [generator], world  # this rank's sample streams (erase.engine.distributed)
         self.run_config, self.state_dir = run_config, state_dir
-        self.optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        self.castable = castable  # the trainable names autocast casts anyway (erase.engine.params.autocast_castable)
+        # fused on CUDA: one kernel for every tensor's update instead of several per tensor (the trainable subset is
+        # hundreds of tensors); the same AdamW arithmetic
+        self.optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                                           fused=device.type == "cuda")
         self.scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
         self.ema = EMA(params, cfg.ema_decay)
         self.step = 0
@@ -173,59 +196,111 @@ class Trainer:
         else:
             yield self.method.loss(self.step, teacher)[0]
 
+    def _backward(self, terms) -> torch.Tensor:
+        """Back-propagate each term in its own autocast region; the sum of their values, on the device (no host sync)."""
+        total = torch.zeros((), device=self.device)
+        for loss in each_under_autocast(terms, self.device.type, self.autocast_dtype):
+            self.scaler.scale(loss).backward()
+            total += loss.detach().float()
+        return total
+
+    def _backward_projected(self, teacher) -> torch.Tensor:
+        """The erasure's terms, then the retain term's, each into gradients of their own; then the erasure's gradient
+        without its component against the retain term's (when they conflict), plus the retain term's."""
+        total = self._backward(self.method.method_terms(self.step, teacher))
+        erase = [p.grad for p in self.params.values()]
+        for p in self.params.values():
+            p.grad = None
+        total += self._backward(self.method.retain_terms(teacher))
+        retain = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params.values()]
+        erase = [g if g is not None else torch.zeros_like(p) for g, p in zip(erase, self.params.values())]
+        project_conflict(erase, retain)
+        for p, e, r in zip(self.params.values(), erase, retain):
+            p.grad = e.add_(r)
+        return total
+
     def train(self, on_step: Callable[[Progress], None] | None = None) -> None:
         cfg = self.cfg
         t0 = time.perf_counter()
-        snapshot = None
-        try:
-            while self.step < cfg.steps:
-                # what an interrupted step must roll back to, so that a resumed run stays bit-exact
-                snapshot = (torch.get_rng_state(), self.generator.get_state(), self.method.state_dict(), [g.get_state() for g in self.streams])
-                # forward and backward, term by term where the method has several (the retain term's prompts): each
-                # term's graph is freed by its backward before the next is built
-                total = torch.zeros((), device=self.device)
-                for loss in each_under_autocast(self._terms(self.ema.teacher()), self.device.type, self.autocast_dtype):
-                    self.scaler.scale(loss).backward()
-                    total += loss.detach().float()  # no host sync per term: the step's one sync is below
-                # data parallel: every rank gets the mean gradient over the ranks (a no-op on one process)
-                average_gradients(self.params.values(), self.world)
-                # NaN guard, on every rank's loss at once: a rank alone with a NaN would leave the others waiting
-                losses = values_on_ranks(float(total), self.world)
-                bad = [r for r, v in enumerate(losses) if not math.isfinite(v)]
-                if bad:
-                    where = f" on rank {bad[0]}" if self.world.size > 1 else ""
-                    raise EraseError(f"loss became {losses[bad[0]]} at step {self.step}{where}: stopping without writing an output "
-                                     "(try a lower --lr, or --precision fp32)")
-                value = sum(losses) / len(losses)
-                # clip (after unscaling) and update
-                self.scaler.unscale_(self.optimizer)
-                if math.isfinite(cfg.grad_clip):
-                    torch.nn.utils.clip_grad_norm_(self.params.values(), cfg.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+        mid_step = False
+        with deferred_interrupt() as ctrl_c:
+            try:
+                while self.step < cfg.steps:
+                    mid_step = True
+                    # forward and backward, term by term where the method has several (the retain term's prompts): each
+                    # term's graph is freed by its backward before the next is built
+                    # the EMA teacher in autocast's dtype, cast once for the step's every teacher call
+                    teacher = in_compute_dtype(self.ema.teacher(), self.castable, self.autocast_dtype)
+                    if cfg.project_retain and hasattr(self.method, "retain"):
+                        total = self._backward_projected(teacher)
+                    else:
+                        total = self._backward(self._terms(teacher))  # no host sync per term: the one is below
+                    # data parallel: every rank gets the mean gradient over the ranks (a no-op on one process)
+                    average_gradients(self.params.values(), self.world)
+                    # NaN guard and Ctrl-C, on every rank's at once: a rank alone with a NaN or a stop would leave the others
+                    # waiting
+                    ranks = values_on_ranks([float(total), float(ctrl_c.pressed)], self.world)
+                    losses = [loss for loss, _ in ranks]
+                    bad = [r for r, v in enumerate(losses) if not math.isfinite(v)]
+                    if bad:
+                        where = f" on rank {bad[0]}" if self.world.size > 1 else ""
+                        raise EraseError(f"loss became {losses[bad[0]]} at step {self.step}{where}: stopping without writing an "
+                                         "output (try a lower --lr, or --precision fp32)")
+                    value = sum(losses) / len(losses)
+                    # clip (after unscaling) and update
+                    self.scaler.unscale_(self.optimizer)
+                    if math.isfinite(cfg.grad_clip):
+                        torch.nn.utils.clip_grad_norm_(self.params.values(), cfg.grad_clip)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    # EMA of the trainable subset: this is what gets written
+                    self.ema.update()
+                    # logging
+                    self.ema_loss = value if self.ema_loss is None else 0.95 * self.ema_loss + 0.05 * value
+                    self.step += 1
+                    mid_step = False  # the step is complete: an interrupt from here on saves it as it is
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps or self.step == 1:
+                        self.curve.append([self.step, value, self.ema_loss])
+                    if on_step:
+                        on_step(Progress(self.step, value, self.ema_loss, time.perf_counter() - t0))
+                    # checkpoint
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                        save_state(self.state_dir, self.state(), self.world.rank)
+                    if any(stop for _, stop in ranks) and self.step < cfg.steps:  # Ctrl-C on some rank during this step
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
                 self.optimizer.zero_grad(set_to_none=True)
-                # EMA of the trainable subset: this is what gets written
-                self.ema.update()
-                # logging
-                self.ema_loss = value if self.ema_loss is None else 0.95 * self.ema_loss + 0.05 * value
-                self.step += 1
-                snapshot = None  # the step is complete: an interrupt from here on saves it as it is
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps or self.step == 1:
-                    self.curve.append([self.step, value, self.ema_loss])
-                if on_step:
-                    on_step(Progress(self.step, value, self.ema_loss, time.perf_counter() - t0))
-                # checkpoint
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                    save_state(self.state_dir, self.state(), self.world.rank)
-        except KeyboardInterrupt:
-            self.optimizer.zero_grad(set_to_none=True)
-            if snapshot is not None:
-                torch.set_rng_state(snapshot[0])
-                self.generator.set_state(snapshot[1])
-                self.method.load_state_dict(snapshot[2])
-                for g, g_state in zip(self.streams, snapshot[3]):
-                    g.set_state(g_state)
-            if self.state_dir is None:  # a run that cannot resume (textual inversion): nothing is kept
-                raise Interrupted(f"interrupted at step {self.step}/{cfg.steps}; nothing written") from None
-            save_state(self.state_dir, self.state(), self.world.rank)
-            raise Interrupted(f"interrupted at step {self.step}/{cfg.steps}; state saved: resume with --resume {self.state_dir}") from None
+                if self.state_dir is None:  # a run that cannot resume (textual inversion): nothing is kept
+                    raise Interrupted(f"interrupted at step {self.step}/{cfg.steps}; nothing written") from None
+                if mid_step:  # a second Ctrl-C, in the middle of a step: its draws are half taken, nothing consistent to save
+                    raise Interrupted(f"interrupted twice during step {self.step + 1}/{cfg.steps}; nothing saved "
+                                      "(one Ctrl-C finishes the step, then saves a state to resume from)") from None
+                save_state(self.state_dir, self.state(), self.world.rank)
+                raise Interrupted(f"interrupted at step {self.step}/{cfg.steps}; state saved: resume with --resume {self.state_dir}") from None
+
+
+class deferred_interrupt:
+    """Ctrl-C during a step is held until the step ends (`pressed`), so that the state saved for --resume is a whole
+    step's: no per-step snapshot to roll back to is needed. A second Ctrl-C interrupts at once. Only the main thread
+    receives signals; elsewhere this does nothing."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        print("\ninterrupt: finishing this step, then saving a state to resume from (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "deferred_interrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from erase.engine.device import resolve_device, resolve_precision
+from erase.engine.device import check_xformers, configure_attention, resolve_device, resolve_precision
 from erase.errors import EraseError, UsageError
 from erase.models import Conditioning, Model, unet_kwargs
 
@@ -85,6 +85,7 @@ class GenSettings:
     safety_concept: str = SLD_CONCEPT
     sld: SLDConfig | None = field(default=None, repr=False)  # explicit SLD settings (tests); overrides `safety`
     embeddings: tuple[Path, ...] = ()  # textual-inversion files (erase.embeddings) whose tokens prompts may use
+    xformers: bool = False  # xformers attention in the UNet (CUDA, when installed; erase.engine.device.configure_attention)
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -99,6 +100,8 @@ class GenSettings:
             raise UsageError(f"--safety must be one of {', '.join(SLD_PRESETS)}")
         if (self.safety or self.sld) and not self.safety_concept.strip():
             raise UsageError("--safety-concept must not be empty")
+        if self.xformers:  # refused before any image is drawn, not when the model loads
+            check_xformers(resolve_device(self.device))
 
     @property
     def sld_config(self) -> SLDConfig | None:
@@ -127,12 +130,17 @@ class ImageGenerator:
         settings.validate()
         self.model, self.settings = model, settings
         self.device = resolve_device(settings.device)
-        dtype, _, _ = resolve_precision(settings.precision, self.device)
-        self.dtype = dtype
+        dtype, autocast_dtype, _ = resolve_precision(settings.precision, self.device)
+        self.dtype, self.autocast_dtype = dtype, autocast_dtype  # autocast: for the attacks that back-propagate through the UNet
         self.unet = model.load_unet(dtype=dtype, device=self.device)
+        self.attention = configure_attention(self.unet, settings.xformers, self.device)
         if delta is not None:
             apply_delta(self.unet, model, delta)
-        self.vae = model.load_vae(dtype=torch.float32, device=self.device)  # fp32 decode: SDXL's VAE overflows in fp16
+        # fp32 decode, whatever the UNet's precision: SDXL's original VAE overflows in fp16 (only its "fp16-fix" retrain does
+        # not, and a file does not say which it carries). One image at a time: at SDXL's 1024 px an fp32 decode of a batch
+        # of 4 holds about 2 GiB per activation
+        self.vae = model.load_vae(dtype=torch.float32, device=self.device)
+        self.vae.enable_slicing()
         self.text = model.load_text_encoder(settings.embeddings)  # textual-inversion tokens (HFI) join the vocabulary
         self.factor = model.latent_factor
         self.size = settings.size or model.default_resolution
@@ -145,14 +153,23 @@ class ImageGenerator:
         base = model.scheduler("DDIMScheduler").config
         self.scheduler = getattr(diffusers, cls_name).from_config({**base, **extra})
         self._cache: dict[str, Conditioning] = {}
+        self.keep_text_on_device = False  # erase attack: its text encoder runs at every optimisation step
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            cond = self.text.encode(missing, self.device)
-            for i, p in enumerate(missing):
+        for start in range(0, len(missing), 64):  # a prompt file of thousands: a bounded batch per text-encoder call
+            chunk = missing[start : start + 64]
+            cond = self.text.encode(chunk, self.device)
+            for i, p in enumerate(chunk):
                 self._cache[p] = cond[i : i + 1]
         return Conditioning.cat([self._cache[p] for p in prompts]).to(self.device, self.dtype)
+
+    def offload_text(self) -> None:
+        """Move the text encoders off the GPU once the prompts are encoded (SDXL's two towers are 1.4 G parameters in fp32);
+        they come back for a prompt not yet encoded. The attacks, which encode at every step, keep them on the device."""
+        if self.device.type == "cuda" and not self.keep_text_on_device:
+            for enc in self.text.encoders:
+                enc.to("cpu")
 
     def forget_prompts(self) -> None:
         """Drop the encoded prompts (after the text encoder's token rows changed: erase attack)."""
@@ -193,6 +210,10 @@ class ImageGenerator:
         return [Image.fromarray(a) for a in arr]
 
     def generate(self, jobs: list[Job], on_image=None) -> list[Image.Image]:
+        # every prompt of the run in one text-encoder pass, then the encoders leave the GPU for the denoising
+        texts = [t for j in jobs for t in (j.prompt, j.negative)] + ([self.settings.safety_concept] if self.settings.sld_config else [])
+        self._encode(texts)
+        self.offload_text()
         images = []
         for i in range(0, len(jobs), self.settings.batch):
             chunk = jobs[i : i + self.settings.batch]

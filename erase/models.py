@@ -74,10 +74,16 @@ def unet_kwargs(cond: Conditioning, resolution: int) -> dict:
     kwargs: dict = {"encoder_hidden_states": cond.embeds}
     if cond.pooled is not None:
         b = cond.embeds.shape[0]
-        # (original h, w, crop top, left, target h, w): an uncropped square image at `resolution`
-        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=cond.embeds.dtype)
-        kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids.to(cond.embeds.device).repeat(b, 1)}
+        time_ids = _size_ids(resolution, cond.embeds.dtype, cond.embeds.device)
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids.repeat(b, 1)}
     return kwargs
+
+
+@functools.lru_cache(maxsize=16)
+def _size_ids(resolution: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """SDXL's (original h, w, crop top, left, target h, w) for an uncropped square image at `resolution`, (1, 6), built
+    once per device: not a host-to-device copy at every UNet call."""
+    return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=dtype).to(device)
 
 
 @dataclass

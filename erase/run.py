@@ -22,9 +22,10 @@ from erase import __version__
 from erase.checkpoint.extras import ema_drop
 from erase.checkpoint.write import check_output_path, provenance, report_path, sha256_file, write_checkpoint
 from erase.engine.adversarial import Adversarial, AdversarialConfig, SoftPrefixAttack
-from erase.engine.device import enable_fast_math, peak_memory, reset_peak_memory, resolve_device, resolve_precision
+from erase.engine.device import configure_attention, enable_fast_math, peak_memory, reset_peak_memory, resolve_device, resolve_precision
 from erase.engine.distributed import World, check_identical, from_main, join, launcher_note, leave, same_on_every_rank, sample_streams
-from erase.engine.params import TRAIN_SETS, frozen_copy, select_trainable, selects
+from erase.engine.memory import Plan, check_fits, count_parameters, free_memory, text_parameters
+from erase.engine.params import TRAIN_SETS, autocast_castable, frozen_copy, in_compute_dtype, select_trainable, selects
 from erase.engine.preserve import SAMPLING, PreserveSpec, Retain, WithRetain, parse_preserve, preserved_groups, preserved_prompts, resolve
 from erase.engine.sampling import EvalCounter
 from erase.engine.trainer import TrainConfig, Trainer, load_state
@@ -66,6 +67,8 @@ class RunOptions:
     # trained methods: which preserved concept each retain slot draws: uniform over the prompts (as measured so far), or
     # loss (in proportion to each concept's running retain loss: the neighbour the edit moves most is held most often)
     preserve_sampling: str = "uniform"
+    # trained methods: also hold, at each step's erasure latents, the erased prompt with a preserved concept in its place
+    preserve_paired: bool = False
     batch_size: int = 1  # trained methods: sample streams per optimizer step on each process (reference 1)
     scale_lr: bool = False  # multiply --lr by the effective batch (batch size x processes), as diffusers' --scale_lr
     embeddings: list[Path] = field(default_factory=list)  # textual-inversion files whose tokens the concepts may use (HFI)
@@ -107,19 +110,6 @@ def _validate(opts: RunOptions) -> None:
         raise UsageError(f"--train must be one of {', '.join(TRAIN_SETS)}")
     if not opts.concepts:
         raise UsageError("--concepts is required")
-
-
-def _configure_attention(unet, opts: RunOptions, device: torch.device) -> str:
-    if opts.xformers:
-        if device.type != "cuda":
-            raise UsageError("--xformers needs a CUDA device")
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            raise UsageError("--xformers: the xformers package is not installed (pip install 'erase[cuda]')") from None
-        unet.enable_xformers_memory_efficient_attention()
-        return "xformers"
-    return "sdpa" if hasattr(torch.nn.functional, "scaled_dot_product_attention") else "eager"
 
 
 def versions() -> dict:
@@ -167,6 +157,7 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
         opts.preserve_file = Path(saved["preserve_file"]) if saved.get("preserve_file") else None
         opts.preserve_weight, opts.preserve_per_step = saved.get("preserve_weight", 1.0), saved.get("preserve_per_step", 1)
         opts.preserve_sampling = saved.get("preserve_sampling", "uniform")
+        opts.preserve_paired = saved.get("preserve_paired", False)
         opts.embeddings = [Path(e["path"]) for e in saved.get("embeddings", [])]
         opts.batch_size = saved.get("batch_per_rank", 1)
         opts.precision = saved.get("precision_option", opts.precision)  # a bf16 run resumes in bf16
@@ -321,12 +312,12 @@ class Training(_Run):
         state_dir = opts.resume or self.out.with_name(self.out.stem + ".resume")
         device = self.device
         frozen_dtype, autocast_dtype, precision_label = resolve_precision(opts.precision, device)
-        enable_fast_math(device, autocast_dtype)
         reset_peak_memory(device)
         resolution = opts.resolution or model.default_resolution
         factor = model.latent_factor
         if resolution % factor:
             raise UsageError(f"--resolution must be a multiple of {factor} for this model's VAE")
+        self._check_memory(frozen_dtype, resolution // factor)
 
         # Text: encode every prompt once on --device, then free the encoder before the UNet is loaded. Under a launcher
         # rank 0 alone chooses and encodes, and the others receive its result.
@@ -341,6 +332,9 @@ class Training(_Run):
             del text
             gc.collect()
         record, kept, prompts, long, encoded = from_main((record, kept, prompts, long, encoded) if world.main else None, world)
+        # TF32 only now: the prompts are encoded and the preserved neighbours chosen in true fp32, so that a GPU run holds
+        # the same concepts as a CPU run
+        enable_fast_math(device, autocast_dtype)
         if kept and opts.preserve_per_step < 1:
             raise UsageError("--preserve-per-step must be >= 1")
         if opts.preserve_sampling not in SAMPLING:
@@ -356,7 +350,7 @@ class Training(_Run):
 
         # UNet: one copy on the device; frozen weights in the compute dtype, trainables in fp32 from the file's own tensors.
         unet = model.load_unet(dtype=frozen_dtype, device=device, fp32=lambda name: selects(name, opts.train_set))
-        attention = _configure_attention(unet, opts, device)
+        attention = configure_attention(unet, opts.xformers, device)
         if opts.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
@@ -369,6 +363,13 @@ class Training(_Run):
         frozen = method.frozen  # the input's trainable subset, when the method keeps a copy
         if (opts.adversarial is not None or kept) and frozen is None:
             frozen = frozen_copy(method.trainable)  # one copy, shared by the inner attack and the retain term
+        # Every forward that names the frozen copy runs under autocast, which casts its linear and convolution weights to
+        # the compute dtype at each call: holding them in that dtype computes the same, at half the memory, cast once.
+        castable = autocast_castable(unet)
+        if frozen is not None:
+            frozen = in_compute_dtype(frozen, castable, autocast_dtype)
+            if method.frozen is not None:
+                method.frozen = frozen
         loss = method  # what the trainer steps on: the method, with its prompt under attack, plus the retain term
         if opts.adversarial is not None:  # the inner attack needs the text encoder (every rank holds its own) and theta0
             attack = SoftPrefixAttack(opts.adversarial, model.load_text_encoder(opts.embeddings), opts.concepts[0], unet=unet,
@@ -381,9 +382,10 @@ class Training(_Run):
             retain = Retain(kept, weight=opts.preserve_weight, per_step=opts.preserve_per_step, unet=unet, scheduler=scheduler,
                             sampling=opts.preserve_sampling, concept_of=concept_of,
                             guidance=cfg.guidance, sample_steps=cfg.sample_steps, reuse=getattr(cfg, "reuse", 1), latent_shape=latent_shape,
-                            resolution=resolution, generator=generator, device=device, counter=counter, frozen=frozen, generators=streams)
+                            resolution=resolution, generator=generator, device=device, counter=counter, frozen=frozen, generators=streams,
+                            sampler=method.retain_sampler, paired=opts.preserve_paired)
             retain.embeddings = method.embeddings
-            loss = WithRetain(loss, retain)
+            loss = WithRetain(loss, retain, erased=method.erased_prompts())
 
         run_config = {
             "method": opts.method, "concepts": opts.concepts, "method_config": asdict(self.method_cfg), "train_set": opts.train_set,
@@ -392,14 +394,14 @@ class Training(_Run):
             "device": str(device), "gradient_checkpointing": opts.gradient_checkpointing, "attention": attention,
             "preserve_option": opts.preserve, "preserve_file": str(opts.preserve_file) if opts.preserve_file else None,
             "vocabulary": opts.vocabulary, "preserve_weight": opts.preserve_weight, "preserve_per_step": opts.preserve_per_step,
-            "preserve_sampling": opts.preserve_sampling,
+            "preserve_sampling": opts.preserve_sampling, "preserve_paired": opts.preserve_paired,
             "preserved_prompts": len(kept), "embeddings": self._embedding_record(),
             "world_size": world.size, "batch_per_rank": opts.batch_size, "effective_batch": effective_batch,
             "lr_rule": "linear: --lr x effective batch" if opts.scale_lr else "none: --lr as given",
             "adversarial": asdict(opts.adversarial) if opts.adversarial else None,
         }
         trainer = Trainer(opts.train, loss, params, generator=generator, device=device, autocast_dtype=autocast_dtype,
-                          run_config=run_config, state_dir=state_dir, streams=streams, world=world)
+                          run_config=run_config, state_dir=state_dir, streams=streams, world=world, castable=castable)
         if self.state is not None:
             trainer.load(self.state)
             if not same_on_every_rank(trainer.step, world):
@@ -409,7 +411,7 @@ class Training(_Run):
         n_unet = sum(p.numel() for p in unet.parameters())
         _print_summary(self.console, model, opts, run_config, n_trainable, n_unet, len(params), trainer.step)
 
-        counter.total = 0
+        counter.reset()
         first_step = trainer.step
         t_train = time.perf_counter()
         _train_with_progress(trainer, self.console, self.progress)
@@ -429,6 +431,7 @@ class Training(_Run):
             "resumed_from_step": first_step if self.state is not None else None,
             "unet_evals_per_step": counter.total / steps_done,  # on this process; all processes: x world_size
             "unet_evals_per_step_all_processes": counter.total * world.size / steps_done,
+            "unet_calls_per_step": counter.calls / steps_done,  # forward calls, each of any batch (on this process)
             "world_size": world.size, "batch_per_rank": opts.batch_size, "effective_batch": effective_batch, "lr": opts.train.lr,
             "seconds_per_step": train_seconds / steps_done,
             "peak_memory": peak_memory(device),
@@ -436,6 +439,24 @@ class Training(_Run):
             "final_loss": trainer.curve[-1][1] if trainer.curve else None,
         }
         return Erasure(trainer.ema.shadow, {**run_config, "train": asdict(opts.train)}, record, report, long)
+
+
+    def _check_memory(self, frozen_dtype: torch.dtype, latent_side: int) -> dict | None:
+        """Before anything loads: on a GPU, stop in one line (naming what would fit) when the run cannot fit its free memory."""
+        free = free_memory(self.device)
+        if free is None:
+            return None
+        opts = self.opts
+        unet_params, trainable = count_parameters(self.model, tuple(TRAIN_SETS))
+        plan = Plan(unet_params=unet_params, trainable=trainable, train_set=opts.train_set, compute_bytes=torch.finfo(frozen_dtype).bits // 8,
+                    ema=opts.train.ema_decay > 0, frozen_copy=not self.spec.none or opts.adversarial is not None
+                    or self.method_cls.keeps_input_copy(self.method_cfg),
+                    text_params=text_parameters(self.model) if opts.adversarial is not None else 0, family=self.model.family.name,
+                    latent_pixels=latent_side ** 2, batch=opts.batch_size, gradient_checkpointing=opts.gradient_checkpointing)
+        need, warning = check_fits(plan, free, str(self.device))
+        if warning:
+            self.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        return need
 
 
 def write_delta(model: Model, path: Path, shadow: dict[str, torch.Tensor], meta: dict) -> Path:

@@ -105,8 +105,8 @@ def _reference_sdd(path, concepts, *, steps, lr, sample_steps, reuse, dtype, gui
                         if i == max(picks):
                             break
                         out = teacher(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([emb[""], emb[target_prompt]])).sample
-                        u, c = out.chunk(2)
-                        z = sched.step((u + guidance * (c - u)).float(), t, z.float()).prev_sample.to(z.dtype)
+                        u, c = out.float().chunk(2)  # guidance combined in fp32, as erase combines it at every precision
+                        z = sched.step(u + guidance * (c - u), t, z.float()).prev_sample.to(z.dtype)
                 queue = [(kept[k], k) for k in picks]
             z_t, k = queue.pop(0)
             t = sched.timesteps[k]
@@ -223,3 +223,29 @@ def test_tf32_only_under_mixed_precision(monkeypatch):
     assert enable_fast_math(cuda, torch.bfloat16) and torch.backends.cuda.matmul.fp32_precision == "tf32"
     assert not enable_fast_math(cuda, None) and torch.backends.cuda.matmul.fp32_precision == "ieee"
     assert not enable_fast_math(torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("train_set", ["xattn", "full"])
+def test_weights_held_in_the_compute_dtype_give_the_same_forward_under_autocast(tiny_sd1, train_set):
+    """The frozen copy and each step's teacher are held in bf16 where autocast would cast them anyway (linear and
+    convolution weights; norms stay fp32): the forward that names them is bit for bit the one that names fp32 weights."""
+    from erase.engine.params import autocast_castable, in_compute_dtype, select_trainable
+    from erase.engine.sampling import predict
+    from erase.models import open_model
+
+    model = open_model(tiny_sd1)
+    unet = model.load_unet()
+    params = select_trainable(unet, train_set)
+    g = torch.Generator().manual_seed(0)
+    weights = {n: p.detach() + 0.01 * torch.randn(p.shape, generator=g) for n, p in params.items()}
+    castable = autocast_castable(unet)
+    held = in_compute_dtype(weights, castable, torch.bfloat16)
+    assert any(w.dtype == torch.bfloat16 for w in held.values())
+    if train_set == "full":  # norm weights run in fp32 under autocast: casting them would change the forward
+        assert any(w.dtype == torch.float32 and "norm" in n for n, w in held.items())
+    z, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500])
+    cond = model.load_text_encoder().encode(["a cat", ""])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = predict(unet, z, t, cond, 16, weights=weights)
+        b = predict(unet, z, t, cond, 16, weights=held)
+    assert torch.equal(a, b)

@@ -262,6 +262,7 @@ def run_attack(opts: AttackOptions, progress=None) -> dict:
     token_file, token_record = _cce_token(opts, erased_model, size, progress) if "cce" in opts.attacks else (None, None)
 
     gen = ImageGenerator(erased_model, opts.settings)
+    gen.keep_text_on_device = True  # UnlearnDiffAtk runs the text encoder at every step
     if token_file is not None:
         add_embeddings(gen.text, [load_embedding(token_file)])
     nudity = opts.concept.lower() in NUDITY

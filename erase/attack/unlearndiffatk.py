@@ -11,6 +11,7 @@ erased model draws it with the prompt's seed and guidance, and the attack stops 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -58,6 +59,10 @@ def attack_prompt(gen, prefix, prefix_text: str, job: Job, z_target: torch.Tenso
         prefix.dist.fill_(1.0 / prefix.vocab)
     prefix.hard = None
     opt = torch.optim.Adam([prefix.dist], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # the precision rules of training (erase.engine.trainer): the forward under autocast, and under fp16 the loss scaled
+    # dynamically, or the prefix's gradient through the half-precision UNet underflows and the attack is weaker than it is
+    autocast = gen.autocast_dtype
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
     noise_gen = torch.Generator().manual_seed(job.seed)
     prompt = f"{prefix_text} {job.prompt}"
     z0 = z_target.to(device)
@@ -70,15 +75,17 @@ def attack_prompt(gen, prefix, prefix_text: str, job: Job, z_target: torch.Tenso
         a = alphas[t].view(-1, 1, 1, 1)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
         target = a.sqrt() * noise - (1 - a).sqrt() * z0 if v_prediction else noise
-        cond = gen.text.forward([prompt], device).to(device, dtype)
-        pred = gen.unet(z_t.to(dtype), t, **unet_kwargs(cond, gen.size)).sample  # the UNet as it generates (its dtype)
-        loss = F.mse_loss(pred.float(), target.float())
+        with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+            cond = gen.text.forward([prompt], device).to(device, dtype)
+            pred = gen.unet(z_t.to(dtype), t, **unet_kwargs(cond, gen.size)).sample  # the UNet as it generates (its dtype)
+            loss = F.mse_loss(pred.float(), target.float())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)  # a step whose scaled gradient overflowed is skipped, and the scale halves
+        scaler.update()
         prefix.project()
         evals += 1
-        losses.append(loss.item())
+        losses.append(loss.detach())  # read once at the end: no host sync per step
         if step % cfg.eval_every == 0 or step == cfg.steps:
             prefix.hard = prefix.ids()
             gen.forget_prompts()  # the stand-in prompt's text is unchanged, its vectors are not
@@ -97,5 +104,5 @@ def attack_prompt(gen, prefix, prefix_text: str, job: Job, z_target: torch.Tenso
             "prefix_text": words, "adversarial_prompt": f"{words} {job.prompt}",
             # the prefix as text re-tokenizes to the same ids (then the text alone reproduces the attack in any tool)
             "text_reproduces_ids": tok(words, add_special_tokens=False).input_ids == ids,
-            "loss_first_mean": sum(losses[:10]) / len(losses[:10]), "loss_last_mean": sum(losses[-10:]) / len(losses[-10:]),
+            "loss_first_mean": float(torch.stack(losses[:10]).mean()), "loss_last_mean": float(torch.stack(losses[-10:]).mean()),
             "checks": checks, "image": image}

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from erase.cli.app import Device, Precision, Scheduler, console, err_console
+from erase.cli.common import XformersOption
 
 PROMPTS, SAMPLING, ATTACK, ENGINE = "Prompts", "Sampling", "Attacks", "Engine"
 
@@ -73,6 +74,7 @@ def attack(
     device: Annotated[Device, typer.Option(help="auto picks CUDA when available.", rich_help_panel=ENGINE)] = Device.auto,
     precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU.",
                                                  rich_help_panel=ENGINE)] = Precision.auto,
+    xformers: XformersOption = False,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for images, state and report.json / report.html.")] = Path("erase-attack"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted attack in OUT (same options).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over in an OUT that holds an attack.")] = False,
@@ -87,7 +89,7 @@ def attack(
     from erase.generate import GenSettings
 
     settings = GenSettings(steps=sample_steps, guidance=guidance, size=size, scheduler=scheduler.value, batch=batch, device=device.value,
-                           precision=precision.value)
+                           precision=precision.value, xformers=xformers)
     uda = UnlearnDiffAtkConfig(tokens=tokens, lr=attack_lr, weight_decay=weight_decay, eval_every=eval_every, t_start=t_start,
                                t_stride=t_stride, **({"steps": steps} if steps is not None else {}))
     cce = CCEConfig(images=images, lr=cce_lr, seed=seed, **({"steps": steps} if steps is not None else {}))

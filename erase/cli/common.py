@@ -27,12 +27,17 @@ class Safety(str, Enum):
 
 
 
-def gen_settings(steps, guidance, size, scheduler, negative, batch, device, precision, safety=None, safety_concept=None, embeddings=None):
+XformersOption = Annotated[bool, typer.Option("--xformers", help="xformers attention in the UNet (CUDA, with the xformers package "
+                                              "installed: an error otherwise).", rich_help_panel=ENGINE)]
+
+
+def gen_settings(steps, guidance, size, scheduler, negative, batch, device, precision, safety=None, safety_concept=None, embeddings=None,
+                 xformers=False):
     from erase.generate import SLD_CONCEPT, GenSettings
 
     return GenSettings(steps=steps, guidance=guidance, size=size, scheduler=scheduler.value, negative=negative, batch=batch,
                        device=device.value, precision=precision.value, safety=safety.value if safety else None,
-                       safety_concept=safety_concept or SLD_CONCEPT, embeddings=tuple(embeddings or ()))
+                       safety_concept=safety_concept or SLD_CONCEPT, embeddings=tuple(embeddings or ()), xformers=xformers)
 
 
 def prompt_specs(prompt: list[str] | None, prompts: Optional[str], category: Optional[str] = None, limit: Optional[int] = None):

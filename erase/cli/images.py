@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from erase.cli.app import Device, Precision, Scheduler, console, err_console
-from erase.cli.common import ENGINE, PROMPTS, SAMPLING, ModelPath, PredictionType, Safety, gen_settings, prompt_specs, warn_truncated
+from erase.cli.common import ENGINE, PROMPTS, SAMPLING, ModelPath, PredictionType, Safety, XformersOption, gen_settings, prompt_specs, warn_truncated
 
 
 def generate(
@@ -35,6 +35,7 @@ def generate(
     delta: Annotated[Optional[Path], typer.Option(help="Apply an erase delta file to MODEL in memory (MODEL is then the base).")] = None,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when available.", rich_help_panel=ENGINE)] = Device.auto,
     precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
+    xformers: XformersOption = False,
     prediction_type: PredictionType = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("erase-images"),
 ) -> None:
@@ -44,7 +45,7 @@ def generate(
     from erase.generate import jobs_for, run_generate
 
     specs = prompt_specs(prompt, prompts)
-    settings = gen_settings(steps, guidance, size, scheduler, negative, batch, device, precision, safety, safety_concept, embedding)
+    settings = gen_settings(steps, guidance, size, scheduler, negative, batch, device, precision, safety, safety_concept, embedding, xformers)
     settings.validate()
     models = [model, *(compare or [])]
     total = len(jobs_for(specs, settings, n=n, seed=seed)) * len(models)
@@ -85,6 +86,7 @@ def evaluate(
     clip_model: Annotated[Optional[Path], typer.Option(help="Local CLIP folder for CLIP score (skipped otherwise).")] = None,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when available.", rich_help_panel=ENGINE)] = Device.auto,
     precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
+    xformers: XformersOption = False,
     prediction_type: PredictionType = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for images and report.json / report.html.")] = Path("erase-eval"),
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write report.json here.")] = None,
@@ -100,7 +102,7 @@ def evaluate(
         from erase.errors import UsageError
 
         raise UsageError("--fail-above is a flagged-image rate between 0 and 1")
-    settings = gen_settings(steps, guidance, size, scheduler, "", batch, device, precision, embeddings=embedding)
+    settings = gen_settings(steps, guidance, size, scheduler, "", batch, device, precision, embeddings=embedding, xformers=xformers)
     opts = EvalOptions(model=model, prompts=prompts, out=out, base=base, settings=settings, n=n, seed=seed, limit=limit,
                        category=category, detector=detector.value, threshold=threshold, targets=target, fail_above=fail_above,
                        show_flagged=show_flagged, clip_model=clip_model, prediction_type=prediction_type)

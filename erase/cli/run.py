@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from erase.cli.app import Device, Precision, console, err_console
-from erase.cli.common import ENGINE, FILES, PredictionType
+from erase.cli.common import ENGINE, FILES, PredictionType, XformersOption
 from erase.errors import EraseError
 
 
@@ -101,7 +101,9 @@ def run(
     adversarial: Annotated[bool, typer.Option("--adversarial", help="SDD / ESD: adversarial training (AdvUnlearn): each step an inner "
                                               "attack finds the soft prompt prefix that brings the concept back on the current weights, "
                                               "and the loss is applied to it too.", rich_help_panel=ALGO)] = False,
-    adversarial_steps: Annotated[int, typer.Option(help="--adversarial: inner attack steps per step (warm-started; AdvUnlearn 30).",
+    adversarial_steps: Annotated[int, typer.Option(help="--adversarial: inner attack steps per step (warm-started; AdvUnlearn 30); 0: "
+                                                   "none, the prefix steps once per step on the attacked term's own forward ('free' "
+                                                   "adversarial training).",
                                                    rich_help_panel=ALGO)] = 30,
     adversarial_lr: Annotated[float, typer.Option(help="--adversarial: inner attack learning rate (AdvUnlearn 1e-3).", rich_help_panel=ALGO)] = 1e-3,
     expand: Annotated[Optional[bool], typer.Option("--expand/--no-expand", help="Embed concepts in the vocabulary's prompt templates "
@@ -128,7 +130,7 @@ def run(
     precision: Annotated[Precision, typer.Option(help="auto = bf16 autocast on GPUs with native bf16 (Ampere+), fp16 autocast with loss "
                                                  "scaling on older GPUs, fp32 on the CPU; trained weights stay fp32.", rich_help_panel=ENGINE)] = Precision.auto,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory in the UNet backward.", rich_help_panel=ENGINE)] = False,
-    xformers: Annotated[bool, typer.Option("--xformers", help="Use xformers attention (CUDA, when installed; SDPA otherwise).", rich_help_panel=ENGINE)] = False,
+    xformers: XformersOption = False,
     batch_size: Annotated[int, typer.Option(help="SDD / ESD: samples per optimizer step on each process, their teacher trajectories in one batch "
                                             "(reference 1). Under accelerate launch / torchrun each process adds its own.", rich_help_panel=ENGINE)] = 1,
     scale_lr: Annotated[bool, typer.Option("--scale-lr", help="Multiply --lr by the effective batch (batch size x processes).", rich_help_panel=ENGINE)] = False,

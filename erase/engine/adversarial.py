@@ -15,12 +15,14 @@ Notation:
             `steps` Adam steps (lr `lr`); only delta moves (torch.autograd.grad), the UNet's gradients stay untouched.
   outer     (L(z, t, c_s) + L(z, t, [delta*; c_s])) / 2, L the method's own loss on its own draw (SDD, ESD), so the
             learning rate keeps its meaning; the retain term (--preserve) is added as usual.
+  steps 0   no inner loop: delta takes one step per outer step, its gradient taken from the same forward of
+            eps_theta(z, t, [delta; c_s]) that the outer term back-propagates ("free" adversarial training, Shafahi et al.,
+            NeurIPS 2019): the attack costs one more backward and one forward of the input model per step, not 3 x steps.
 The text encoder stays loaded during training for this (SD 1.5: 123 M parameters beside the UNet's 860 M).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -34,13 +36,13 @@ SOFT_TOKEN = "<erase-adv-soft{}>"
 
 @dataclass
 class AdversarialConfig:
-    steps: int = 30  # inner Adam steps per outer step (AdvUnlearn: 30)
+    steps: int = 30  # inner Adam steps per outer step (AdvUnlearn: 30); 0: one step per outer step from the outer term's forward
     lr: float = 1e-3  # inner learning rate (AdvUnlearn: 1e-3)
     tokens: int = 1  # k, soft prefix tokens (AdvUnlearn: 1)
 
     def validate(self) -> None:
-        if self.steps < 1 or not 1 <= self.tokens <= 8:
-            raise UsageError("--adversarial-steps must be >= 1 and the prefix 1-8 tokens")
+        if self.steps < 0 or not 1 <= self.tokens <= 8:
+            raise UsageError("--adversarial-steps must be >= 0 and the prefix 1-8 tokens")
         if self.lr <= 0:
             raise UsageError("--adversarial-lr must be > 0")
 
@@ -60,8 +62,28 @@ class SoftPrefixAttack:
             enc.to(device)
         self.prefix = " ".join(tokens)
         self.opt = torch.optim.Adam(self.vectors, lr=cfg.lr)
-        self.grad_scale = 2.0 ** 12 if dtype == torch.float16 else 1.0
-        self.last: dict = {}
+        # Under fp16 the backward through the UNet would underflow (a mean MSE's gradient is ~1e-6 per element): the loss
+        # is scaled, dynamically, as the outer step's GradScaler does it. A step whose gradient overflowed is skipped (the
+        # prefix and its Adam state stay as they were) and the scale halves.
+        self.scaler = torch.amp.GradScaler(device.type if device.type in ("cuda", "cpu") else "cuda", init_scale=2.0 ** 12,
+                                           enabled=dtype == torch.float16)
+        self._losses: tuple[torch.Tensor, torch.Tensor] | None = None  # (first, last) inner loss of the latest attack, on the device
+
+    @property
+    def last(self) -> dict:
+        """The latest attack's first and last inner losses (read on demand: no host sync per inner step)."""
+        if self._losses is None:
+            return {}
+        return {"attack_loss_first": float(self._losses[0]), "attack_loss_last": float(self._losses[1])}
+
+    def _step(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """One Adam step of the prefix on `loss`'s gradient (only the prefix's: the UNet's gradients are the outer step's)."""
+        grads = torch.autograd.grad(self.scaler.scale(loss), self.vectors, retain_graph=retain_graph)
+        for v, g in zip(self.vectors, grads):
+            v.grad = g.contiguous()  # the scaler unscales in place: an expanded (broadcast) gradient must own its memory
+        self.scaler.step(self.opt)  # unscales; skips the step if the gradient is not finite
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
 
     def conditioning(self, prompt: str, b: int):
         return self.text.forward([f"{self.prefix} {prompt}"], self.device).to(self.device, self.dtype).repeat(b)
@@ -69,29 +91,45 @@ class SoftPrefixAttack:
     def attack(self, d, plain_cond):
         """The attacked conditioning for draw `d` (erase.methods.base.Draw), detached, after `steps` inner steps."""
         b = d.z.shape[0]
-        with torch.no_grad():  # the concept as the input model drew it
-            want = predict(self.unet, d.z, d.t, plain_cond, self.resolution, self.counter, weights=self.frozen).float()
-        losses = []
+        want = self.want(d, plain_cond)
+        first = last = None
         for _ in range(self.cfg.steps):
             pred = predict(self.unet, d.z, d.t, self.conditioning(d.prompt, b), self.resolution, self.counter)
             loss = F.mse_loss(pred.float(), want)
-            # delta only: the UNet's own gradients are the outer step's. Under fp16 the backward through the UNet would
-            # underflow (a mean MSE's gradient is ~1e-6 per element), so it is scaled, as the outer step's GradScaler does
-            scaled = torch.autograd.grad(loss * self.grad_scale, self.vectors)
-            grads = [g / self.grad_scale for g in scaled]
+            self._step(loss)
             self.counter.backward(b)
-            for v, g in zip(self.vectors, grads):
-                v.grad = g
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        self.last = {"attack_loss_first": losses[0], "attack_loss_last": losses[-1]}
+            first = loss.detach() if first is None else first
+            last = loss.detach()
+        self._losses = (first, last)
         with torch.no_grad():
             return self.conditioning(d.prompt, b)
 
+    def want(self, d, plain_cond) -> torch.Tensor:
+        """The concept as the input model draws it at the draw's latents: eps_theta0(z, t, c_s) (fp32)."""
+        with torch.no_grad():
+            return predict(self.unet, d.z, d.t, plain_cond, self.resolution, self.counter, weights=self.frozen).float()
+
+    def shared(self, d, plain_cond):
+        """steps 0: the attacked term on the current prefix, whose one forward also gives the prefix its step (taken once
+        the outer term has been back-propagated, so the graph still holds the prefix it was built with)."""
+        b = d.z.shape[0]
+        want = self.want(d, plain_cond)
+        pred = predict(self.unet, d.z, d.t, self.conditioning(d.prompt, b), self.resolution, self.counter)
+        inner = F.mse_loss(pred.float(), want)
+        grads = torch.autograd.grad(self.scaler.scale(inner), self.vectors, retain_graph=True)
+        self.counter.backward(b)
+        self.counter.backward(b)  # the outer term's backward
+        yield F.mse_loss(pred.float(), d.target.float()) / 2
+        for v, g in zip(self.vectors, grads):  # the outer backward left its own gradient here: the attack's replaces it
+            v.grad = g.contiguous()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self._losses = (inner.detach(), inner.detach())
+
     def state_dict(self) -> dict:
-        # copies: the trainer snapshots this before each step and restores it on Ctrl-C, and Adam updates in place
-        return {"vectors": [v.detach().cpu().clone() for v in self.vectors], "opt": copy.deepcopy(self.opt.state_dict())}
+        # read only when a state is saved (erase.engine.trainer.save_state serializes it at once): no copies needed
+        return {"vectors": [v.detach().cpu() for v in self.vectors], "opt": self.opt.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
@@ -109,11 +147,19 @@ class Adversarial:
             raise UsageError(f"--adversarial does not apply to --method {method.name}")
         self.method, self.attack = method, attack
 
+    @property
+    def last_draw(self):
+        return self.method.last_draw
+
     def terms(self, step: int, teacher):
-        d = self.method.draw(step, teacher)
+        d = self.method.last_draw = self.method.draw(step, teacher)
         yield self.method.student_loss(d) / 2
         b = d.z.shape[0]
-        attacked = self.attack.attack(d, self.method.embeddings[d.prompt].repeat(b))
+        plain = self.method.embeddings[d.prompt].repeat(b)
+        if self.attack.cfg.steps == 0:
+            yield from self.attack.shared(d, plain)
+            return
+        attacked = self.attack.attack(d, plain)
         yield self.method.student_loss(d, attacked) / 2
 
     def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:

@@ -63,6 +63,26 @@ def enable_fast_math(device: torch.device, autocast_dtype: torch.dtype | None) -
     return tf32
 
 
+def configure_attention(unet, xformers: bool, device: torch.device) -> str:
+    """xformers' memory-efficient attention when asked for (CUDA, installed: a clear error otherwise, never a silent
+    fallback), else PyTorch's scaled-dot-product attention. Returns what the UNet now uses."""
+    if xformers:
+        check_xformers(device)
+        unet.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    return "sdpa" if hasattr(torch.nn.functional, "scaled_dot_product_attention") else "eager"
+
+
+def check_xformers(device: torch.device) -> None:
+    """--xformers can work here (a CUDA device and the package), or a usage error that says what is missing."""
+    if device.type != "cuda":
+        raise UsageError("--xformers needs a CUDA device")
+    try:
+        import xformers as _  # noqa: F401
+    except ImportError:
+        raise UsageError("--xformers: the xformers package is not installed (pip install 'erase[cuda]')") from None
+
+
 def peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated(device))}

@@ -74,22 +74,50 @@ def sample_streams(generator: torch.Generator, seed: int, world: World, batch: i
     return streams
 
 
-def average_gradients(params, world: World) -> None:
-    """Every rank's gradients replaced by their mean over the ranks: one all-reduce of one flat buffer."""
+BUCKET_BYTES = 25 * 2**20  # per all-reduce, as DistributedDataParallel's default bucket: bounded extra memory
+IN_FLIGHT = 2  # buckets being reduced at once
+
+
+def average_gradients(params, world: World, bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Every rank's gradients replaced by their mean over the ranks. The gradients go in buckets of about `bucket_bytes`,
+    each flattened into its own buffer and all-reduced asynchronously, at most IN_FLIGHT at once: the extra memory is a
+    few buckets, not a second copy of every gradient (SDXL's whole UNet: 10 GB), and one bucket's transfer overlaps the
+    copies of the next."""
     if world.size == 1:
         return
     import torch.distributed as dist
 
     params = list(params)
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat)
-    flat /= world.size
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
-        offset += n
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    buckets, current, size = [], [], 0
+    for p in params:
+        current.append(p)
+        size += p.grad.numel() * p.grad.element_size()
+        if size >= bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+    if current:
+        buckets.append(current)
+    pending = []
+
+    def finish(bucket, flat, work) -> None:
+        work.wait()
+        flat /= world.size
+        offset = 0
+        for p in bucket:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
+    for bucket in buckets:
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        pending.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
+        if len(pending) >= IN_FLIGHT:
+            finish(*pending.pop(0))
+    for item in pending:
+        finish(*item)
 
 
 def _device():
@@ -99,17 +127,17 @@ def _device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def values_on_ranks(value: float, world: World) -> list[float]:
-    """Every rank's `value`, in rank order, on every rank (one all-gather): the step's loss, so that a non-finite loss on
-    any rank stops every rank at the same step."""
+def values_on_ranks(values: list[float], world: World) -> list[list[float]]:
+    """Every rank's `values`, in rank order, on every rank (one all-gather): the step's loss and whether Ctrl-C was pressed,
+    so that a non-finite loss or an interrupt on any rank stops every rank at the same step."""
     if world.size == 1:
-        return [value]
+        return [list(values)]
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64, device=_device())
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
     gathered = [torch.zeros_like(t) for _ in range(world.size)]
     dist.all_gather(gathered, t)
-    return [float(g) for g in gathered]
+    return [g.tolist() for g in gathered]
 
 
 def from_main(value, world: World):

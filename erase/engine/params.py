@@ -53,3 +53,20 @@ def frozen_copy(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor
     input model's values: the frozen target, which forwards name by passing it as their `weights`
     (erase.engine.sampling.predict), never by swapping it into the UNet."""
     return {n: p.detach().clone() for n, p in params.items()}
+
+
+def autocast_castable(unet: torch.nn.Module) -> set[str]:
+    """Names of the parameters that autocast always casts to its low precision before use: the weights and biases of
+    linear and convolution layers. (Norm layers run in fp32 under autocast: their parameters are not in this set.)"""
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    return {f"{m}.{n}" if m else n for m, module in unet.named_modules() if isinstance(module, kinds)
+            for n, _ in module.named_parameters(recurse=False)}
+
+
+def in_compute_dtype(weights: dict[str, torch.Tensor] | None, castable: set[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:
+    """`weights` with every castable tensor (autocast_castable) already in autocast's `dtype`: a forward under autocast
+    computes exactly what it computes with the fp32 tensors (autocast would make the same cast), but the cast is made once
+    instead of at every UNet call that names the weights. None or no autocast: unchanged."""
+    if weights is None or dtype is None:
+        return weights
+    return {n: w.to(dtype) if n in castable else w for n, w in weights.items()}

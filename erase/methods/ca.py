@@ -165,7 +165,7 @@ class CA(TrainedMethod):
             prior = predict(self.unet, xp, tp, self.embeddings[self.pairs[jp][0]], self.resolution, self.counter)
             self.counter.backward(1)
             loss = loss + self.cfg.prior_weight * F.mse_loss(prior.float(), truthp)
-        return loss, {"t": int(t), "c": anchor, "c*": target}
+        return loss, {"t": t, "c": anchor, "c*": target}  # t as a tensor: no host sync per step
 
     def state_dict(self) -> dict:
         return {"anchors": [x.cpu() for x, _ in self.anchors], "anchor_caption": [j for _, j in self.anchors]}

@@ -59,13 +59,14 @@ def rows(model: Path, reuse_trained: bool = False):
     ]
 
 
-def attack(path: Path, base: Path, work: Path) -> dict:
+def attack(path: Path, base: Path, work: Path, concept: str = "circle", n: int = ATTACK["n"]) -> dict:
+    """Both attacks on `concept`'s prompts of builtin:shapes ("a <colour> <concept>"), `n` seeds each (6 x n cases)."""
     from erase.attack.cce import CCEConfig
     from erase.attack.runner import AttackOptions, run_attack
     from erase.attack.unlearndiffatk import UnlearnDiffAtkConfig
     from erase.generate import GenSettings
 
-    opts = AttackOptions(erased=path, concept="circle", out=work / f"attack-{path.stem}", base=base, n=ATTACK["n"], seed=0,
+    opts = AttackOptions(erased=path, concept=concept, out=work / f"attack-{path.stem}-{concept}-n{n}", base=base, n=n, seed=0,
                          settings=GenSettings(steps=ATTACK["sample_steps"], guidance=ATTACK["guidance"], batch=16, device="cpu"),
                          uda=UnlearnDiffAtkConfig(steps=ATTACK["uda_steps"]),
                          cce=CCEConfig(steps=ATTACK["cce_steps"], images=ATTACK["cce_images"]), force=True)

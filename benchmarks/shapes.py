@@ -44,7 +44,8 @@ FROZEN = {"lr": 1e-3, "steps": (1000, 2000)}
 def row_options(model: Path, concepts: list[str], work: Path, *, method: str = "sdd", reuse: int = 1, steps: int = SDD["steps"],
                 lr: float = SDD["lr"], target: str | None = "self", train_set: str = "xattn", preserve: str = "none",
                 expand: bool | None = None, weight: float = 1.0, per_step: int = 2, ema_decay: float = SDD["ema_decay"],
-                precision: str = "fp32", adversarial: dict | None = None, sampling: str = "uniform", **method_options):
+                precision: str = "fp32", adversarial: dict | None = None, sampling: str = "uniform", project: bool = False,
+                paired: bool = False, **method_options):
     """The `erase run` options of a row; the defaults are the reference SDD (the rows recorded before preservation)."""
     from erase.engine.adversarial import AdversarialConfig
     from erase.engine.trainer import TrainConfig
@@ -62,19 +63,20 @@ def row_options(model: Path, concepts: list[str], work: Path, *, method: str = "
     name = "-".join([method, *concepts, f"r{reuse}", str(steps), f"{lr:g}", str(target), train_set, preserve.replace(":", "") or "empty",
                      str(expand), f"w{weight:g}", *([f"p{per_step}"] if per_step != 2 else []), *(f"{k}{v}" for k, v in method_options.items()),
                      *([precision] if precision != "fp32" else []), *([f"adv{adversarial['steps']}-{adversarial['lr']:g}"] if adversarial else []),
-                     *([f"sampling-{sampling}"] if sampling != "uniform" else [])])
+                     *([f"sampling-{sampling}"] if sampling != "uniform" else []), *(["project"] if project else []), *(["paired"] if paired else [])])
     out = work / f"{name.replace(' ', '_').replace(',', '')}.safetensors"
     return RunOptions(model=model, concepts=concepts, out=out, force=True, resolution=32, device="cpu", precision=precision, train_set=train_set,
-                      method=method, train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay), method_config=options, preserve=preserve,
-                      preserve_weight=weight, preserve_per_step=per_step, preserve_sampling=sampling,
+                      method=method, train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay, project_retain=project), method_config=options, preserve=preserve,
+                      preserve_weight=weight, preserve_per_step=per_step, preserve_sampling=sampling, preserve_paired=paired,
                       adversarial=AdversarialConfig(**adversarial) if adversarial else None)
 
 
-def erase_row(model: Path, concepts: list[str], work: Path, reuse_trained: bool = False, **kw) -> tuple[Path, dict]:
+def erase_row(model: Path, concepts: list[str], work: Path, reuse_trained: bool = False, progress: bool = False, **kw) -> tuple[Path, dict]:
     """Erase with `erase run`'s own code path (erase.run.erase_concepts) and the row's options.
 
     reuse_trained: a checkpoint already in `work` with its run report (its file name encodes every option) is used as it is,
-    so that shapes.py and attack.py given the same --work train a row once."""
+    so that shapes.py and attack.py given the same --work train a row once. progress: print erase run's summary and a line
+    every 5 % of the steps."""
     from rich.console import Console
 
     from erase.checkpoint.write import report_path
@@ -84,7 +86,7 @@ def erase_row(model: Path, concepts: list[str], work: Path, reuse_trained: bool 
     report = report_path(opts.out)
     if reuse_trained and opts.out.exists() and report.exists():
         return opts.out, json.loads(report.read_text())
-    return opts.out, erase_concepts(opts, Console(quiet=True), progress=False)
+    return opts.out, erase_concepts(opts, Console(quiet=not progress, highlight=False), progress=progress)
 
 
 def train_seconds(report: dict | None) -> float | None:

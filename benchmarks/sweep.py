@@ -1,10 +1,13 @@
 """Settings sweeps on the shapes model: a config row with some options changed, trained and measured like a table row.
 
     python benchmarks/sweep.py --config ca-preserving --set lr=3e-4 [--set variant=noise ...] [--json benchmarks/sweeps.json]
+    python benchmarks/sweep.py --config sdd --concepts "square" --seeds 24 --wording --wording-seeds 4 --attack-seeds 6
 
 Each point is trained by `erase run`'s own code path (benchmarks/shapes.py's erase_row, the options of
-examples/shapes/configs/NAME.toml changed by --set), measured with the table's protocol (8 seeds x 6 colours per shape,
-or --seeds; the shapes detector) and appended to the record. Points already recorded with the same settings are
+examples/shapes/configs/NAME.toml changed by --set, erasing --concepts instead of the config's circle when given),
+measured with the table's protocol (8 seeds x 6 colours per shape, or --seeds; the shapes detector), attacked with
+`--attack-seeds N` (benchmarks/attack.py's UnlearnDiffAtk and CCE on each erased shape's 6 colours x N seeds) and
+appended to the record. Points already recorded with the same settings are
 skipped, so a stopped sweep continues where it stopped. `--table` prints the record as a Markdown table, each point
 judged against the targets; `--merge` adds the points of sweeps run on another --json (several at once).
 """
@@ -58,11 +61,34 @@ def targets_table(base: dict) -> str:
     return "\n".join(lines)
 
 
+ASR_MAX = 0.25  # an erasure holds when neither attack brings the concept back in more than a quarter of the cases (issue 36)
+
+
+def holds(point: dict) -> bool | None:
+    """Whether every attack on every erased shape stayed at or under ASR_MAX; None when the point was not attacked."""
+    attacks = point.get("attack")
+    if not attacks:
+        return None
+    return all(r[a]["asr"] <= ASR_MAX + 1e-9 for r in attacks["by_concept"].values() for a in ("unlearndiffatk", "cce"))
+
+
+def asr_text(point: dict) -> str:
+    attacks = point.get("attack")
+    if not attacks:
+        return "-"
+    parts = [f"{c}: {r['unlearndiffatk']['asr']:.2f} / {r['cce']['asr']:.2f}" for c, r in attacks["by_concept"].items()]
+    return ", ".join(parts) + f" ({attacks['cases']} cases each)"
+
+
+def concepts_of(point: dict) -> list[str]:
+    return point.get("concepts", ["circle"])
+
+
 def table(points: list[dict], base: dict, recorded: list[dict] | None = None) -> str:
     """The points as Markdown, each judged against `base` (the base row of benchmarks/shapes.json, as recorded now), or
     against a base point measured with the same --seeds, found among `recorded` (default: `points`)."""
-    lines = ["| config | changed | circle presence | anchor drawn | kept (min, shape) | min colour | targets met | other wordings: circle, "
-             "kept (min, shape) | train s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | erased | changed | presence | anchor drawn | kept (min, shape) | min colour | ASR UnlearnDiffAtk / CCE | targets met "
+             "| other wordings: presence, kept (min, shape) | UNet evals / step | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     recorded = points if recorded is None else recorded
     same_protocol = {p["seeds"]: p for p in recorded if p["config"] == "base" and p.get("seeds")}  # a base measured with more seeds
     same_wording = {p["wording_seeds"]: p for p in recorded if p["config"] == "base" and p.get("wording_seeds", 2) != 2}
@@ -76,15 +102,18 @@ def table(points: list[dict], base: dict, recorded: list[dict] | None = None) ->
         if p.get("wording_seeds", 2) != 2:
             changed += f" (other wordings: {60 * p['wording_seeds']} per shape)"
         anchor = f"{m['target_drawn'].get(p['anchor'], 0):.2f}" if p.get("anchor") else "-"
+        met_by = {**v["met"], **({"holds": holds(p)} if holds(p) is not None else {})}
         met = "(what the others are judged against)" if p["config"] == "base" else \
-            "all" if v["all"] else "missed: " + ", ".join(k for k, ok in v["met"].items() if not ok)
+            "all" if all(met_by.values()) else "missed: " + ", ".join(k for k, ok in met_by.items() if not ok)
         if p.get("wording"):
             w = verdict(p["wording"], judge_wording["wording"], p.get("anchor"))
             wording = f"{p['wording']['target_presence']:.2f}, {w['kept_min']:.2f} ({w['kept_worst']})"
         else:
             wording = "-"
-        lines.append(f"| {p['config']} | {changed} | {m['target_presence']:.2f} | {anchor} | {v['kept_min']:.2f} ({v['kept_worst']}) | "
-                     f"{v['colour_min']:.2f} | {met} | {wording} | {p['train_seconds']:.0f} |")
+        evals = f"{p['unet_evals_per_step']:.1f}" if p.get("unet_evals_per_step") else "-"
+        lines.append(f"| {p['config']} | {', '.join(concepts_of(p))} | {changed} | {m['target_presence']:.2f} | {anchor} | "
+                     f"{v['kept_min']:.2f} ({v['kept_worst']}) | {v['colour_min']:.2f} | {asr_text(p)} | {met} | {wording} | {evals} | "
+                     f"{p['train_seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -97,6 +126,9 @@ def main() -> None:
     ap.add_argument("--config", help="a row of benchmarks/shapes.py's CONFIG_ROWS (examples/shapes/configs/NAME.toml), or base "
                     "(the input model, measured on the same protocol)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change one option of the row (repeatable)")
+    ap.add_argument("--concepts", default="circle", help="the shapes to erase, comma-separated (default: circle, as every config row)")
+    ap.add_argument("--attack-seeds", type=int, default=0, help="also attack each erased shape (UnlearnDiffAtk and CCE as benchmarks/"
+                    "attack.py runs them) on its 6 colours x N seeds (0: no attack; 2 is attack.py's 12 cases)")
     ap.add_argument("--model", type=Path, default=ROOT / "examples" / "shapes" / "shapes-sd.safetensors")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "sweeps.json")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per (shape, colour) prompt (default: the table's protocol, 8)")
@@ -114,7 +146,7 @@ def main() -> None:
         print(table(points, base_row()))
         return
     if args.merge:
-        key = lambda p: json.dumps([p["config"], p["set"], p.get("seeds"), p.get("wording_seeds", 2)])  # noqa: E731
+        key = lambda p: json.dumps([p["config"], p["set"], p.get("seeds"), p.get("wording_seeds", 2), concepts_of(p)])  # noqa: E731
         merged = {key(p): p for p in points}
         for other in args.merge:
             merged.update({key(p): p for p in json.loads(other.read_text())["points"]})
@@ -123,9 +155,12 @@ def main() -> None:
         print(f"{len(merged)} points in {args.json}")
         return
     changes = {k.replace("-", "_"): parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
+    concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
     same = lambda p: (p["config"] == args.config and p["set"] == changes and p.get("seeds") == args.seeds  # noqa: E731
-                      and p.get("wording_seeds", 2) == args.wording_seeds)
-    if any(same(p) and (p.get("wording") or not args.wording) for p in points):
+                      and p.get("wording_seeds", 2) == args.wording_seeds and concepts_of(p) == concepts)
+    measured = next((p for p in points if same(p)), None)
+    if measured is not None and (measured.get("wording") or not args.wording) and \
+            (measured.get("attack", {}).get("seeds") == args.attack_seeds or not args.attack_seeds):
         print("already recorded; skipped")
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -145,19 +180,27 @@ def main() -> None:
         path, report = args.model, {"unet_evals_per_step": None}
     else:
         work = args.work or Path(tempfile.mkdtemp(prefix="erase-sweep-"))
+        work.mkdir(parents=True, exist_ok=True)
         print(f"training into {work}", flush=True)
-        path, report = erase_row(args.model, ["circle"], work=work, reuse_trained=args.work is not None, **options)
+        path, report = erase_row(args.model, concepts, work=work, reuse_trained=args.work is not None, progress=True, **options)
     train_seconds = 0.0 if args.config == "base" else shapes_train_seconds(report)  # the input model: nothing trained
     protocol = {**shapes_record["protocol"], **({"seeds": args.seeds} if args.seeds else {})}
-    metrics = measure(path, ["circle"], Protocol(**protocol))
+    metrics = measure(path, concepts, Protocol(**protocol))
     metrics.pop("samples")
     anchor = options.get("anchor")
-    point = {"config": args.config, "set": changes, "seeds": args.seeds, "anchor": anchor, "metrics": metrics,
+    point = {"config": args.config, "set": changes, "concepts": concepts, "seeds": args.seeds, "anchor": anchor, "metrics": metrics,
              "train_seconds": train_seconds, "unet_evals_per_step": report["unet_evals_per_step"], "run_report": report.get("solve")}
-    if args.wording:  # every caption template the model knows and four it never saw, 2 seeds per prompt, as shapes.py
-        wording = measure(path, ["circle"], Protocol(seeds=args.wording_seeds, templates=tuple(TEMPLATES) + UNSEEN_TEMPLATES))
+    if measured is not None and measured["metrics"] == metrics:  # the same checkpoint measured again: keep what it had
+        point = {**measured, **point, "attack": measured.get("attack"), "wording": measured.get("wording")}
+    if args.wording and not point.get("wording"):  # every caption template the model knows and four it never saw, as shapes.py
+        wording = measure(path, concepts, Protocol(seeds=args.wording_seeds, templates=tuple(TEMPLATES) + UNSEEN_TEMPLATES))
         wording.pop("samples")
         point["wording"], point["wording_seeds"] = wording, args.wording_seeds
+    if args.attack_seeds and (point.get("attack") or {}).get("seeds") != args.attack_seeds:
+        from attack import attack
+
+        by_concept = {c: attack(path, args.model, work, concept=c, n=args.attack_seeds) for c in concepts}
+        point["attack"] = {"seeds": args.attack_seeds, "cases": 6 * args.attack_seeds, "by_concept": by_concept}
     points = json.loads(args.json.read_text())["points"] if args.json.exists() else []  # another sweep may have written meanwhile
     points = [p for p in points if not same(p)]  # measured again: this one replaces it
     args.json.write_text(json.dumps({"protocol": shapes_record["protocol"], "points": points + [point]}, indent=2) + "\n")

@@ -123,6 +123,7 @@ def test_every_prompted_image_of_the_protocol_is_a_different_image():
 
 def _metrics(accuracy: dict, *, colour: float = 1.0, uncond: float = 0.10, drawn: dict | None = None) -> dict:
     return {"targets": ["circle"], "target_presence": accuracy["circle"], "unconditional_rate": uncond,
+            "unconditional": {"circle": uncond, "square": 0.2, "star": 0.3},
             "per_shape": {s: {"accuracy": a, "colour_fidelity": colour} for s, a in accuracy.items()},
             "target_drawn": drawn or {}}
 
@@ -137,6 +138,13 @@ def test_verdict_holds_every_other_shape_to_ninety_percent_of_its_base_and_prese
     assert short["met"] == {"presence": False, "kept": False, "colour": False} and not short["all"]
     anchor = verdict(_metrics({"circle": 0.0, "square": 0.8, "star": 0.5}, drawn={"square": 0.59}), base, anchor="square")
     assert anchor["met"]["anchor"] is False and not anchor["all"]
+    # two erased shapes: each is held to its own unconditional rate (square 0.20 + 0.05), not to the pair's pooled presence
+    pair = _metrics({"circle": 0.0, "square": 0.30, "star": 0.50})
+    pair["targets"], pair["target_presence"] = ["circle", "square"], 0.15
+    both = verdict(pair, base)
+    assert both["presence_max"] == pytest.approx({"circle": 0.15, "square": 0.25}) and both["met"]["presence"] is False
+    pair["per_shape"]["square"]["accuracy"] = 0.25
+    assert verdict(pair, base)["met"]["presence"] is True
 
 
 def test_demo_table_names_the_target_it_misses():

@@ -23,13 +23,19 @@ from erase.models import Conditioning, unet_kwargs
 
 
 class EvalCounter:
-    """Counts UNet forward-equivalents: one per sample per forward, two per sample per backward."""
+    """Counts UNet forward-equivalents: one per sample per forward, two per sample per backward; and `calls`, the UNet
+    forward calls themselves (a batch of any size is one call: on a GPU, what a step waits for)."""
 
     def __init__(self) -> None:
         self.total = 0
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.total = self.calls = 0
 
     def forward(self, batch: int) -> None:
         self.total += batch
+        self.calls += 1
 
     def backward(self, batch: int) -> None:
         self.total += 2 * batch
@@ -49,47 +55,63 @@ def predict(unet, z: torch.Tensor, t, cond: Conditioning, resolution: int, count
     return torch.func.functional_call(unet, weights, (z, t), unet_kwargs(cond, resolution), tie_weights=False).sample  # no tied weights in a UNet
 
 
-def guided(unet, z: torch.Tensor, t, uncond: Conditioning, cond: Conditioning, scale: float, resolution: int,
-           counter: EvalCounter | None = None, weights: Weights = None) -> torch.Tensor:
-    """Classifier-free guidance, unconditional and conditional in one batch: (B, C, h, w)."""
+def guided_parts(unet, z: torch.Tensor, t, uncond: Conditioning, cond: Conditioning, scale: float, resolution: int,
+                 counter: EvalCounter | None = None, weights: Weights = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier-free guidance, unconditional and conditional in one batch: (guided, conditional), each (B, C, h, w) in
+    fp32. The combination is made in fp32 whatever the forward's precision (a bf16 difference of two close predictions
+    loses most of its bits)."""
     b = z.shape[0]
     both = Conditioning.cat([uncond, cond])
-    out = predict(unet, torch.cat([z, z]), t, both, resolution, counter, weights)
+    out = predict(unet, torch.cat([z, z]), t, both, resolution, counter, weights).float()
     out_uncond, out_cond = out[:b], out[b:]
-    return out_uncond + scale * (out_cond - out_uncond)
+    return out_uncond + scale * (out_cond - out_uncond), out_cond
+
+
+def guided(unet, z: torch.Tensor, t, uncond: Conditioning, cond: Conditioning, scale: float, resolution: int,
+           counter: EvalCounter | None = None, weights: Weights = None) -> torch.Tensor:
+    """Classifier-free guidance, unconditional and conditional in one batch: (B, C, h, w), fp32."""
+    return guided_parts(unet, z, t, uncond, cond, scale, resolution, counter, weights)[0]
 
 
 @torch.no_grad()
 def ddim_trajectory(unet, scheduler, z: torch.Tensor, uncond: Conditioning, cond: Conditioning, *, scale: float,
                     num_steps: int, keep: list[int], resolution: int, counter: EvalCounter | None = None,
-                    weights: Weights = None) -> dict[int, torch.Tensor]:
+                    weights: Weights = None, with_cond: bool = False) -> dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
     """Run DDIM (eta 0) from z_T and return {i: z after i steps} for each i in `keep`.
 
     Stops as soon as the last wanted latent is reached: index k costs k guided steps
-    (0 for z_T itself), never the full trajectory.
+    (0 for z_T itself), never the full trajectory. `with_cond`: {i: (z_i, eps(z_i, t_i, cond))} instead, the
+    conditional half of the guided call made at z_i anyway (one more call for the last index): with the weights fixed,
+    that is a free target for z_i (the retain term's).
     """
     scheduler.set_timesteps(num_steps)
-    timesteps = scheduler.timesteps
+    timesteps = scheduler.timesteps  # on the CPU, where the scheduler indexes its own tables with them
+    on_device = timesteps.to(z.device)  # for the UNet: one copy per trajectory instead of one per call
     wanted, last = set(keep), max(keep)
-    out: dict[int, torch.Tensor] = {}
+    out: dict = {}
     for i, t in enumerate(timesteps):
-        if i in wanted:
+        if i == last and not with_cond:
             out[i] = z.clone()
+            break
+        eps, eps_cond = guided_parts(unet, z, on_device[i], uncond, cond, scale, resolution, counter, weights)
+        if i in wanted:
+            out[i] = (z.clone(), eps_cond) if with_cond else z.clone()
         if i == last:
             break
-        eps = guided(unet, z, t, uncond, cond, scale, resolution, counter, weights)
-        z = scheduler.step(eps.float(), t, z.float()).prev_sample.to(z.dtype)
+        z = scheduler.step(eps, t, z.float()).prev_sample.to(z.dtype)
     return out
 
 
 def harvest(unet, scheduler, uncond: Conditioning, cond: Conditioning, *, guidance: float, num_steps: int, reuse: int,
             latent_shape: tuple[int, ...], resolution: int, generators: list[torch.Generator], device, teacher: Weights,
-            counter: EvalCounter | None = None, pick_weights: torch.Tensor | None = None) -> list[list[tuple[torch.Tensor, int]]]:
+            counter: EvalCounter | None = None, pick_weights: torch.Tensor | None = None,
+            with_cond: bool = False) -> list[list[tuple]]:
     """Sample one teacher trajectory per generator (one sample stream each), all in one batch, and return each
     stream's `reuse` latents as [(z_k (1, C, h, w), k), ...] with k ~ U{0..K-1} without repeats (or drawn with
     `pick_weights` over 0..K-1). `cond` holds one row per stream (or one row for all). Each stream draws its picks and
     then its noise from its own generator, so a stream's latents do not depend on which streams share its batch
-    (up to float reduction order). `teacher` names the weights the no-grad trajectory runs with (None: the UNet's own)."""
+    (up to float reduction order). `teacher` names the weights the no-grad trajectory runs with (None: the UNet's own).
+    `with_cond`: each item is (z_k, k, eps_teacher(z_k, t_k, cond)) (erase.engine.sampling.ddim_trajectory)."""
     picks, noise = [], []
     for g in generators:
         if pick_weights is None:
@@ -101,7 +123,10 @@ def harvest(unet, scheduler, uncond: Conditioning, cond: Conditioning, *, guidan
     b = len(generators)
     uncond, cond = (c if c.embeds.shape[0] == b else c.repeat(b) for c in (uncond, cond))
     latents = ddim_trajectory(unet, scheduler, z_T, uncond, cond, scale=guidance, num_steps=num_steps,
-                              keep=sorted({k for p in picks for k in p}), resolution=resolution, counter=counter, weights=teacher)
+                              keep=sorted({k for p in picks for k in p}), resolution=resolution, counter=counter, weights=teacher,
+                              with_cond=with_cond)
+    if with_cond:
+        return [[(latents[k][0][i : i + 1], k, latents[k][1][i : i + 1]) for k in p] for i, p in enumerate(picks)]
     return [[(latents[k][i : i + 1], k) for k in p] for i, p in enumerate(picks)]
 
 
@@ -112,13 +137,27 @@ def beta_weights(num_steps: int) -> torch.Tensor:
     return (cdf[1:] - cdf[:-1]).float()
 
 
-def take(pending: list[list[tuple[torch.Tensor, int]]], refill) -> tuple[torch.Tensor, torch.Tensor]:
-    """One latent from each stream's queue, as a batch (z (B, C, h, w), k (B,)). The streams whose queue is empty are
-    refilled together first: `refill(indices)` returns their new latents (one batched `harvest`). Queues are refilled
-    in place, so a queue that also sits in a dict (per prompt) stays the one the dict holds."""
+def take(pending: list[list[tuple]], refill) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One latent from each stream's queue, as a batch (z (B, C, h, w), k (B,), and the items' free targets (B, C, h, w)
+    where they carry one, else None). The streams whose queue is empty are refilled together first: `refill(indices)`
+    returns their new latents (one batched `harvest`). Queues are refilled in place, so a queue that also sits in a dict
+    (per prompt) stays the one the dict holds."""
     empty = [i for i, q in enumerate(pending) if not q]
     if empty:
         for i, fresh in zip(empty, refill(empty)):
             pending[i].extend(fresh)
     items = [q.pop(0) for q in pending]
-    return torch.cat([z for z, _ in items]), torch.tensor([k for _, k in items])
+    extra = torch.cat([item[2] for item in items]) if len(items[0]) > 2 else None
+    return torch.cat([item[0] for item in items]), torch.tensor([item[1] for item in items]), extra
+
+
+def queues_state(pending: list[dict[str, list[tuple]]]) -> list[dict[str, list[tuple]]]:
+    """Per-stream, per-prompt queues of harvested items as a resumable state, tensors on the CPU (queued tensors are never
+    changed in place, so the lists are the only thing a snapshot has to copy)."""
+    return [{p: [tuple(x.cpu() if torch.is_tensor(x) else x for x in item) for item in q] for p, q in stream.items()}
+            for stream in pending]
+
+
+def load_queues(state: list[dict[str, list[tuple]]], device) -> list[dict[str, list[tuple]]]:
+    return [{p: [tuple(x.to(device) if torch.is_tensor(x) else x for x in item) for item in q] for p, q in stream.items()}
+            for stream in state]

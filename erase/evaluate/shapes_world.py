@@ -35,13 +35,15 @@ PRESENCE_MARGIN, KEPT_MIN, COLOUR_MIN, ANCHOR_MIN = 0.05, 0.90, 0.95, 0.60
 
 
 def verdict(metrics: dict, base: dict, anchor: str | None = None) -> dict:
-    """Which targets `metrics` (a `measure` result) meets against `base` (the input model measured the same way)."""
+    """Which targets `metrics` (a `measure` result) meets against `base` (the input model measured the same way). Each
+    erased shape is held to its own bound: its presence on its own prompts at most the base's unconditional rate of it
+    plus the margin (`presence_max`, by shape)."""
     targets = metrics["targets"]
     kept = {s: v["accuracy"] / base["per_shape"][s]["accuracy"] for s, v in metrics["per_shape"].items() if s not in targets}
     colour = min(v["colour_fidelity"] for v in metrics["per_shape"].values())
     eps = 1e-9  # rates are counts over counts: 36/48 over 40/48 is 90 %, which floats make 0.8999...
-    presence_max = base["unconditional_rate"] + PRESENCE_MARGIN
-    met = {"presence": metrics["target_presence"] <= presence_max + eps,
+    presence_max = {t: base["unconditional"][t] + PRESENCE_MARGIN for t in targets}
+    met = {"presence": all(metrics["per_shape"][t]["accuracy"] <= presence_max[t] + eps for t in targets),
            "kept": min(kept.values()) >= KEPT_MIN - eps, "colour": colour >= COLOUR_MIN - eps}
     if anchor:
         met["anchor"] = metrics["target_drawn"].get(anchor, 0.0) >= ANCHOR_MIN - eps

@@ -51,6 +51,15 @@ class TrainedMethod:
     batched = True
     adversarial = True  # the loss is one `draw` scored by `student_loss`, so `--adversarial` can attack its prompt
     frozen: dict[str, torch.Tensor] | None = None  # the input's trainable subset, for methods that keep a copy
+    last_draw: Draw | None = None  # the step's draw, once taken (the retain term's paired prompts are held on its latents)
+    # whose trajectories the retain term (erase.engine.preserve.Retain) samples its latents from: "teacher" (the EMA, or
+    # the student at --ema-decay 0) or "frozen" (the input model, whose trajectory then brings each latent's target too)
+    retain_sampler = "teacher"
+
+    @staticmethod
+    def keeps_input_copy(cfg) -> bool:
+        """Whether the method holds a copy of the input's trainable subset (its targets or its sampler need it)."""
+        return False
 
     @staticmethod
     def train_defaults(options: dict) -> dict:
@@ -68,6 +77,10 @@ class TrainedMethod:
         self.generators = generators or [generator]
         self.trainable = trained_params(unet)
 
+    def erased_prompts(self) -> dict[str, str]:
+        """Each prompt the method erases, with its concept (SDD and ESD; the retain term's paired prompts need them)."""
+        return {}
+
     def student_loss(self, d: Draw, cond=None) -> torch.Tensor:
         """|| eps_theta(z, t, c) - target ||^2 with c the draw's own prompt, or `cond` (an attacked conditioning)."""
         b = d.z.shape[0]
@@ -78,5 +91,5 @@ class TrainedMethod:
     def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
         """One `draw(step, teacher) -> Draw` (SDD, ESD define it) scored by `student_loss`; a method whose loss is not one
         draw (CA) overrides this and sets `adversarial = False`."""
-        d = self.draw(step, teacher)
+        d = self.last_draw = self.draw(step, teacher)
         return self.student_loss(d), d.info

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from erase.engine.params import frozen_copy
-from erase.engine.sampling import Weights, harvest, predict, take
+from erase.engine.sampling import Weights, harvest, load_queues, predict, queues_state, take
 from erase.errors import UsageError
 from erase.methods.base import Draw, TrainedMethod
 from erase.methods.options import option
@@ -66,11 +66,15 @@ class ESD(TrainedMethod):
 
     def __init__(self, cfg: ESDConfig, concepts: list[str], *, vocab: Vocabulary | None = None, **engine) -> None:
         super().__init__(cfg, concepts, **engine)  # unet, scheduler, latent_shape, resolution, generator, device, counter
-        self.student = self.student_prompts(cfg, concepts, vocab)
+        self.student, self.vocab = self.student_prompts(cfg, concepts, vocab), vocab
         self.embeddings: dict[str, Conditioning] = {}
         self.pending: list[dict[str, list]] = [{} for _ in self.generators]  # per stream, per prompt: (z_t, k) not yet trained on
         self.frozen = frozen_copy(self.trainable)  # the input's values: built before any step
         self.scheduler.set_timesteps(cfg.sample_steps)
+
+    @staticmethod
+    def keeps_input_copy(cfg: ESDConfig) -> bool:
+        return True  # its sampler and its targets
 
     @staticmethod
     def student_prompts(cfg: ESDConfig, concepts: list[str], vocab: Vocabulary | None = None) -> list[str]:
@@ -79,6 +83,10 @@ class ESD(TrainedMethod):
         if vocab is None:
             raise UsageError("--expand needs a vocabulary")
         return [p for group in itertools.zip_longest(*(expand(c, vocab) for c in concepts)) for p in group if p]
+
+    def erased_prompts(self) -> dict[str, str]:
+        """Each student prompt's erased concept."""
+        return {p: c for c in self.concepts for p in (expand(c, self.vocab) if self.cfg.expand else [c])}
 
     @classmethod
     def prompts_for(cls, cfg: ESDConfig, concepts: list[str], vocab: Vocabulary | None = None) -> list[str]:
@@ -93,7 +101,7 @@ class ESD(TrainedMethod):
                            num_steps=self.cfg.sample_steps, reuse=self.cfg.reuse, latent_shape=self.latent_shape, resolution=self.resolution,
                            generators=[self.generators[i] for i in streams], device=self.device, teacher=self.frozen, counter=self.counter)
 
-        z_t, k = take(queues, refill)
+        z_t, k, _ = take(queues, refill)
         b = z_t.shape[0]
         t = self.scheduler.timesteps[k].to(self.device)
         with torch.no_grad():
@@ -102,10 +110,10 @@ class ESD(TrainedMethod):
                            weights=self.frozen)
             e0, ec = both.float().chunk(2)
             target = e0 - self.cfg.eta * (ec - e0)
-        return Draw(z_t, t, c, target, {"k": k.tolist(), "t": t.tolist(), "c": c})
+        return Draw(z_t, t, c, target, {"k": k, "t": t, "c": c})  # tensors: read only if anyone asks (no host sync)
 
     def state_dict(self) -> dict:
-        return {"pending": [{c: [(z.cpu(), k) for z, k in q] for c, q in stream.items()} for stream in self.pending]}
+        return {"pending": queues_state(self.pending)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.pending = [{c: [(z.to(self.device), k) for z, k in q] for c, q in stream.items()} for stream in state["pending"]]
+        self.pending = load_queues(state["pending"], self.device)

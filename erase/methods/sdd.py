@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from erase.engine.params import frozen_copy
-from erase.engine.sampling import Weights, beta_weights, harvest, predict, take
+from erase.engine.sampling import Weights, beta_weights, harvest, load_queues, predict, queues_state, take
 from erase.errors import UsageError
 from erase.methods.base import Draw, TrainedMethod
 from erase.methods.options import option
@@ -51,6 +51,8 @@ from erase.vocabulary import Vocabulary, expand, without
 CONCEPT_MODES = ("iterative", "composite")
 TARGETS = ("self", "frozen")
 TIMESTEPS = ("uniform", "beta")
+TRAJECTORIES = ("teacher", "frozen")
+SAMPLE_ON = ("joined", "own")
 
 
 @dataclass
@@ -69,6 +71,11 @@ class SDDConfig:
     # trajectory, as HFI erases its learned tokens (Kim et al. 2024)
     timesteps: str = option("uniform", "Where on the teacher's trajectory to train: uniform (reference) or beta (Beta(3, 3), "
                             "mid-trajectory, as HFI erases its learned tokens).", choices=TIMESTEPS)
+    trajectories: str = option("teacher", "Who draws the training latents: teacher = the EMA teacher (reference); frozen = the input "
+                               "model, as ESD samples.", choices=TRAJECTORIES, summary=True)
+    sample_on: str = option("joined", "The prompt the latents are drawn on: joined = all concepts joined with ', ' (reference); own = "
+                            "each step's own student prompt (with --expand: 'a red circle', whose target is 'a red').",
+                            choices=SAMPLE_ON, summary=True)
 
     def validate(self) -> None:
         if self.guidance < 0:
@@ -83,6 +90,10 @@ class SDDConfig:
             raise UsageError(f"--target must be one of {', '.join(TARGETS)}")
         if self.timesteps not in TIMESTEPS:
             raise UsageError(f"--timesteps must be one of {', '.join(TIMESTEPS)}")
+        if self.trajectories not in TRAJECTORIES:
+            raise UsageError(f"--trajectories must be one of {', '.join(TRAJECTORIES)}")
+        if self.sample_on not in SAMPLE_ON:
+            raise UsageError(f"--sample-on must be one of {', '.join(SAMPLE_ON)}")
         if self.expand and self.concept_mode != "iterative":
             raise UsageError("--expand works with --concept-mode iterative (each expanded prompt is one concept's)")
 
@@ -94,12 +105,17 @@ class SDD(TrainedMethod):
 
     def __init__(self, cfg: SDDConfig, concepts: list[str], *, vocab: Vocabulary | None = None, **engine) -> None:
         super().__init__(cfg, concepts, **engine)  # unet, scheduler, latent_shape, resolution, generator, device, counter
-        self.pairs = self.student_pairs(cfg, concepts, vocab)
+        self.pairs, self.vocab = self.student_pairs(cfg, concepts, vocab), vocab
         self.target_prompt = ", ".join(concepts)
         self.embeddings: dict[str, Conditioning] = {}
-        self.pending: list[list[tuple[torch.Tensor, int]]] = [[] for _ in self.generators]  # per stream: (z_t, k) not yet trained on
-        self.frozen = frozen_copy(self.trainable) if cfg.target == "frozen" else None  # the input's: built before any step
+        # per stream, per trajectory prompt (c_p for the teacher, each c_s for the input model): (z_t, k) not yet trained on
+        self.pending: list[dict[str, list[tuple[torch.Tensor, int]]]] = [{} for _ in self.generators]
+        self.frozen = frozen_copy(self.trainable) if self.keeps_input_copy(cfg) else None  # the input's: built before any step
         self.scheduler.set_timesteps(cfg.sample_steps)
+
+    @staticmethod
+    def keeps_input_copy(cfg: SDDConfig) -> bool:
+        return cfg.target == "frozen" or cfg.trajectories == "frozen"
 
     @staticmethod
     def student_pairs(cfg: SDDConfig, concepts: list[str], vocab: Vocabulary | None = None) -> list[tuple[str, str]]:
@@ -112,6 +128,12 @@ class SDD(TrainedMethod):
             raise UsageError("--expand needs a vocabulary")
         per_concept = [[(p, without(p, c)) for p in expand(c, vocab)] for c in concepts]
         return [pair for group in itertools.zip_longest(*per_concept) for pair in group if pair]  # concepts take turns
+
+    def erased_prompts(self) -> dict[str, str]:
+        """Each student prompt's erased concept ("a red circle" -> "circle"); the joined prompt of composite mode has none."""
+        if self.cfg.concept_mode == "composite":
+            return {}
+        return {p: c for c in self.concepts for p in (expand(c, self.vocab) if self.cfg.expand else [c])}
 
     @classmethod
     def prompts_for(cls, cfg: SDDConfig, concepts: list[str], vocab: Vocabulary | None = None) -> list[str]:
@@ -126,26 +148,41 @@ class SDD(TrainedMethod):
     def student_prompt(self, step: int) -> str:
         return self.pairs[step % len(self.pairs)][0]
 
-    def _harvest(self, teacher: Weights, streams: list[int]) -> list[list[tuple[torch.Tensor, int]]]:
-        """One teacher trajectory per stream (with the EMA weights), batched; `reuse` latents from each."""
-        return harvest(self.unet, self.scheduler, self.embeddings[""], self.embeddings[self.target_prompt],
+    @property
+    def retain_sampler(self) -> str:
+        """The retain term samples where the method does: with the input model when its trajectories are the input's."""
+        return "frozen" if self.cfg.trajectories == "frozen" else "teacher"
+
+    def trajectory_prompt(self, step: int) -> str:
+        """The prompt the step's latents are sampled on: all concepts joined (reference), or the step's own student prompt."""
+        return self.target_prompt if self.cfg.sample_on == "joined" else self.student_prompt(step)
+
+    def sampler(self, teacher: Weights) -> Weights:
+        """The weights the trajectories run with: the EMA teacher's (reference) or the input model's."""
+        return teacher if self.cfg.trajectories == "teacher" else self.frozen
+
+    def _harvest(self, teacher: Weights, streams: list[int], prompt: str | None = None) -> list[list[tuple[torch.Tensor, int]]]:
+        """One trajectory per stream, batched; `reuse` latents from each."""
+        return harvest(self.unet, self.scheduler, self.embeddings[""], self.embeddings[prompt or self.target_prompt],
                        guidance=self.cfg.guidance, num_steps=self.cfg.sample_steps, reuse=self.cfg.reuse,
                        latent_shape=self.latent_shape, resolution=self.resolution, generators=[self.generators[i] for i in streams],
-                       device=self.device, teacher=teacher, counter=self.counter,
+                       device=self.device, teacher=self.sampler(teacher), counter=self.counter,
                        pick_weights=beta_weights(self.cfg.sample_steps) if self.cfg.timesteps == "beta" else None)
 
     def draw(self, step: int, teacher: Weights) -> Draw:
-        z_t, k = take(self.pending, lambda streams: self._harvest(teacher, streams))  # one latent per stream
+        prompt = self.trajectory_prompt(step)
+        queues = [stream.setdefault(prompt, []) for stream in self.pending]
+        z_t, k, _ = take(queues, lambda streams: self._harvest(teacher, streams, prompt))  # one latent per stream
         t = self.scheduler.timesteps[k].to(self.device)  # each latent's own timestep (reference: a shifted bin)
         c_s, without_concept = self.pairs[step % len(self.pairs)]
         b = z_t.shape[0]
         with torch.no_grad():  # the frozen target names the input's weights; the self target is the student's own
             target = predict(self.unet, z_t, t, self.embeddings[without_concept].repeat(b), self.resolution, self.counter,
                              weights=self.frozen)
-        return Draw(z_t, t, c_s, target, {"k": k.tolist(), "t": t.tolist(), "c_s": c_s})
+        return Draw(z_t, t, c_s, target, {"k": k, "t": t, "c_s": c_s})  # tensors: read only if anyone asks (no host sync)
 
     def state_dict(self) -> dict:
-        return {"pending": [[(z.cpu(), k) for z, k in q] for q in self.pending]}
+        return {"pending": queues_state(self.pending)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.pending = [[(z.to(self.device), k) for z, k in q] for q in state["pending"]]
+        self.pending = load_queues(state["pending"], self.device)

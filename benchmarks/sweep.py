@@ -28,6 +28,8 @@ from erase.evaluate.shapes_world import ANCHOR_MIN, COLOUR_MIN, KEPT_MIN, PRESEN
 
 
 def parse_value(text: str):
+    if text.startswith("{"):  # a dict option: adversarial={"steps": 0, "lr": 0.01}
+        return json.loads(text)
     for cast in (int, float):
         try:
             return cast(text)

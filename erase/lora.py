@@ -1,7 +1,8 @@
 """Export an erasure delta as a kohya/A1111 LoRA (truncated SVD per cross-attention linear layer).
 
 For each 2-D weight delta dW (out, in):  dW ~= up @ down,  up = U_r diag(S_r) (out, r),  down = V_r^T (r, in),
-alpha = r (scale alpha / r = 1), the same r for every layer (zero-padded where a layer has fewer singular values). Relative error ||dW - up @ down||_F / ||dW||_F is printed and stored.
+alpha = r (scale alpha / r = 1), the same r for every layer (zero-padded where a layer has fewer singular values).
+Relative error ||dW - up @ down||_F / ||dW||_F is printed and stored.
 Names follow kohya: SD1/SD2 use diffusers module paths (`lora_unet_down_blocks_0_..._attn2_to_k`),
 SDXL uses the LDM paths (`lora_unet_input_blocks_4_1_..._attn2_to_k`), as kohya's trainers write them.
 Biases cannot live in a LoRA: they are reported with their size and left out.

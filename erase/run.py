@@ -494,13 +494,29 @@ def _print_summary(console: Console, model: Model, opts: RunOptions, cfg: dict, 
     console.print(f"  steps           {t.steps} (from {start_step}), lr {t.lr:g}, EMA {t.ema_decay}, seed {t.seed}, "
                   f"resolution {cfg['resolution']}")
     if "reuse" in m:
-        per_latent = (m["sample_steps"] - 1) / m["reuse"] + 4  # the trajectory's share + the loss's forwards and backward
-        console.print(f"  teacher         {m['sample_steps']} DDIM steps, CFG {m['guidance']}, reuse {m['reuse']}; "
-                      f"expected ~{per_latent * (1 + (cfg['preserve_per_step'] if held else 0)) * opts.batch_size:.1f} UNet evals/step"
-                      + (" per process" if cfg["world_size"] > 1 else ""))
+        evals = expected_evals_per_step(m["sample_steps"], m["reuse"], retain_slots=cfg["preserve_per_step"] if held else 0,
+                                        retain_frozen=m.get("trajectories") == "frozen", paired=cfg["preserve_paired"] and held,
+                                        adversarial_steps=None if cfg["adversarial"] is None else cfg["adversarial"]["steps"])
+        who = "the input model" if m.get("trajectories") == "frozen" or opts.method == "esd" else "the EMA teacher"
+        console.print(f"  trajectories    {who}, {m['sample_steps']} DDIM steps, CFG {m['guidance']}, reuse {m['reuse']}; "
+                      f"expected ~{evals * opts.batch_size:.1f} UNet evals/step" + (" per process" if cfg["world_size"] > 1 else ""))
     if cfg["effective_batch"] > 1:
         console.print(f"  batch           {opts.batch_size} per process x {cfg['world_size']} process(es) = {cfg['effective_batch']} "
                       f"samples per step; lr {t.lr:g} ({cfg['lr_rule']})")
+
+
+def expected_evals_per_step(k: int, reuse: int, *, retain_slots: int = 0, retain_frozen: bool = False, paired: bool = False,
+                            adversarial_steps: int | None = None) -> float:
+    """UNet evaluations per step on average (one sample), as erase.engine.sampling.EvalCounter counts them. A trajectory
+    stops at the last of its `reuse` latents, drawn without repeats from the K steps: E[last] = reuse (K + 1) / (reuse + 1)
+    - 1 guided steps (2 evaluations each), shared by `reuse` steps; one more when the input model's trajectory also brings
+    the last latent's target. Each loss term: its target's forward (free for the retain term on the input model's
+    latents), the student's forward and backward (3)."""
+    last = reuse * (k + 1) / (reuse + 1) - 1
+    erase = 2 * last / reuse + 1 + 3
+    retain = (2 * (last + 1) / reuse + 3) if retain_frozen else (2 * last / reuse + 1 + 3)
+    attack = 0 if adversarial_steps is None else (6 if adversarial_steps == 0 else 1 + 3 * adversarial_steps + 3)
+    return erase + retain_slots * retain + 4 * paired + attack
 
 
 def _train_with_progress(trainer: Trainer, console: Console, progress: bool) -> None:

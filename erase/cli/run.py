@@ -56,7 +56,8 @@ ALGO = "Algorithm (SDD)"
 
 METHOD_PANEL = "Method options (each method's own; [its default])"
 TRAINING_OPTIONS = ("steps", "lr", "ema_decay", "seed", "train", "resolution", "precision", "gradient_checkpointing",
-                    "xformers", "save_every", "resume", "preserve_per_step", "preserve_sampling", "batch_size", "scale_lr")  # --adversarial: erase.run says why
+                    "xformers", "save_every", "resume", "preserve_per_step", "preserve_sampling", "preserve_paired", "preserve_project",
+                    "batch_size", "scale_lr")  # --adversarial: erase.run says why
 PRESERVE = "Preservation"
 EMPTY = '""'  # the empty prompt, as the report prints it
 
@@ -118,6 +119,12 @@ def run(
     preserve_sampling: Annotated[PreserveSampling, typer.Option(help="Trained methods: which preserved concept each retain slot holds: "
                                                                 "uniform over the prompts, or loss (in proportion to each concept's "
                                                                 "running retain loss).", rich_help_panel=PRESERVE)] = PreserveSampling.uniform,
+    preserve_paired: Annotated[bool, typer.Option("--preserve-paired", help="Trained methods: also hold, on each step's erasure latents, "
+                                                  "the erased prompt naming a preserved concept instead ('a red circle' -> 'a red square').",
+                                                  rich_help_panel=PRESERVE)] = False,
+    preserve_project: Annotated[bool, typer.Option("--preserve-project", help="Trained methods: remove from each step's erasure gradient "
+                                                   "its component against the retain term's gradient when they conflict (AEGIS, PCGrad).",
+                                                   rich_help_panel=PRESERVE)] = False,
     vocabulary: Annotated[Optional[str], typer.Option(help="Words for auto and templates: builtin:general, builtin:shapes or a TOML file.", rich_help_panel=PRESERVE)] = None,
     embedding: Annotated[Optional[list[Path]], typer.Option("--embedding", help="Textual-inversion file (e.g. from `erase feedback invert`) whose token "
                                                             "--concepts may name (repeatable).")] = None,
@@ -197,13 +204,13 @@ def run(
             raise UsageError(f"--concepts-file {concepts_file} names no concept")
     opts = RunOptions(
         model=model, concepts=names, out=out, method=method.value,
-        train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay, seed=seed, save_every=save_every),
+        train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay, seed=seed, save_every=save_every, project_retain=preserve_project),
         method_config=method_config,
         resolution=resolution, train_set=train_set, device=device.value, precision=precision.value,
         gradient_checkpointing=gradient_checkpointing, xformers=xformers, delta=delta, resume=resume, force=force,
         prediction_type=prediction_type, preserve=preserve, preserve_file=preserve_file, vocabulary=vocabulary,
         preserve_weight=preserve_weight, preserve_per_step=preserve_per_step,
-        preserve_sampling=preserve_sampling.value, embeddings=list(embedding or []), job_digest=job_digest,
+        preserve_sampling=preserve_sampling.value, preserve_paired=preserve_paired, embeddings=list(embedding or []), job_digest=job_digest,
         batch_size=batch_size, scale_lr=scale_lr,
         adversarial=AdversarialConfig(steps=adversarial_steps, lr=adversarial_lr) if adversarial else None,
     )

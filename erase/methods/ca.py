@@ -119,20 +119,26 @@ class CA(TrainedMethod):
     def prompts_for(cls, cfg: CAConfig, concepts: list[str], vocab: Vocabulary | None = None) -> list[str]:
         return list(dict.fromkeys(["", *(p for pair in cls.caption_pairs(cfg, concepts, vocab) for p in pair)]))
 
+    ANCHOR_BATCH = 8  # anchor samples drawn per batched trajectory
+
     @torch.no_grad()
     def _generate_anchors(self) -> None:
-        """The input model's own samples of the anchor captions (called at step 0, before any update)."""
-        for i in range(self.cfg.anchor_samples):
-            j = i % len(self.pairs)
-            z_T = torch.randn(self.latent_shape, generator=self.generator).to(self.device)
-            last = self.cfg.sample_steps
-            z = ddim_trajectory(self.unet, self.scheduler, z_T, self.embeddings[""], self.embeddings[self.pairs[j][0]],
-                                scale=self.cfg.guidance, num_steps=last, keep=[last - 1], resolution=self.resolution,
-                                counter=self.counter)[last - 1]
+        """The input model's own samples of the anchor captions (called at step 0, before any update), ANCHOR_BATCH at a
+        time: one UNet call per DDIM step for the batch. Each sample's noise is drawn in the same order as one at a time,
+        so only float rounding of the batched convolutions differs."""
+        last = self.cfg.sample_steps
+        for start in range(0, self.cfg.anchor_samples, self.ANCHOR_BATCH):
+            idx = range(start, min(start + self.ANCHOR_BATCH, self.cfg.anchor_samples))
+            captions = [i % len(self.pairs) for i in idx]
+            z_T = torch.cat([torch.randn(self.latent_shape, generator=self.generator) for _ in idx]).to(self.device)
+            uncond = self.embeddings[""].repeat(len(captions))
+            cond = Conditioning.cat([self.embeddings[self.pairs[j][0]] for j in captions])
+            z = ddim_trajectory(self.unet, self.scheduler, z_T, uncond, cond, scale=self.cfg.guidance, num_steps=last, keep=[last - 1],
+                                resolution=self.resolution, counter=self.counter)[last - 1]
             t = self.scheduler.timesteps[-1]  # the last guided DDIM step, from t_{K-1} to x_0
-            out = guided(self.unet, z, t, self.embeddings[""], self.embeddings[self.pairs[j][0]], self.cfg.guidance, self.resolution, self.counter)
-            z = self.scheduler.step(out.float(), t, z.float()).prev_sample.to(z.dtype)
-            self.anchors.append((z, j))
+            out = guided(self.unet, z, t, uncond, cond, self.cfg.guidance, self.resolution, self.counter)
+            z = self.scheduler.step(out, t, z.float()).prev_sample.to(z.dtype)
+            self.anchors += [(z[k : k + 1], j) for k, j in enumerate(captions)]
 
     def _noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, t, what the UNet should output for it: eps, or v for a v-prediction model)."""

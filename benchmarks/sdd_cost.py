@@ -1,6 +1,14 @@
-"""Cost of one SDD step: erase's engine vs the straightforward two-UNet fp32 design (the reference's).
+"""Cost of one SDD step: erase's engine vs the straightforward two-UNet fp32 design (the reference's), and what
+`erase run`'s Stable Diffusion default costs per step before and after issue 36.
 
     python benchmarks/sdd_cost.py [--steps 3] [--sample-steps 10] [--json benchmarks/sdd_cost.json]
+    python benchmarks/sdd_cost.py --default [--default-steps 400]    # the SD default's UNet calls and evaluations per step
+
+--default: `erase run` with its Stable Diffusion defaults (K = 50, --preserve auto: two retain prompts per step) on a
+tiny SD 1 file (the counts depend on the schedule, not on the UNet's size), once with the options of the default before
+issue 36 (the EMA teacher's trajectories on the concepts joined, --reuse 1, the retain term sampled by the teacher) and
+once with today's, each for --default-steps steps; the record gets both rows (single-sample UNet evaluations and UNet
+calls per step, counted by the engine) and what `erase run` predicts at start-up.
 
 For a tiny UNet and for a randomly initialised UNet with the exact SD 1.5 config, at 32x32
 latents on the CPU, each design runs in a fresh subprocess (so peak memory is its own):
@@ -162,8 +170,52 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
+# the options that made the SD default before issue 36 (the rest as erase run's defaults)
+BEFORE = {"trajectories": "teacher", "sample_on": "joined", "reuse": 1}
+
+
+def run_default(method_config: dict, steps: int) -> dict:
+    """erase run's defaults (with `method_config` over them) on a tiny SD 1 file at K = 50: counts per step."""
+    import tempfile
+
+    import torch
+    from rich.console import Console
+
+    from erase.engine.trainer import TrainConfig
+    from erase.run import RunOptions, erase_concepts, expected_evals_per_step
+    from erase.tiny import write_tiny_checkpoint
+
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="erase-cost-"))
+    model = write_tiny_checkpoint(work / "sd1.safetensors", "sd1")
+    report = erase_concepts(RunOptions(model=model, concepts=CONCEPTS, out=work / "o.safetensors", train=TrainConfig(steps=steps),
+                                       method_config=method_config, resolution=16, device="cpu"), Console(quiet=True), progress=False)
+    cfg = report["config"]
+    m = cfg["method_config"]
+    predicted = expected_evals_per_step(m["sample_steps"], m["reuse"], retain_slots=cfg["preserve_per_step"],
+                                        retain_frozen=m["trajectories"] == "frozen", paired=cfg["preserve_paired"],
+                                        adversarial_steps=None if cfg["adversarial"] is None else cfg["adversarial"]["steps"])
+    return {"options": {k: m[k] for k in ("trajectories", "sample_on", "reuse", "target", "expand")} | {
+                "preserve_per_step": cfg["preserve_per_step"], "preserve_paired": cfg["preserve_paired"], "adversarial": cfg["adversarial"]},
+            "steps": steps, "unet_evals_per_step": report["unet_evals_per_step"], "unet_calls_per_step": report["unet_calls_per_step"],
+            "predicted_evals_per_step": predicted}
+
+
+def default_table(record: dict) -> str:
+    lines = ["| SD default | options | UNet evals / step (predicted) | UNet calls / step |", "|---|---|---|---|"]
+    for name in ("before", "after"):
+        r = record["default"][name]
+        o = r["options"]
+        opts = (f"trajectories {o['trajectories']} on {o['sample_on']}, reuse {o['reuse']}, {o['preserve_per_step']} retain prompts"
+                + (", paired" if o["preserve_paired"] else "") + (f", adversarial {o['adversarial']['steps']} inner steps" if o["adversarial"] else ""))
+        lines.append(f"| {name} | {opts} | {r['unet_evals_per_step']:.1f} ({r['predicted_evals_per_step']:.1f}) | {r['unet_calls_per_step']:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--default", action="store_true", help="measure erase run's SD default before and after issue 36 (counts only)")
+    ap.add_argument("--default-steps", type=int, default=400)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--sample-steps", type=int, default=10)
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "sdd_cost.json")
@@ -171,6 +223,12 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    if args.default:
+        record = json.loads(args.json.read_text()) if args.json.exists() else {}
+        record["default"] = {"concepts": CONCEPTS, "before": run_default(BEFORE, args.default_steps), "after": run_default({}, args.default_steps)}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        print(default_table(record))
+        return
     if args.child:
         torch.set_num_threads(os.cpu_count() or 1)
         fn = run_ours if args.child[0] == "ours" else run_reference
@@ -185,8 +243,8 @@ def main() -> None:
             row[design] = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(f"done: {size}", file=sys.stderr, flush=True)
-    record = {"steps": args.steps, "sample_steps": args.sample_steps, "threads": os.cpu_count(), "latent_shape": [1, 4, 32, 32],
-              "concepts": CONCEPTS, "torch": torch.__version__, "rows": rows}
+    record = {**(json.loads(args.json.read_text()) if args.json.exists() else {}), "steps": args.steps, "sample_steps": args.sample_steps,
+              "threads": os.cpu_count(), "latent_shape": [1, 4, 32, 32], "concepts": CONCEPTS, "torch": torch.__version__, "rows": rows}
     args.json.write_text(json.dumps(record, indent=2) + "\n")
     print(title(record) + "\n")
     print(table(record))

@@ -1,0 +1,151 @@
+"""Issue 36's mechanisms: latents drawn on each step's own prompt, the retain term on the input model's own trajectories
+(its target free), paired retain prompts on the erasure's latents, the retain-gradient projection, and the inner attack
+that shares the attacked term's forward."""
+
+import pytest
+import torch
+
+from erase.engine.sampling import EvalCounter, predict
+
+
+def _sdd(tiny_sd1, **cfg):
+    from erase.engine.params import select_trainable
+    from erase.methods.sdd import SDD, SDDConfig
+    from erase.models import open_model
+    from erase.vocabulary import Vocabulary
+
+    model = open_model(tiny_sd1)
+    unet = model.load_unet()
+    params = select_trainable(unet, "xattn")
+    vocab = Vocabulary("t", ["cat", "dog"], ["a {}", "a {colour} {}"], {"colour": ["red", "blue"]})
+    sdd = SDD(SDDConfig(sample_steps=4, reuse=2, expand=True, target="frozen", **cfg), ["cat"], unet=unet, scheduler=model.scheduler(),
+              latent_shape=(1, 4, 8, 8), resolution=16, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
+              counter=EvalCounter(), vocab=vocab)
+    text = model.load_text_encoder()
+    prompts = list(dict.fromkeys(sdd.prompts() + ["a dog", "a red dog", "a blue dog", "dog"]))
+    sdd.embeddings = {p: text.encode([p]) for p in prompts}
+    return sdd, params, unet
+
+
+def test_latents_are_drawn_on_each_steps_own_prompt_by_the_chosen_sampler(tiny_sd1):
+    """--sample-on own: the step's latents come from a trajectory on its own student prompt ("a red cat"), not on the
+    concepts joined; --trajectories frozen: from the input model, whatever the student (or the EMA) has become."""
+    sdd, params, unet = _sdd(tiny_sd1, sample_on="own", trajectories="frozen")
+    assert sdd.trajectory_prompt(0) == sdd.student_prompt(0) != sdd.trajectory_prompt(1)
+    calls = []
+    real = sdd._harvest
+    sdd._harvest = lambda teacher, streams, prompt=None: (calls.append((teacher, prompt)), real(teacher, streams, prompt))[1]
+    sdd.draw(0, teacher={"not": torch.zeros(1)})
+    assert calls[0][1] == sdd.student_prompt(0) and set(sdd.pending[0]) == {sdd.student_prompt(0)}
+    frozen = sdd.sampler({"not": torch.zeros(1)})
+    assert frozen is sdd.frozen  # the input model's weights, never the teacher passed in
+    joined, *_ = _sdd(tiny_sd1)
+    assert joined.trajectory_prompt(0) == joined.trajectory_prompt(1) == "cat" and joined.sampler("T") == "T"  # the reference
+
+
+def test_the_retain_term_on_the_input_models_trajectories_takes_its_target_from_them(tiny_sd1):
+    """sampler frozen: the trajectory's own conditional prediction at each kept latent is the target (the input model's
+    prediction there): the same loss as an extra forward gives, one UNet evaluation fewer per retained sample."""
+    from erase.engine.params import select_trainable
+    from erase.engine.preserve import Retain
+    from erase.models import open_model
+
+    model = open_model(tiny_sd1)
+    unet = model.load_unet()
+    params = select_trainable(unet, "xattn")
+    original = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():  # the student has moved away from the input: the retain term is not zero
+        for p in params.values():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    text = model.load_text_encoder()
+    losses, counts = {}, {}
+    for sampler in ("teacher", "frozen"):
+        counter = EvalCounter()
+        retain = Retain(["a dog"], weight=1.0, per_step=1, unet=unet, scheduler=model.scheduler(), guidance=3.0, sample_steps=4, reuse=1,
+                        latent_shape=(1, 4, 8, 8), resolution=16, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
+                        counter=counter, frozen=original, sampler=sampler)
+        retain.embeddings = {p: text.encode([p]) for p in ["", "a dog"]}
+        losses[sampler] = retain.loss(original).item()  # a teacher sampling with the input's weights draws the same latents
+        counts[sampler] = counter.total
+    assert losses["frozen"] == pytest.approx(losses["teacher"], rel=1e-4) and losses["frozen"] > 0
+    # the same trajectory; the input model's adds the last latent's guided call (2) and saves the target's forward (1)
+    assert counts["frozen"] == counts["teacher"] + 2 - 1
+
+
+def test_paired_prompts_hold_the_erased_prompt_naming_a_neighbour_at_the_erasures_own_latents(tiny_sd1):
+    from erase.engine.preserve import Retain, swap_concept
+
+    assert swap_concept("a red cat", "cat", "dog") == "a red dog" and swap_concept("cats and a cat", "cat", "dog") == "cats and a dog"
+    sdd, params, unet = _sdd(tiny_sd1, sample_on="own")
+    counter = sdd.counter
+    retain = Retain(["a dog", "a red dog", "a blue dog"], weight=2.0, per_step=1, unet=unet, scheduler=sdd.scheduler, guidance=3.0,
+                    sample_steps=4, reuse=2, latent_shape=(1, 4, 8, 8), resolution=16, generator=torch.Generator().manual_seed(0),
+                    device=torch.device("cpu"), counter=counter, concept_of={"a dog": "dog", "a red dog": "dog", "a blue dog": "dog"},
+                    paired=True)
+    retain.embeddings = sdd.embeddings
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    d = sdd.draw(1, None)  # "a red cat"
+    assert d.prompt == "a red cat"
+    before = counter.total
+    (term,) = list(retain.paired_terms(d, sdd.erased_prompts()))
+    assert counter.total - before == 1 + 1 + 2  # the input model's forward, the student's forward and backward
+    with torch.no_grad():
+        want = predict(unet, d.z, d.t, sdd.embeddings["a red dog"], 16, weights=retain.frozen)
+        got = predict(unet, d.z, d.t, sdd.embeddings["a red dog"], 16)
+    assert term.item() == pytest.approx(2.0 * torch.nn.functional.mse_loss(got, want).item(), rel=1e-5) and term.item() > 0
+    assert list(Retain.paired_terms(retain, d, {})) == []  # a prompt whose concept is unknown (composite mode) has no pair
+
+
+def test_projection_removes_only_the_part_of_the_erasure_gradient_that_fights_the_retain_term():
+    from erase.engine.trainer import project_conflict
+
+    retain = [torch.tensor([1.0, 0.0]), torch.tensor([0.0])]
+    conflicting = [torch.tensor([-2.0, 1.0]), torch.tensor([3.0])]
+    project_conflict(conflicting, retain)
+    assert torch.equal(conflicting[0], torch.tensor([0.0, 1.0])) and torch.equal(conflicting[1], torch.tensor([3.0]))
+    agreeing = [torch.tensor([2.0, 1.0]), torch.tensor([3.0])]
+    project_conflict(agreeing, retain)
+    assert torch.equal(agreeing[0], torch.tensor([2.0, 1.0]))
+
+
+def test_projected_training_steps_along_a_gradient_that_does_not_fight_the_retain_term(tiny_sd1, tmp_path, monkeypatch):
+    """--preserve-project: after the step's backward, the gradient the optimizer sees has a non-negative inner product
+    with the retain term's own gradient."""
+    from rich.console import Console
+
+    import erase.engine.trainer as trainer_module
+    from erase.engine.trainer import TrainConfig
+    from erase.run import RunOptions, erase_concepts
+
+    seen = []
+    real = trainer_module.project_conflict
+
+    def watch(erase, retain):
+        real(erase, retain)
+        seen.append(float(sum((e * r).sum() for e, r in zip(erase, retain))))
+
+    monkeypatch.setattr(trainer_module, "project_conflict", watch)
+    erase_concepts(RunOptions(model=tiny_sd1, concepts=["cat"], out=tmp_path / "o.safetensors", train=TrainConfig(steps=3, lr=1e-3, project_retain=True),
+                              method_config={"sample_steps": 4, "reuse": 2}, resolution=16, device="cpu", preserve="dog"),
+                   Console(quiet=True), progress=False)
+    assert len(seen) == 3 and all(v >= -1e-6 * max(1.0, abs(v)) for v in seen)
+
+
+def test_the_shared_inner_attack_moves_the_prefix_once_per_step_for_one_forward_and_two_backwards(tiny_sd1, tmp_path):
+    """--adversarial-steps 0: the attacked term's forward also gives the prefix its step: per step 1 (the input model's
+    prediction) + 1 (the attacked forward) + 2 (its backward for the weights) + 2 (for the prefix) = 6 UNet evaluations."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from erase.cli import app
+
+    args = ["run", str(tiny_sd1), "-c", "cat", "--steps", "2", "--sample-steps", "4", "--resolution", "16", "--preserve", "dog", "--json"]
+    plain = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a.safetensors")])
+    shared = CliRunner().invoke(app, [*args, "--adversarial", "--adversarial-steps", "0", "--adversarial-lr", "0.05", "-o", str(tmp_path / "b.safetensors")])
+    assert plain.exit_code == 0 and shared.exit_code == 0, shared.output
+    a, b = json.loads(plain.stdout), json.loads(shared.stdout)
+    assert b["unet_evals_per_step"] - a["unet_evals_per_step"] == pytest.approx(6)
+    assert b["config"]["adversarial"]["steps"] == 0 and a["output_sha256"] != b["output_sha256"]

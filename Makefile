@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint clean venv chromium
+.PHONY: test demo lint clean venv chromium gpu-check
 
 venv: $(STAMP)
 
@@ -47,6 +47,11 @@ test: $(STAMP) chromium
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python examples/demo.py
+
+# The first run on a CUDA GPU (issue 38): precision tests on the device, one SD 1.5-size erasure at 512 px, a record for
+# the README's table (benchmarks/gpu_check.py). Without a GPU it says so in one line.
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gpu_check.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check erase tests examples benchmarks

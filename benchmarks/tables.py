@@ -114,6 +114,8 @@ GENERATORS = {
     "real_size": lambda: script("real_size").table(record("real_size")),
     "real_size_bound": lambda: "```\n" + script("real_size").bound_lines(record("real_size")) + "\n```",
     "sdd_cost": lambda: script("sdd_cost").table(record("sdd_cost")),
+    # no record until a GPU has run `make gpu-check`: the table says so
+    "gpu_check": lambda: script("gpu_check").table(record("gpu_check") if (BENCH / "gpu_check.json").exists() else {}),
     "write_speed": lambda: "```\n" + script("write_speed").table(record("write_speed")) + "\n```",
 }
 

@@ -25,6 +25,7 @@ from erase.engine.adversarial import Adversarial, AdversarialConfig, SoftPrefixA
 from erase.engine.device import configure_attention, enable_fast_math, peak_memory, reset_peak_memory, resolve_device, resolve_precision
 from erase.engine.distributed import World, check_identical, from_main, join, launcher_note, leave, same_on_every_rank, sample_streams
 from erase.engine.memory import Plan, check_fits, count_parameters, free_memory, text_parameters
+from erase.engine.memory import estimate as estimate_memory
 from erase.engine.params import TRAIN_SETS, autocast_castable, frozen_copy, in_compute_dtype, select_trainable, selects
 from erase.engine.preserve import SAMPLING, PreserveSpec, Retain, WithRetain, parse_preserve, preserved_groups, preserved_prompts, resolve
 from erase.engine.sampling import EvalCounter
@@ -317,7 +318,7 @@ class Training(_Run):
         factor = model.latent_factor
         if resolution % factor:
             raise UsageError(f"--resolution must be a multiple of {factor} for this model's VAE")
-        self._check_memory(frozen_dtype, resolution // factor)
+        memory = self._check_memory(frozen_dtype, resolution // factor)
 
         # Text: encode every prompt once on --device, then free the encoder before the UNet is loaded. Under a launcher
         # rank 0 alone chooses and encodes, and the others receive its result.
@@ -435,17 +436,16 @@ class Training(_Run):
             "world_size": world.size, "batch_per_rank": opts.batch_size, "effective_batch": effective_batch, "lr": opts.train.lr,
             "seconds_per_step": train_seconds / steps_done,
             "peak_memory": peak_memory(device),
+            "memory_estimate": memory,  # bytes per component, from the parameter counts (erase.engine.memory)
             "loss_curve": trainer.curve,
             "final_loss": trainer.curve[-1][1] if trainer.curve else None,
         }
         return Erasure(trainer.ema.shadow, {**run_config, "train": asdict(opts.train)}, record, report, long)
 
 
-    def _check_memory(self, frozen_dtype: torch.dtype, latent_side: int) -> dict | None:
-        """Before anything loads: on a GPU, stop in one line (naming what would fit) when the run cannot fit its free memory."""
-        free = free_memory(self.device)
-        if free is None:
-            return None
+    def _check_memory(self, frozen_dtype: torch.dtype, latent_side: int) -> dict:
+        """The run's memory estimate, before anything loads; on a GPU, one line (naming what would fit) when the run cannot fit
+        its free memory."""
         opts = self.opts
         unet_params, trainable = count_parameters(self.model, tuple(TRAIN_SETS))
         plan = Plan(unet_params=unet_params, trainable=trainable, train_set=opts.train_set, compute_bytes=torch.finfo(frozen_dtype).bits // 8,
@@ -453,6 +453,9 @@ class Training(_Run):
                     or self.method_cls.keeps_input_copy(self.method_cfg),
                     text_params=text_parameters(self.model) if opts.adversarial is not None else 0, family=self.model.family.name,
                     latent_pixels=latent_side ** 2, batch=opts.batch_size, gradient_checkpointing=opts.gradient_checkpointing)
+        free = free_memory(self.device)
+        if free is None:
+            return estimate_memory(plan)
         need, warning = check_fits(plan, free, str(self.device))
         if warning:
             self.console.print(f"[yellow]warning:[/] {warning}", highlight=False)

@@ -119,3 +119,49 @@ def test_a_run_that_cannot_fit_its_gpu_stops_before_loading_and_names_what_would
     with pytest.raises(Exception):
         run_module.erase_concepts(run_module.RunOptions(**options), console, progress=False)
     assert loaded and "activations are an estimate: going on" in console.export_text()
+
+
+def test_gradients_are_averaged_in_small_buckets_without_a_copy_of_every_gradient(tmp_path):
+    """The all-reduce goes bucket by bucket (here 16 bytes each: every tensor its own bucket, some split across none), and
+    every gradient comes back divided by the world size. One gloo process stands in for the ranks: its all-reduce is the
+    identity, so the result is each gradient / size."""
+    import torch.distributed as dist
+
+    from erase.engine import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        params = [torch.nn.Parameter(torch.ones(n)) for n in (3, 5, 1, 7)]
+        for i, p in enumerate(params):
+            p.grad = torch.full_like(p, float(i + 1))
+        params[2].grad = None  # a tensor no loss reached: zeros, reduced like the rest
+        distributed.average_gradients(params, distributed.World(rank=0, size=2), bucket_bytes=16)
+        assert [p.grad.tolist() for p in params] == [[0.5] * 3, [1.0] * 5, [0.0], [2.0] * 7]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_make_demo_measures_with_the_clis_thread_choice(monkeypatch, tmp_path):
+    """examples/demo.py measures in its own process: it sets torch's threads as the CLI does (the cores free at start-up),
+    not torch's default of every core."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    import erase.engine.threads as threads
+    import erase.evaluate.shapes_world as shapes_world
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("demo_under_test", root / "examples" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    order = []
+    monkeypatch.setattr(threads, "configure_threads", lambda requested=None: (order.append("threads"), (1, "test"))[1])
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: order.append("erase run"))
+    monkeypatch.setattr(shapes_world, "measure", lambda *a, **k: order.append("measure") or {})
+    monkeypatch.setattr(demo, "write_outputs", lambda base, after: None)
+    monkeypatch.setattr(demo, "ROOT", tmp_path)  # where the demo's printed paths are relative to
+    monkeypatch.setattr(demo, "MODEL", tmp_path / "shapes-sd.safetensors")
+    monkeypatch.setattr(demo, "OUT", tmp_path / "demo-out")
+    demo.main()
+    assert order[0] == "threads" and order.count("measure") == 2

@@ -38,6 +38,7 @@ from erase.models import MAX_TOKENS, Model, open_model, truncated_prompts, trunc
 from erase.vocabulary import Vocabulary, default_vocabulary, load_vocabulary
 
 DEFAULT_PRESERVE = "auto"  # what `erase run` holds without --preserve: "" and the 5 concepts nearest each target
+AUTO = "auto"  # RunOptions.adversarial: the method decides (run_defaults)
 
 
 @dataclass
@@ -49,7 +50,7 @@ class RunOptions:
     train: TrainConfig = field(default_factory=TrainConfig)
     method_config: dict = field(default_factory=dict)  # the method's own hyper-parameters (SDDConfig fields)
     resolution: int | None = None  # None: the family default (512 SD1, 768 SD2-v, 1024 SDXL)
-    train_set: str = "xattn"
+    train_set: str | None = None  # None: the method's default (run_defaults; xattn but for SDD with preservation)
     device: str = "auto"
     precision: str = "auto"
     gradient_checkpointing: bool = False
@@ -62,19 +63,20 @@ class RunOptions:
     preserve_file: Path | None = None
     vocabulary: str | None = None  # builtin:NAME or a TOML file; None: chosen from the checkpoint
     preserve_weight: float = 1.0  # trained methods: gamma of the retain term (closed-form methods: in method_config)
-    # trained methods: preserved prompts in each step's retain term; 2 measured best on the shapes model (square 0.71 vs 0.48
-    # with 1, at 45 vs 30 UNet evals/step: benchmarks/README.md)
-    preserve_per_step: int = 2
+    # trained methods: preserved prompts in each step's retain term; None: the method's default (run_defaults: SDD 3 under
+    # preservation, where each costs a share of one input-model trajectory; 2 otherwise, as measured on the teacher's latents)
+    preserve_per_step: int | None = None
     # trained methods: which preserved concept each retain slot draws: uniform over the prompts (as measured so far), or
     # loss (in proportion to each concept's running retain loss: the neighbour the edit moves most is held most often)
     preserve_sampling: str = "uniform"
     # trained methods: also hold, at each step's erasure latents, the erased prompt with a preserved concept in its place
-    preserve_paired: bool = False
+    preserve_paired: bool | None = None  # None: the method's default
     batch_size: int = 1  # trained methods: sample streams per optimizer step on each process (reference 1)
     scale_lr: bool = False  # multiply --lr by the effective batch (batch size x processes), as diffusers' --scale_lr
     embeddings: list[Path] = field(default_factory=list)  # textual-inversion files whose tokens the concepts may use (HFI)
     job_digest: str | None = None  # set by `erase run --jobs`: recorded, so a re-run of the file skips this output
-    adversarial: AdversarialConfig | None = None  # trained methods: AdvUnlearn-style inner attack each step (None: off)
+    # trained methods: the inner attack each step (None: off; AUTO: the method's default under --preserve)
+    adversarial: AdversarialConfig | None | str = AUTO
 
 
 def parse_concepts(text: str) -> list[str]:
@@ -107,7 +109,7 @@ def _validate(opts: RunOptions) -> None:
         raise UsageError("--resolution must be a positive multiple of 8")
     if opts.method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, not '{opts.method}'")
-    if opts.train_set not in TRAIN_SETS:
+    if opts.train_set is not None and opts.train_set not in TRAIN_SETS:
         raise UsageError(f"--train must be one of {', '.join(TRAIN_SETS)}")
     if not opts.concepts:
         raise UsageError("--concepts is required")
@@ -121,18 +123,36 @@ def versions() -> dict:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def preserving_defaults(cfg_cls, spec: PreserveSpec) -> dict:
+def preserving_defaults(cfg_cls, spec: PreserveSpec, method_cls=None, given: dict | None = None) -> dict:
     """Method options whose default follows --preserve. Preserving (the default, --preserve auto): concepts expanded
-    into the vocabulary's prompts and SDD's target from the input model, which measured best on the shapes model
-    (benchmarks/README.md); --preserve none: each method exactly as its authors wrote it (bare concepts, SDD's self
-    target). Options given on the command line always win."""
+    into the vocabulary's prompts and SDD's target from the input model, and what the method adds
+    (`method_cls.preserving_config`: SDD's latents from the input model on each step's own prompt), which measured best
+    on the shapes model (benchmarks/README.md); --preserve none: each method exactly as its authors wrote it (bare
+    concepts, SDD's self target). Options given on the command line always win."""
     fields = cfg_cls.__dataclass_fields__
     out = {}
     if "expand" in fields:
         out["expand"] = not spec.none
     if "target" in fields:
         out["target"] = "self" if spec.none else "frozen"
+    if method_cls is not None and not spec.none and hasattr(method_cls, "preserving_config"):
+        out.update(method_cls.preserving_config(given or {}))
     return out
+
+
+def resolve_run_defaults(opts: RunOptions, method_cls, spec: PreserveSpec) -> RunOptions:
+    """The run options left to the method (None, or AUTO for --adversarial) filled in with its defaults under --preserve
+    (erase.methods.base.TrainedMethod.run_defaults); options given always win."""
+    defaults = method_cls.run_defaults(preserving=not spec.none) if hasattr(method_cls, "run_defaults") else {}
+    if opts.preserve_per_step is None:
+        opts.preserve_per_step = defaults.get("preserve_per_step", 2)
+    if opts.preserve_paired is None:
+        opts.preserve_paired = defaults.get("preserve_paired", False)
+    if isinstance(opts.adversarial, str):
+        opts.adversarial = defaults.get("adversarial")
+    if opts.train_set is None:
+        opts.train_set = defaults.get("train_set", "xattn")
+    return opts
 
 
 def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True) -> dict:
@@ -175,7 +195,8 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
         raise UsageError("a diffusers folder is written as a folder: give --out a folder name")
     method_cls, method_cfg_cls = METHODS[opts.method]
     spec = parse_preserve(opts.preserve, opts.preserve_file)
-    method_cfg = method_cfg_cls(**{**preserving_defaults(method_cfg_cls, spec), **opts.method_config})
+    method_cfg = method_cfg_cls(**{**preserving_defaults(method_cfg_cls, spec, method_cls, opts.method_config), **opts.method_config})
+    resolve_run_defaults(opts, method_cls, spec)
     method_cfg.validate()
     opts.vocabulary = opts.vocabulary or default_vocabulary(model.ckpt.metadata)
     vocab = load_vocabulary(opts.vocabulary)
@@ -384,7 +405,8 @@ class Training(_Run):
                             sampling=opts.preserve_sampling, concept_of=concept_of,
                             guidance=cfg.guidance, sample_steps=cfg.sample_steps, reuse=getattr(cfg, "reuse", 1), latent_shape=latent_shape,
                             resolution=resolution, generator=generator, device=device, counter=counter, frozen=frozen, generators=streams,
-                            sampler=method.retain_sampler, paired=opts.preserve_paired)
+                            sampler=method.retain_sampler, paired=opts.preserve_paired,
+                            similarity={t: dict(near) for t, near in record["auto_chosen"].items()})
             retain.embeddings = method.embeddings
             loss = WithRetain(loss, retain, erased=method.erased_prompts())
 
@@ -488,7 +510,8 @@ def _print_summary(console: Console, model: Model, opts: RunOptions, cfg: dict, 
     console.print(f"  concepts        {', '.join(opts.concepts)}  ({details})")
     held = cfg["preserved_prompts"]
     console.print("  preserve        " + (f"{held} prompts held to the input model (retain weight {cfg['preserve_weight']:g}, "
-                                            f"{cfg['preserve_per_step']} per step)" if held else "nothing (--preserve none: the reference algorithm)"))
+                                            f"{cfg['preserve_per_step']} per step" + (", paired" if cfg["preserve_paired"] else "") + ")"
+                                            if held else "nothing (--preserve none: the reference algorithm)"))
     console.print(f"  trainable       {opts.train_set}: {n_tensors} tensors, {n_trainable:,} parameters "
                   f"({100 * n_trainable / n_unet:.1f}% of the UNet)")
     console.print(f"  device          {cfg['device']}, {cfg['precision']}, attention {cfg['attention']}"
@@ -498,11 +521,15 @@ def _print_summary(console: Console, model: Model, opts: RunOptions, cfg: dict, 
                   f"resolution {cfg['resolution']}")
     if "reuse" in m:
         evals = expected_evals_per_step(m["sample_steps"], m["reuse"], retain_slots=cfg["preserve_per_step"] if held else 0,
-                                        retain_frozen=m.get("trajectories") == "frozen", paired=cfg["preserve_paired"] and held,
+                                        retain_frozen=m.get("trajectories") == "frozen", paired=bool(cfg["preserve_paired"] and held),
                                         adversarial_steps=None if cfg["adversarial"] is None else cfg["adversarial"]["steps"])
         who = "the input model" if m.get("trajectories") == "frozen" or opts.method == "esd" else "the EMA teacher"
         console.print(f"  trajectories    {who}, {m['sample_steps']} DDIM steps, CFG {m['guidance']}, reuse {m['reuse']}; "
                       f"expected ~{evals * opts.batch_size:.1f} UNet evals/step" + (" per process" if cfg["world_size"] > 1 else ""))
+    if cfg["adversarial"] is not None:
+        a = cfg["adversarial"]
+        how = "one step per step, from the attacked term's own forward" if a["steps"] == 0 else f"{a['steps']} inner steps per step"
+        console.print(f"  adversarial     {a['tokens']} soft token(s) against the erasure, {how}, lr {a['lr']:g}")
     if cfg["effective_batch"] > 1:
         console.print(f"  batch           {opts.batch_size} per process x {cfg['world_size']} process(es) = {cfg['effective_batch']} "
                       f"samples per step; lr {t.lr:g} ({cfg['lr_rule']})")

@@ -66,11 +66,11 @@ def test_inner_attack_brings_the_concept_back_and_raises_the_erasure_loss():
 
 def test_adversarial_training_runs_the_inner_attack_every_step_and_records_it(tiny_sd1, tmp_path):
     args = ["run", str(tiny_sd1), "-c", "cat", "--steps", "2", "--sample-steps", "4", "--resolution", "16", "--preserve", "dog"]
-    plain = runner.invoke(app, [*args, "-o", str(tmp_path / "a.safetensors"), "--json"])
+    plain = runner.invoke(app, [*args, "--no-adversarial", "-o", str(tmp_path / "a.safetensors"), "--json"])
     robust = runner.invoke(app, [*args, "--adversarial", "--adversarial-steps", "3", "-o", str(tmp_path / "b.safetensors"), "--json"])
     assert plain.exit_code == 0 and robust.exit_code == 0, robust.output
     a, b = json.loads(plain.stdout), json.loads(robust.stdout)
-    assert b["config"]["adversarial"] == {"steps": 3, "lr": 1e-3, "tokens": 1} and a["config"]["adversarial"] is None
+    assert b["config"]["adversarial"] == {"steps": 3, "lr": 1e-2, "tokens": 1} and a["config"]["adversarial"] is None
     # per step: the input model's prediction (1), 3 inner steps (forward + backward), the attacked prompt's forward + backward
     assert b["unet_evals_per_step"] - a["unet_evals_per_step"] == pytest.approx(1 + 3 * 3 + 3)
     assert a["output_sha256"] != b["output_sha256"]

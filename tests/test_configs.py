@@ -36,13 +36,16 @@ def _options_from_the_cli(config: Path, monkeypatch, tmp_path):
 
 
 def _resolved(opts):
-    """What the run will use: the method's config with its defaults and the preservation defaults filled in."""
+    """What the run will use: the method's config with its defaults and the preservation defaults filled in (and, in
+    `opts`, the run options the method decides: retain prompts per step, pairs, the inner attack)."""
     from erase.engine.preserve import parse_preserve
     from erase.methods import METHODS
-    from erase.run import preserving_defaults
+    from erase.run import preserving_defaults, resolve_run_defaults
 
-    cfg_cls = METHODS[opts.method][1]
-    return cfg_cls(**{**preserving_defaults(cfg_cls, parse_preserve(opts.preserve, None)), **opts.method_config})
+    method_cls, cfg_cls = METHODS[opts.method]
+    spec = parse_preserve(opts.preserve, None)
+    resolve_run_defaults(opts, method_cls, spec)
+    return cfg_cls(**{**preserving_defaults(cfg_cls, spec, method_cls, opts.method_config), **opts.method_config})
 
 
 def test_every_row_config_has_its_benchmark_row():
@@ -58,6 +61,22 @@ def test_a_config_gives_the_options_its_benchmark_row_trains_with(config, monkey
                                                                                          row.preserve_weight, row.device)
     assert _resolved(cli) == _resolved(row)
     if cli.method != "uce":  # trained: every training setting too
-        for field in ("train", "train_set", "resolution", "precision", "preserve_per_step", "adversarial", "batch_size"):
+        for field in ("train", "train_set", "resolution", "precision", "preserve_per_step", "preserve_paired", "adversarial", "batch_size"):
             assert getattr(cli, field) == getattr(row, field), field
     assert dataclasses.asdict(cli).keys() == dataclasses.asdict(row).keys()
+
+
+def test_the_sdd_config_is_erase_runs_default_at_the_shapes_scale(monkeypatch, tmp_path):
+    """sdd.toml writes out what `erase run` does unasked: only the scale settings (steps, lr, EMA, resolution) differ."""
+    import erase.run
+
+    seen = []
+    monkeypatch.setattr(erase.run, "erase_concepts", lambda opts, console, **kw: seen.append(opts) or {"output": None})
+    scale = ["--concepts", "circle", "--steps", "1000", "--lr", "0.001", "--ema-decay", "0.995", "--resolution", "32", "--device", "cpu",
+             "--precision", "fp32"]
+    r = CliRunner().invoke(app, ["run", str(MODEL), *scale, "-o", str(tmp_path / "o.safetensors")])
+    assert r.exit_code == 0, r.output
+    plain, config = seen[0], _options_from_the_cli(CONFIGS[[c.stem for c in CONFIGS].index("sdd")], monkeypatch, tmp_path)
+    assert _resolved(plain) == _resolved(config)
+    for field in ("train", "train_set", "preserve", "preserve_per_step", "preserve_paired", "adversarial"):
+        assert getattr(plain, field) == getattr(config, field), field

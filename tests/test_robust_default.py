@@ -149,3 +149,48 @@ def test_the_shared_inner_attack_moves_the_prefix_once_per_step_for_one_forward_
     a, b = json.loads(plain.stdout), json.loads(shared.stdout)
     assert b["unet_evals_per_step"] - a["unet_evals_per_step"] == pytest.approx(6)
     assert b["config"]["adversarial"]["steps"] == 0 and a["output_sha256"] != b["output_sha256"]
+
+
+def test_paired_prompts_draw_the_nearest_neighbour_most_and_a_named_one_as_the_nearest():
+    from erase.engine.preserve import pair_weights
+
+    w = pair_weights(["square", "heart", "star"], {"square": 0.5, "heart": 0.07, "star": -0.35})
+    assert w.sum().item() == pytest.approx(1.0) and w[0] > 0.98 and w[1] > w[2]
+    named = pair_weights(["square", "kite"], {"square": 0.5})  # "kite" named by the user: no measured similarity
+    assert named[0].item() == pytest.approx(named[1].item())
+
+
+def test_sdd_with_preservation_defaults_to_keys_and_values_under_the_shared_inner_attack(tiny_sd1, tmp_path):
+    """erase run's SDD default (issue 36): the input model's latents on each step's own prompt, at most one per DDIM step
+    of a short schedule, attn2's keys and values trained, 3 retain prompts, the inner attack sharing the attacked term's
+    forward; --preserve none is the reference (EMA teacher on the concepts joined, all of attn2, no attack)."""
+    import json
+
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from erase.cli import app
+
+    def run(name, *extra):
+        out = tmp_path / f"{name}.safetensors"
+        r = CliRunner().invoke(app, ["run", str(tiny_sd1), "-c", "cat", "--steps", "2", "--sample-steps", "4", "--resolution", "16",
+                                     "--lr", "1e-3", "-o", str(out), "--json", *extra])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout), out
+
+    default, out = run("default", "--preserve", "dog")
+    cfg = default["config"]
+    assert (cfg["train_set"], cfg["preserve_per_step"], cfg["preserve_paired"], cfg["adversarial"]) == \
+        ("xattn-kv", 3, False, {"steps": 0, "lr": 1e-2, "tokens": 1})
+    m = cfg["method_config"]
+    assert (m["trajectories"], m["sample_on"], m["reuse"]) == ("frozen", "own", 4)  # 25 latents, but only 4 DDIM steps
+    with safe_open(str(tiny_sd1), "pt") as a, safe_open(str(out), "pt") as b:
+        changed = {k for k in a.keys() if not torch.equal(a.get_tensor(k), b.get_tensor(k))}
+    assert changed and all("attn2.to_k" in k or "attn2.to_v" in k for k in changed)
+    reference, _ = run("reference", "--preserve", "none")
+    cfg = reference["config"]
+    assert (cfg["train_set"], cfg["adversarial"], cfg["method_config"]["trajectories"], cfg["method_config"]["reuse"]) == \
+        ("xattn", None, "teacher", 1)
+    asked, _ = run("asked", "--preserve", "dog", "--train", "xattn", "--no-adversarial", "--preserve-per-step", "1", "--reuse", "2")
+    cfg = asked["config"]
+    assert (cfg["train_set"], cfg["adversarial"], cfg["preserve_per_step"], cfg["method_config"]["reuse"]) == ("xattn", None, 1, 2)

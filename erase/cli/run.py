@@ -99,14 +99,15 @@ def run(
     lr: Annotated[float, typer.Option(help="AdamW learning rate, constant (reference 1e-5).", rich_help_panel=ALGO)] = 1e-5,
     ema_decay: Annotated[float, typer.Option(help="EMA decay after every step; the EMA weights are written (SDD reference 0.999; ESD 0).",
                                              rich_help_panel=ALGO)] = 0.999,
-    adversarial: Annotated[bool, typer.Option("--adversarial", help="SDD / ESD: adversarial training (AdvUnlearn): each step an inner "
-                                              "attack finds the soft prompt prefix that brings the concept back on the current weights, "
-                                              "and the loss is applied to it too.", rich_help_panel=ALGO)] = False,
-    adversarial_steps: Annotated[int, typer.Option(help="--adversarial: inner attack steps per step (warm-started; AdvUnlearn 30); 0: "
+    adversarial: Annotated[Optional[bool], typer.Option("--adversarial/--no-adversarial", help="SDD / ESD: adversarial training "
+                                                        "(AdvUnlearn): each step a soft prompt prefix is trained to bring the concept back "
+                                                        "on the current weights, and the loss is applied to it too (default: on for SDD with "
+                                                        "preservation, off otherwise).", rich_help_panel=ALGO, show_default=False)] = None,
+    adversarial_steps: Annotated[int, typer.Option(help="--adversarial: inner attack steps per step, warm-started (AdvUnlearn 30); 0: "
                                                    "none, the prefix steps once per step on the attacked term's own forward ('free' "
-                                                   "adversarial training).",
-                                                   rich_help_panel=ALGO)] = 30,
-    adversarial_lr: Annotated[float, typer.Option(help="--adversarial: inner attack learning rate (AdvUnlearn 1e-3).", rich_help_panel=ALGO)] = 1e-3,
+                                                   "adversarial training, 6 UNet evaluations per step).", rich_help_panel=ALGO)] = 0,
+    adversarial_lr: Annotated[float, typer.Option(help="--adversarial: the prefix's learning rate (AdvUnlearn 1e-3 over 30 steps).",
+                                                  rich_help_panel=ALGO)] = 1e-2,
     expand: Annotated[Optional[bool], typer.Option("--expand/--no-expand", help="Embed concepts in the vocabulary's prompt templates "
                                                    "(default: on; off with --preserve none).", rich_help_panel=PRESERVE, show_default=False)] = None,
     preserve: Annotated[str, typer.Option(help="Kept as they were: \"a, b\", auto[:N] (the N concepts nearest each target) or none (the "
@@ -114,22 +115,26 @@ def run(
     preserve_file: Annotated[Optional[Path], typer.Option(help="More concepts to preserve, one per line.", rich_help_panel=PRESERVE)] = None,
     preserve_weight: Annotated[float, typer.Option(help="How strongly preserved concepts are held (SDD: the retain term's gamma; UCE: "
                                                    "the preserve scale, reference 1.0).", rich_help_panel=PRESERVE)] = 1.0,
-    preserve_per_step: Annotated[int, typer.Option(help="Trained methods: preserved prompts in each step's retain term (each adds about "
-                                                   "the method's own cost per step).", rich_help_panel=PRESERVE)] = 2,
+    preserve_per_step: Annotated[Optional[int], typer.Option(help="Trained methods: preserved prompts in each step's retain term (each "
+                                                             "adds about the method's own cost per step; default SDD 3, others 2).",
+                                                             rich_help_panel=PRESERVE, show_default=False)] = None,
     preserve_sampling: Annotated[PreserveSampling, typer.Option(help="Trained methods: which preserved concept each retain slot holds: "
                                                                 "uniform over the prompts, or loss (in proportion to each concept's "
                                                                 "running retain loss).", rich_help_panel=PRESERVE)] = PreserveSampling.uniform,
-    preserve_paired: Annotated[bool, typer.Option("--preserve-paired", help="Trained methods: also hold, on each step's erasure latents, "
-                                                  "the erased prompt naming a preserved concept instead ('a red circle' -> 'a red square').",
-                                                  rich_help_panel=PRESERVE)] = False,
+    preserve_paired: Annotated[Optional[bool], typer.Option("--preserve-paired/--no-preserve-paired", help="Trained methods: also hold, on "
+                                                            "each step's erasure latents, the erased prompt naming a preserved concept "
+                                                            "instead ('a red circle' -> 'a red square'; the nearest most often). Default: on "
+                                                            "for SDD.", rich_help_panel=PRESERVE, show_default=False)] = None,
     preserve_project: Annotated[bool, typer.Option("--preserve-project", help="Trained methods: remove from each step's erasure gradient "
                                                    "its component against the retain term's gradient when they conflict (AEGIS, PCGrad).",
                                                    rich_help_panel=PRESERVE)] = False,
     vocabulary: Annotated[Optional[str], typer.Option(help="Words for auto and templates: builtin:general, builtin:shapes or a TOML file.", rich_help_panel=PRESERVE)] = None,
     embedding: Annotated[Optional[list[Path]], typer.Option("--embedding", help="Textual-inversion file (e.g. from `erase feedback invert`) whose token "
                                                             "--concepts may name (repeatable).")] = None,
-    train: Annotated[TrainSet, typer.Option("--train", help="Trainable set: xattn (all attn2), xattn-kv (attn2 k/v), noxattn (all but attn2: ESD-u), full.",
-                                            rich_help_panel=ALGO)] = TrainSet.xattn,
+    train: Annotated[Optional[TrainSet], typer.Option("--train", help="Trainable set: xattn (all attn2), xattn-kv (attn2 k/v), noxattn (all but "
+                                                      "attn2: ESD-u), full. Default: xattn-kv for SDD with preservation, else the "
+                                                      "method's (xattn; CA: by --concept-type).", rich_help_panel=ALGO,
+                                                      show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed for every random draw (reference 42).", rich_help_panel=ALGO)] = 42,
     resolution: Annotated[Optional[int], typer.Option(help="Image size in pixels (default by family: 512 SD1, 768 SD2-v, 1024 SDXL).", rich_help_panel=ALGO)] = None,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when available. Every method encodes its prompts there (UCE too).",
@@ -166,7 +171,7 @@ def run(
     from erase.methods import METHODS
     from erase.methods.base import ClosedFormMethod
     from erase.methods.options import method_options
-    from erase.run import RunOptions, erase_concepts, parse_concepts
+    from erase.run import AUTO, RunOptions, erase_concepts, parse_concepts
 
     if jobs is not None:
         given_too = sorted(n for n in ctx.params if n != "jobs" and getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE")
@@ -185,8 +190,8 @@ def run(
         owner = declared.get(name)
         if (owner and method.value not in owner.defaults) or (name in TRAINING_OPTIONS and closed_form):
             raise UsageError(f"{owner.flag if owner else '--' + name.replace('_', '-')} does not apply to --method {method.value}")
-    if not adversarial and given & {"adversarial_steps", "adversarial_lr"}:
-        raise UsageError("--adversarial-steps and --adversarial-lr set the inner attack of --adversarial: give it too")
+    if adversarial is False and given & {"adversarial_steps", "adversarial_lr"}:
+        raise UsageError("--adversarial-steps and --adversarial-lr set the inner attack of --adversarial: not with --no-adversarial")
     # only what was given: the rest is the method's own default (target and expand follow --preserve: erase.run)
     cfg_fields = set(METHODS[method.value][1].__dataclass_fields__)
     given_values = {**{k: v.value if isinstance(v, Enum) else v for k, v in method_values.items()}, "expand": expand,
@@ -194,7 +199,8 @@ def run(
     method_config = {k: v for k, v in given_values.items() if k in cfg_fields and k in given}
     method_defaults = {} if closed_form else METHODS[method.value][0].train_defaults(method_config)  # the authors' values
     steps, lr, ema_decay, train_set = (v if flag in given else method_defaults.get(k, v) for k, flag, v in
-                                       (("steps", "steps", steps), ("lr", "lr", lr), ("ema_decay", "ema_decay", ema_decay), ("train_set", "train", train.value)))
+                                       (("steps", "steps", steps), ("lr", "lr", lr), ("ema_decay", "ema_decay", ema_decay), ("train_set", "train", None)))
+    train_set = train.value if train is not None else train_set  # None: the method's default (erase.run.resolve_run_defaults)
     names = parse_concepts(concepts) if concepts.strip() or concepts_file is None else []
     if concepts_file is not None:  # one concept per line, as written: "a man, shirtless" stays one concept
         if not concepts_file.exists():
@@ -212,7 +218,9 @@ def run(
         preserve_weight=preserve_weight, preserve_per_step=preserve_per_step,
         preserve_sampling=preserve_sampling.value, preserve_paired=preserve_paired, embeddings=list(embedding or []), job_digest=job_digest,
         batch_size=batch_size, scale_lr=scale_lr,
-        adversarial=AdversarialConfig(steps=adversarial_steps, lr=adversarial_lr) if adversarial else None,
+        # given (or its options given): this attack; --no-adversarial: none; neither: the method's default (erase.run)
+        adversarial=(AdversarialConfig(steps=adversarial_steps, lr=adversarial_lr) if adversarial or given & {"adversarial_steps", "adversarial_lr"}
+                     else None if adversarial is False else AUTO),
     )
     ui = err_console if as_json else console
     report = erase_concepts(opts, ui)

@@ -36,8 +36,10 @@ SOFT_TOKEN = "<erase-adv-soft{}>"
 
 @dataclass
 class AdversarialConfig:
-    steps: int = 30  # inner Adam steps per outer step (AdvUnlearn: 30); 0: one step per outer step from the outer term's forward
-    lr: float = 1e-3  # inner learning rate (AdvUnlearn: 1e-3)
+    # inner Adam steps per outer step (AdvUnlearn: 30); 0: one step per outer step from the outer term's forward, SDD's
+    # default under preservation (issue 36: it held both attacks on the shapes model at 6 UNet evaluations per step)
+    steps: int = 0
+    lr: float = 1e-2  # inner learning rate (AdvUnlearn: 1e-3 over 30 steps; 1e-2 for one step per outer step)
     tokens: int = 1  # k, soft prefix tokens (AdvUnlearn: 1)
 
     def validate(self) -> None:

@@ -128,6 +128,17 @@ def resolve(spec: PreserveSpec, targets: list[str], encode, tokenizer, vocab: Vo
     return concepts, record
 
 
+PAIR_TEMPERATURE = 0.1  # paired prompts: a neighbour 0.1 more similar is drawn e times as often
+
+
+def pair_weights(choices: list[str], similarity: dict[str, float]) -> torch.Tensor:
+    """`--preserve-paired`: how often each preserved concept is paired with an erased one, exp(similarity /
+    PAIR_TEMPERATURE) normalised; a concept without a measured similarity (named by the user) counts as the nearest."""
+    nearest = max(similarity.values(), default=0.0)
+    logits = torch.tensor([similarity.get(c, nearest) / PAIR_TEMPERATURE for c in choices], dtype=torch.float64)
+    return torch.softmax(logits, 0)
+
+
 SAMPLING = ("uniform", "loss")
 SAMPLERS = ("teacher", "frozen")  # whose trajectories the retain term's latents come from
 LOSS_EMA = 0.9  # --preserve-sampling loss: each concept's running retain loss keeps 0.9 of its past at every new term
@@ -155,12 +166,13 @@ class Retain:
                  reuse: int, latent_shape: tuple[int, ...], resolution: int, generator: torch.Generator, device, counter,
                  frozen: dict[str, torch.Tensor] | None = None, generators: list[torch.Generator] | None = None,
                  sampling: str = "uniform", concept_of: dict[str, str] | None = None, sampler: str = "teacher",
-                 paired: bool = False) -> None:
+                 paired: bool = False, similarity: dict[str, dict[str, float]] | None = None) -> None:
         if not prompts:
             raise UsageError("nothing to preserve")
         if sampler not in SAMPLERS:
             raise UsageError(f"the retain term samples with one of {', '.join(SAMPLERS)}, not {sampler!r}")
         self.sampling, self.sampler, self.paired = sampling, sampler, paired
+        self.similarity = similarity or {}  # erased concept -> {preserved concept: cosine} (the auto choice's)
         self.concept_of = concept_of or dict.fromkeys(prompts, "")
         self.concepts = list(dict.fromkeys(self.concept_of[p] for p in prompts))
         self.prompts_of = {c: [p for p in prompts if self.concept_of[p] == c] for c in self.concepts}
@@ -219,16 +231,19 @@ class Retain:
 
     def paired_terms(self, d, erased: dict[str, str]):
         """`paired`: the erasure's own latents held for a neighbour. For the step's erased prompt ("a red circle", its
-        concept from `erased`) each stream takes one preserved concept at random ("square") and the same prompt naming it
+        concept from `erased`) each stream draws one preserved concept ("square") and takes the same prompt naming it
         ("a red square"); the student's prediction for it at the erasure's z, t is held to the input model's. The edit is
-        held where it acts: on the latents the erasure trains on, for the prompts nearest to the erased ones."""
+        held where it acts: on the latents the erasure trains on, for the prompts nearest to the erased ones. The concept
+        is drawn with probability proportional to exp(similarity / PAIR_TEMPERATURE) where `--preserve auto` measured its
+        similarity to the erased concept (the nearest is held most); a concept the user named counts as the nearest."""
         concept = erased.get(d.prompt)
         if not self.paired or concept is None:
             return
         choices = [c for c in self.concepts if c and swap_concept(d.prompt, concept, c) in self.embeddings]
         if not choices:
             return
-        prompts = [swap_concept(d.prompt, concept, choices[int(torch.randint(len(choices), (1,), generator=g))]) for g in self.generators]
+        weights = pair_weights(choices, self.similarity.get(concept, {}))
+        prompts = [swap_concept(d.prompt, concept, choices[int(torch.multinomial(weights, 1, generator=g))]) for g in self.generators]
         cond = Conditioning.cat([self.embeddings[p] for p in prompts])
         with torch.no_grad():
             want = predict(self.unet, d.z, d.t, cond, self.resolution, self.counter, weights=self.frozen)

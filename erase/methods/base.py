@@ -57,6 +57,12 @@ class TrainedMethod:
     retain_sampler = "teacher"
 
     @staticmethod
+    def run_defaults(preserving: bool) -> dict:
+        """`erase run` options whose default the method sets: the trained set, retain prompts per step, the paired retain
+        prompts and the inner attack (erase.run.resolve_run_defaults)."""
+        return {"train_set": "xattn", "preserve_per_step": 2, "preserve_paired": False, "adversarial": None}
+
+    @staticmethod
     def keeps_input_copy(cfg) -> bool:
         """Whether the method holds a copy of the input's trainable subset (its targets or its sampler need it)."""
         return False

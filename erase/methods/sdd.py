@@ -52,6 +52,8 @@ CONCEPT_MODES = ("iterative", "composite")
 TARGETS = ("self", "frozen")
 TIMESTEPS = ("uniform", "beta")
 TRAJECTORIES = ("teacher", "frozen")
+PRESERVING_REUSE = 25  # latents per input-model trajectory under preservation (issue 36)
+PRESERVING_PER_STEP = 3  # retain prompts per step under preservation (their targets come free with the trajectories)
 SAMPLE_ON = ("joined", "own")
 
 
@@ -61,7 +63,8 @@ class SDDConfig:
     sample_steps: int = option(50, "DDIM steps of sampled trajectories, K.")  # the teacher's (reference 50)
     concept_mode: str = option("iterative", "iterative = one concept per step (reference); composite = all joined.", choices=CONCEPT_MODES,
                                summary=True)
-    reuse: int = option(1, "Training latents harvested per sampled trajectory (1 = reference; more is cheaper).")
+    reuse: int = option(1, "Training latents harvested per sampled trajectory (1 = reference, the default with --preserve none; 25, "
+                        "at most --sample-steps, otherwise; more is cheaper).")
     target: str = option("self", "Whose eps is the target: self = the student's (reference; the default with --preserve none); "
                          "frozen = the input model's (the default otherwise).", choices=TARGETS, summary=True)
     # c_s cycles through each concept's prompts in the vocabulary's templates ("a red circle"), each with the target
@@ -71,11 +74,12 @@ class SDDConfig:
     # trajectory, as HFI erases its learned tokens (Kim et al. 2024)
     timesteps: str = option("uniform", "Where on the teacher's trajectory to train: uniform (reference) or beta (Beta(3, 3), "
                             "mid-trajectory, as HFI erases its learned tokens).", choices=TIMESTEPS)
-    trajectories: str = option("teacher", "Who draws the training latents: teacher = the EMA teacher (reference); frozen = the input "
-                               "model, as ESD samples.", choices=TRAJECTORIES, summary=True)
-    sample_on: str = option("joined", "The prompt the latents are drawn on: joined = all concepts joined with ', ' (reference); own = "
-                            "each step's own student prompt (with --expand: 'a red circle', whose target is 'a red').",
-                            choices=SAMPLE_ON, summary=True)
+    trajectories: str = option("teacher", "Who draws the training latents: teacher = the EMA teacher (reference; the default with "
+                               "--preserve none); frozen = the input model, as ESD samples (the default otherwise).",
+                               choices=TRAJECTORIES, summary=True)
+    sample_on: str = option("joined", "The prompt the latents are drawn on: joined = all concepts joined with ', ' (reference; the "
+                            "default with --preserve none); own = each step's own student prompt (with --expand: 'a red circle', "
+                            "whose target is 'a red'; the default otherwise).", choices=SAMPLE_ON, summary=True)
 
     def validate(self) -> None:
         if self.guidance < 0:
@@ -112,6 +116,28 @@ class SDD(TrainedMethod):
         self.pending: list[dict[str, list[tuple[torch.Tensor, int]]]] = [{} for _ in self.generators]
         self.frozen = frozen_copy(self.trainable) if self.keeps_input_copy(cfg) else None  # the input's: built before any step
         self.scheduler.set_timesteps(cfg.sample_steps)
+
+    @staticmethod
+    def preserving_config(given: dict) -> dict:
+        """SDD's defaults under preservation (the reference's with --preserve none), given the options the user gave.
+        Measured on the shapes model (benchmarks/README.md, issue 36): the input model's latents on each step's own prompt
+        keep colour and erase other shapes as well as circles; they never go stale, so each trajectory serves `reuse`
+        steps (at most one per DDIM step of a shorter --sample-steps)."""
+        steps = given.get("sample_steps", SDDConfig.sample_steps)
+        return {"trajectories": "frozen", "sample_on": "own", "reuse": min(PRESERVING_REUSE, steps)}
+
+    @staticmethod
+    def run_defaults(preserving: bool) -> dict:
+        """Under preservation: attn2's keys and values trained, 3 retain prompts per step and the shared inner attack
+        (one prefix step per step from the attacked term's forward). On the shapes model the keys and values kept the
+        neighbours and the inner attack made them hold both attacks, for 6 more UNet evaluations per step; the paired
+        retain prompts kept more neighbours but let circles back (benchmarks/README.md, issue 36): off."""
+        from erase.engine.adversarial import AdversarialConfig
+
+        if not preserving:
+            return {"train_set": "xattn", "preserve_per_step": 2, "preserve_paired": False, "adversarial": None}
+        return {"train_set": "xattn-kv", "preserve_per_step": PRESERVING_PER_STEP, "preserve_paired": False,
+                "adversarial": AdversarialConfig()}
 
     @staticmethod
     def keeps_input_copy(cfg: SDDConfig) -> bool:

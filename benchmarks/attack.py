@@ -44,6 +44,7 @@ def rows(model: Path, reuse_trained: bool = False):
         *((f"UCE circle, --robust {n}", erased(method="uce", preserve="auto", robust=n)) for n in (1, 3)),
         ("SDD circle (300 steps), --reuse 8, --preserve none", erased(**CONFIG_ROWS["sdd-reference"])),
         config("sdd"),
+        config("sdd-teacher"),
         config("sdd-kv"),
         config("esd-x"),
         config("esd-x-preserving"),

@@ -21,10 +21,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "examples" / "shapes" / "shapes-sd.safetensors"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from shapes import BEFORE_36_FLAGS  # noqa: E402  (the record was measured with the defaults of before issue 36)
 
 COMMANDS = {  # small jobs on the shapes model; {work} is a scratch folder
     "run": ["run", str(MODEL), "--concepts", "circle", "--steps", "4", "--reuse", "8", "--lr", "1e-3", "--device", "cpu",
-            "--out", "{work}/o.safetensors", "--force"],
+            "--out", "{work}/o.safetensors", "--force", *BEFORE_36_FLAGS],
     "generate": ["generate", str(MODEL), "--prompt", "a red circle", "--n", "4", "--steps", "20", "--size", "32", "--device", "cpu",
                  "--out", "{work}/gen"],
     "evaluate": ["evaluate", str(MODEL), "--detector", "shapes", "--prompts", "builtin:shapes", "--target", "circle", "--limit", "8",

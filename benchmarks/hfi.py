@@ -88,8 +88,12 @@ def erase(base: Path, work: Path, name: str, concepts: list[str], method: str, e
 
     out = work / f"{name}.safetensors"
     train = TrainConfig(**SDD) if method == "sdd" else TrainConfig()
+    # the SDD rows were measured with erase run's SDD defaults of before issue 36: pinned, so the record reproduces
+    before = dict(train_set="xattn", preserve_per_step=2, preserve_paired=False, adversarial=None) if method == "sdd" else {}
+    extra = {"trajectories": "teacher", "sample_on": "joined", **extra} if method == "sdd" else extra
     erase_concepts(RunOptions(model=base, concepts=concepts, out=out, force=True, resolution=32, device="cpu", method=method, train=train,
-                              method_config=extra, embeddings=[embedding] if embedding else []), Console(quiet=True), progress=False)
+                              method_config=extra, embeddings=[embedding] if embedding else [], **before), Console(quiet=True),
+                   progress=False)
     return out
 
 

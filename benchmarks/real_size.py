@@ -30,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from shapes import BEFORE_36_FLAGS  # noqa: E402  (the record was measured with erase run's defaults of before issue 36)
 
 
 def timed(args: list[str]) -> tuple[float, int, str]:
@@ -90,12 +92,12 @@ def main() -> None:
     rows = [
         ("inspect", ["inspect", str(src)]),
         ("run (2 steps, K = 2, 512 px)", ["run", str(src), "-c", "a cat", "--steps", "2", "--sample-steps", "2", "--resolution", "512",
-                                           "--device", "cpu", "-o", str(out), "--force"]),
+                                           "--device", "cpu", "-o", str(out), "--force", *BEFORE_36_FLAGS]),
         ("run --preserve none (the reference SDD: no frozen copy, no retain term)",
          ["run", str(src), "-c", "a cat", "--steps", "2", "--sample-steps", "2", "--resolution", "512", "--device", "cpu",
           "--preserve", "none", "-o", str(out), "--force"]),
         ("run --gradient-checkpointing", ["run", str(src), "-c", "a cat", "--steps", "2", "--sample-steps", "2", "--resolution", "512",
-                                          "--device", "cpu", "--gradient-checkpointing", "-o", str(out), "--force"]),
+                                          "--device", "cpu", "--gradient-checkpointing", "-o", str(out), "--force", *BEFORE_36_FLAGS]),
         ("run --method uce (defaults: --preserve auto)", ["run", str(src), "-c", "a cat", "--method", "uce", "-o", str(out), "--force"]),
         ("run --method uce --preserve none", ["run", str(src), "-c", "a cat", "--method", "uce", "--preserve", "none", "-o", str(out), "--force"]),
         ("generate (1 image, 512 px, 4 steps)", ["generate", str(src), "-p", "a cat", "--steps", "4", "--size", "512", "--device", "cpu",
@@ -106,7 +108,8 @@ def main() -> None:
                                                                      "-o", str(out), "--force"]),
         ("run --adversarial (1 step, K = 2, 512 px, 2 inner attack steps)",
          ["run", str(src), "-c", "a cat", "--steps", "1", "--sample-steps", "2", "--resolution", "512", "--device", "cpu", "--adversarial",
-          "--adversarial-steps", "2", "-o", str(out), "--force"]),
+          "--adversarial-steps", "2", "--adversarial-lr", "1e-3", *[f for f in BEFORE_36_FLAGS if f != "--no-adversarial"], "-o", str(out),
+          "--force"]),
         ("attack --attack unlearndiffatk (1 prompt, 2 steps, images 512 px with 2 DDIM steps)",
          ["attack", str(out), "--concept", "nudity", "--base", str(src), "--attack", "unlearndiffatk", "--limit", "1", "--steps", "2",
           "--eval-every", "2", "--sample-steps", "2", "--size", "512", "--device", "cpu", "--batch", "1", "-o", str(args.dir / "erase-real-attack"),

@@ -2,8 +2,8 @@
 
     python benchmarks/scale.py [--steps 24] [--json benchmarks/scale.json]
 
-Rows (the shapes model, erase run's defaults: SDD, --preserve auto with 2 retain prompts per step, reuse 8, as in
-benchmarks/shapes.py): batch 1, 2, 4 on one process (1 thread, then 2 threads), and 2 processes of batch 1 under
+Rows (the shapes model, erase run's SDD defaults of before issue 36, pinned: --preserve auto with 2 retain prompts per
+step, the EMA teacher's latents, reuse 8, as in benchmarks/shapes.py's sdd-teacher row): batch 1, 2, 4 on one process (1 thread, then 2 threads), and 2 processes of batch 1 under
 torchrun (1 thread each, gloo). Each row is one `erase run`; its report gives seconds per step and UNet evaluations
 per step. Samples per second = effective batch / seconds per step.
 
@@ -23,11 +23,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "examples" / "shapes" / "shapes-sd.safetensors"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from shapes import BEFORE_36_FLAGS  # noqa: E402  (the record was measured with the defaults of before issue 36)
 
 
 def run_args(model: Path, out: Path, steps: int, batch: int) -> list[str]:
     return ["run", str(model), "--concepts", "circle", "--steps", str(steps), "--lr", "1e-4", "--ema-decay", "0.995", "--reuse", "8",
-            "--resolution", "32", "--device", "cpu", "--batch-size", str(batch), "--out", str(out), "--force", "--json"]
+            "--resolution", "32", "--device", "cpu", "--batch-size", str(batch), "--out", str(out), "--force", "--json", *BEFORE_36_FLAGS]
 
 
 def one(model: Path, work: Path, steps: int, batch: int, threads: int, processes: int = 1) -> dict:

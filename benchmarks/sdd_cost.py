@@ -3,6 +3,8 @@
 
     python benchmarks/sdd_cost.py [--steps 3] [--sample-steps 10] [--json benchmarks/sdd_cost.json]
     python benchmarks/sdd_cost.py --default [--default-steps 400]    # the SD default's UNet calls and evaluations per step
+    python benchmarks/sdd_cost.py --shapes sdd-teacher sdd sdd,adversarial=none [--shapes-steps 200 --rounds 2]  # in turns
+    python benchmarks/sdd_cost.py --shapes sdd-teacher sdd --shapes-steps 1000 --rounds 1 --together   # at the same time
 
 --default: `erase run` with its Stable Diffusion defaults (K = 50, --preserve auto: two retain prompts per step) on a
 tiny SD 1 file (the counts depend on the schedule, not on the UNet's size), once with the options of the default before
@@ -170,11 +172,12 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
-# the options that made the SD default before issue 36 (the rest as erase run's defaults)
+# the options that made the SD default before issue 36 (the rest as erase run's defaults): SDD's, and the run's
 BEFORE = {"trajectories": "teacher", "sample_on": "joined", "reuse": 1}
+BEFORE_RUN = {"train_set": "xattn", "preserve_per_step": 2, "preserve_paired": False, "adversarial": None}
 
 
-def run_default(method_config: dict, steps: int) -> dict:
+def run_default(method_config: dict, steps: int, **run) -> dict:
     """erase run's defaults (with `method_config` over them) on a tiny SD 1 file at K = 50: counts per step."""
     import tempfile
 
@@ -189,16 +192,76 @@ def run_default(method_config: dict, steps: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="erase-cost-"))
     model = write_tiny_checkpoint(work / "sd1.safetensors", "sd1")
     report = erase_concepts(RunOptions(model=model, concepts=CONCEPTS, out=work / "o.safetensors", train=TrainConfig(steps=steps),
-                                       method_config=method_config, resolution=16, device="cpu"), Console(quiet=True), progress=False)
+                                       method_config=method_config, resolution=16, device="cpu", **run), Console(quiet=True), progress=False)
     cfg = report["config"]
     m = cfg["method_config"]
     predicted = expected_evals_per_step(m["sample_steps"], m["reuse"], retain_slots=cfg["preserve_per_step"],
                                         retain_frozen=m["trajectories"] == "frozen", paired=cfg["preserve_paired"],
                                         adversarial_steps=None if cfg["adversarial"] is None else cfg["adversarial"]["steps"])
-    return {"options": {k: m[k] for k in ("trajectories", "sample_on", "reuse", "target", "expand")} | {
+    return {"options": {k: m[k] for k in ("trajectories", "sample_on", "reuse", "target", "expand")} | {"train_set": cfg["train_set"],
                 "preserve_per_step": cfg["preserve_per_step"], "preserve_paired": cfg["preserve_paired"], "adversarial": cfg["adversarial"]},
             "steps": steps, "unet_evals_per_step": report["unet_evals_per_step"], "unet_calls_per_step": report["unet_calls_per_step"],
             "predicted_evals_per_step": predicted}
+
+
+def run_shapes(config: str, steps: int) -> dict:
+    """One config row of benchmarks/shapes.py (its file in examples/shapes/configs/), with options changed as in
+    "sdd,adversarial=none" (sweep.py's --set values), trained for `steps` steps on the shapes model: seconds and UNet
+    evaluations per step from its run report."""
+    import tempfile
+
+    import torch
+    from shapes import CONFIG_ROWS, erase_row
+    from sweep import parse_value
+
+    torch.set_num_threads(1)
+    name, *changes = config.split(",")
+    options = {**CONFIG_ROWS[name], **{k: parse_value(v) for k, v in (c.split("=", 1) for c in changes)}, "steps": steps}
+    work = Path(tempfile.mkdtemp(prefix="erase-cost-"))
+    _, report = erase_row(ROOT / "examples" / "shapes" / "shapes-sd.safetensors", ["circle"], work, **options)
+    return {"seconds_per_step": report["seconds_per_step"], "unet_evals_per_step": report["unet_evals_per_step"],
+            "unet_calls_per_step": report["unet_calls_per_step"]}
+
+
+def shapes_side_by_side(configs: tuple[str, ...], steps: int, rounds: int, together: bool = False) -> dict:
+    """The configs' cost on the shapes model, `rounds` runs of `steps` steps each, the mean of the rounds: in turns in
+    one process (A B, B A, ...: a slower spell of a shared machine falls on both), or `together`, each config in its own
+    process at the same time (one thread each: the same machine load for every config, for runs too long to repeat)."""
+    runs = {c: [] for c in configs}
+    for i in range(rounds):
+        if together:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(len(configs), mp_context=multiprocessing.get_context("spawn")) as pool:  # fresh processes
+                for c, r in zip(configs, pool.map(run_shapes, configs, [steps] * len(configs))):
+                    runs[c].append(r)
+        else:
+            for c in (configs if i % 2 == 0 else configs[::-1]):
+                runs[c].append(run_shapes(c, steps))
+        print(f"round {i + 1}: {({c: rs[-1] for c, rs in runs.items()})}", file=sys.stderr, flush=True)
+    return {"steps": steps, "rounds": rounds, "threads": 1, "together": together,
+            "rows": {c: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]} | {"runs": rs} for c, rs in runs.items()}}
+
+
+def shapes_table(record: dict) -> str:
+    """The shapes-model side-by-side runs (one per run length), each config against the first of its run."""
+    lines = ["| run (shapes model, 1 thread per config) | config | s / step | UNet evals / step | UNet calls / step "
+             "| s / step vs the first |", "|---|---|---|---|---|---|"]
+    for r in record["shapes_default"].values():
+        lines += _shapes_rows(r)
+    return "\n".join(lines)
+
+
+def _shapes_rows(r: dict) -> list[str]:
+    first, lines = next(iter(r["rows"].values())), []
+    for name, row in r["rows"].items():
+        config, *changes = name.split(",")
+        label = f"`{config}.toml`" + (f", {', '.join(changes)}" if changes else "")
+        how = "at once" if r.get("together") else "in turns"
+        lines.append(f"| {r['rounds']} x {r['steps']} steps, {how} | {label} | {row['seconds_per_step']:.3f} | {row['unet_evals_per_step']:.1f} | "
+                     f"{row['unet_calls_per_step']:.1f} | {row['seconds_per_step'] / first['seconds_per_step']:.2f}x |")
+    return lines
 
 
 def default_table(record: dict) -> str:
@@ -206,7 +269,8 @@ def default_table(record: dict) -> str:
     for name in ("before", "after"):
         r = record["default"][name]
         o = r["options"]
-        opts = (f"trajectories {o['trajectories']} on {o['sample_on']}, reuse {o['reuse']}, {o['preserve_per_step']} retain prompts"
+        opts = (f"trajectories {o['trajectories']} on {o['sample_on']}, reuse {o['reuse']}, --train {o.get('train_set', 'xattn')}, "
+                f"{o['preserve_per_step']} retain prompts"
                 + (", paired" if o["preserve_paired"] else "") + (f", adversarial {o['adversarial']['steps']} inner steps" if o["adversarial"] else ""))
         lines.append(f"| {name} | {opts} | {r['unet_evals_per_step']:.1f} ({r['predicted_evals_per_step']:.1f}) | {r['unet_calls_per_step']:.1f} |")
     return "\n".join(lines)
@@ -216,6 +280,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--default", action="store_true", help="measure erase run's SD default before and after issue 36 (counts only)")
     ap.add_argument("--default-steps", type=int, default=400)
+    ap.add_argument("--shapes", nargs="+", metavar="CONFIG", help="time these config rows side by side on the shapes model (e.g. sdd-teacher "
+                    "sdd sdd,adversarial=none: the defaults before and after issue 36, and today's without its inner attack)")
+    ap.add_argument("--shapes-steps", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--together", action="store_true", help="--shapes: run the configs at the same time, one process each")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--sample-steps", type=int, default=10)
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "sdd_cost.json")
@@ -225,9 +294,20 @@ def main() -> None:
 
     if args.default:
         record = json.loads(args.json.read_text()) if args.json.exists() else {}
-        record["default"] = {"concepts": CONCEPTS, "before": run_default(BEFORE, args.default_steps), "after": run_default({}, args.default_steps)}
+        record["default"] = {"concepts": CONCEPTS, "before": run_default(BEFORE, args.default_steps, **BEFORE_RUN),
+                             "after": run_default({}, args.default_steps)}
         args.json.write_text(json.dumps(record, indent=2) + "\n")
         print(default_table(record))
+        return
+    if args.shapes:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        # one record per run length: a short run pays the retain prompts' first trajectories over fewer steps
+        key = f"{args.rounds}x{args.shapes_steps}" + ("-together" if args.together else "")
+        measured = shapes_side_by_side(tuple(args.shapes), args.shapes_steps, args.rounds, args.together)
+        record = json.loads(args.json.read_text()) if args.json.exists() else {}  # read now: another run may have written
+        record.setdefault("shapes_default", {})[key] = measured
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        print(shapes_table(record))
         return
     if args.child:
         torch.set_num_threads(os.cpu_count() or 1)

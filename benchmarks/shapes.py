@@ -46,7 +46,9 @@ def row_options(model: Path, concepts: list[str], work: Path, *, method: str = "
                 expand: bool | None = None, weight: float = 1.0, per_step: int = 2, ema_decay: float = SDD["ema_decay"],
                 precision: str = "fp32", adversarial: dict | None = None, sampling: str = "uniform", project: bool = False,
                 paired: bool = False, **method_options):
-    """The `erase run` options of a row; the defaults are the reference SDD (the rows recorded before preservation)."""
+    """The `erase run` options of a row; the defaults are the reference SDD (the rows recorded before preservation). Every
+    option a row does not name is the one its record was measured with, not erase run's default of today: SDD's latents
+    from the EMA teacher on the concepts joined (before issue 36), 2 retain prompts, no pairs, no inner attack."""
     from erase.engine.adversarial import AdversarialConfig
     from erase.engine.trainer import TrainConfig
     from erase.run import RunOptions
@@ -65,6 +67,8 @@ def row_options(model: Path, concepts: list[str], work: Path, *, method: str = "
                      *([precision] if precision != "fp32" else []), *([f"adv{adversarial['steps']}-{adversarial['lr']:g}"] if adversarial else []),
                      *([f"sampling-{sampling}"] if sampling != "uniform" else []), *(["project"] if project else []), *(["paired"] if paired else [])])
     out = work / f"{name.replace(' ', '_').replace(',', '')}.safetensors"
+    if method == "sdd":  # the sampler of the rows recorded before issue 36, unless the row names another (not in the name)
+        options = {"trajectories": "teacher", "sample_on": "joined", **options}
     return RunOptions(model=model, concepts=concepts, out=out, force=True, resolution=32, device="cpu", precision=precision, train_set=train_set,
                       method=method, train=TrainConfig(steps=steps, lr=lr, ema_decay=ema_decay, project_retain=project), method_config=options, preserve=preserve,
                       preserve_weight=weight, preserve_per_step=per_step, preserve_sampling=sampling, preserve_paired=paired,
@@ -98,13 +102,23 @@ def train_seconds(report: dict | None) -> float | None:
 
 # Rows that have a config file (examples/shapes/configs/NAME.toml, read by `erase run --config`): the same options, checked
 # equal by tests/test_configs.py, so `erase run MODEL --config examples/shapes/configs/NAME.toml` reproduces the row.
-PRESERVING = dict(reuse=8, lr=FROZEN["lr"], steps=FROZEN["steps"][0], target=None, preserve="auto")  # erase run's defaults
+# erase run's SDD defaults before issue 36: latents from the EMA teacher on the concepts joined, 2 retain prompts, no pairs,
+# no inner attack (row_options' defaults). BEFORE_36_FLAGS: the same as `erase run` flags, for the scripts whose records
+# (scale.py, contention.py, real_size.py) were measured with them
+BEFORE_36_FLAGS = ["--trajectories", "teacher", "--sample-on", "joined", "--train", "xattn", "--preserve-per-step", "2",
+                   "--no-preserve-paired", "--no-adversarial"]
+PRESERVING = dict(reuse=8, lr=FROZEN["lr"], steps=FROZEN["steps"][0], target=None, preserve="auto")
+# erase run's SDD defaults (issue 36; erase.methods.sdd.SDD.preserving_config and run_defaults): the input model's latents on
+# each step's own prompt, 25 per trajectory, attn2's keys and values trained, 3 retain prompts, the shared inner attack
+DEFAULTS = dict(lr=FROZEN["lr"], steps=FROZEN["steps"][0], target=None, preserve="auto", trajectories="frozen", sample_on="own",
+                per_step=3, reuse=25, train_set="xattn-kv", adversarial={"steps": 0, "lr": 1e-2})
 CONFIG_ROWS = {
-    "sdd": PRESERVING,
+    "sdd": DEFAULTS,
+    "sdd-teacher": PRESERVING,
     "sdd-reference": dict(reuse=8),
     "sdd-adversarial": dict(PRESERVING, adversarial={"steps": 10, "lr": 1e-2}),
-    # the one SDD setting measured that meets every target on the benchmark protocol (benchmarks/sweeps.json): attn2's keys
-    # and values only, twice the steps
+    # the one SDD setting measured before issue 36 that met every preservation target on the benchmark protocol
+    # (benchmarks/sweeps.json): attn2's keys and values only, twice the steps
     "sdd-kv": dict(PRESERVING, train_set="xattn-kv", steps=FROZEN["steps"][1]),
     "uce": dict(method="uce", preserve="auto"),
     "uce-reference": dict(method="uce", preserve="none"),
@@ -124,9 +138,11 @@ CONFIG_ROWS = {
 CA_PRESERVING_FIRST = {k: v for k, v in CONFIG_ROWS["ca-preserving"].items() if k != "prior_weight"} | {"lr": 1e-3}
 # The row of benchmarks/shapes.json each config trains (the README's method table names its rows by config).
 CONFIG_ROW_NAMES = {
-    "sdd": f"SDD circle, preserving (defaults), lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps",
+    "sdd": f"SDD circle, preserving (defaults), lr {FROZEN['lr']:g}, {FROZEN['steps'][0]} steps",
+    "sdd-teacher": f"SDD circle, preserving (EMA-teacher latents: the defaults before issue 36), lr {FROZEN['lr']:g}, --reuse 8, "
+                   f"{FROZEN['steps'][0]} steps",
     "sdd-reference": "SDD circle, --reuse 8",
-    "sdd-kv": f"SDD circle, preserving (defaults), --train xattn-kv, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][1]} steps",
+    "sdd-kv": f"SDD circle, preserving (EMA-teacher latents), --train xattn-kv, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][1]} steps",
     "uce": "UCE circle (defaults: --preserve auto)",
     "uce-reference": "UCE circle, --preserve none",
     "esd-x": f"ESD-x circle, --preserve none, lr {FROZEN['lr'] / 10:g}, --reuse 8, 300 steps",
@@ -216,7 +232,7 @@ def rows_to_run(model: Path, reuse_trained: bool = False) -> list[tuple[str, lis
         return make
 
     frozen_kw = dict(reuse=8, lr=FROZEN["lr"], target="frozen")
-    preserving = CONFIG_ROWS["sdd"]
+    preserving = CONFIG_ROWS["sdd-teacher"]
     circle, both = ["circle"], ["circle", "star"]
     rows = [
         ("base", circle, base, True),
@@ -235,7 +251,9 @@ def rows_to_run(model: Path, reuse_trained: bool = False) -> list[tuple[str, lis
          erased(circle, steps=FROZEN["steps"][0], train_set="xattn-kv", **frozen_kw), False),
         # preservation (issue 15): erase run's defaults -- the input model's target, concepts in the vocabulary's prompts,
         # --preserve auto (the 5 nearest concepts and "", held by the retain term)
-        (CONFIG_ROW_NAMES["sdd"], circle, erased(circle, **preserving), True),
+        (CONFIG_ROW_NAMES["sdd-teacher"], circle, erased(circle, **preserving), True),
+        # issue 36: the defaults that hold and keep
+        (CONFIG_ROW_NAMES["sdd"], circle, erased(circle, **CONFIG_ROWS["sdd"]), True),
         (CONFIG_ROW_NAMES["sdd-kv"], circle, erased(circle, **CONFIG_ROWS["sdd-kv"]), True),
         # erase run's defaults under bf16 autocast (every GPU's default precision; the CPU runs the same autocast code)
         # beside fp32, at 300 steps: bf16 is emulated on this CPU (no AVX-512), 3-4x slower than fp32, and the 1000-step
@@ -250,7 +268,7 @@ def rows_to_run(model: Path, reuse_trained: bool = False) -> list[tuple[str, lis
          erased(circle, per_step=1, train_set="xattn-kv", **preserving), False),
         (f"SDD circle + star, preserving, --preserve-per-step 1, lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", both,
          erased(both, per_step=1, **preserving), True),
-        (f"SDD circle + star, preserving (defaults), lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", both,
+        (f"SDD circle + star, preserving (EMA-teacher latents), lr {FROZEN['lr']:g}, --reuse 8, {FROZEN['steps'][0]} steps", both,
          erased(both, **preserving), True),
         # UCE (closed form): without a preserve set (the reference), with "" only, with the defaults (--preserve auto)
         (CONFIG_ROW_NAMES["uce-reference"], circle, erased(circle, **CONFIG_ROWS["uce-reference"]), False),

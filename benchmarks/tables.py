@@ -51,7 +51,8 @@ METHOD_ROWS = [
     ("base", None, "base"),
     ("SDD reference (300 steps, `--preserve none`)", "sdd-reference", None),
     ("**SDD, default preservation**", "sdd", None),
-    ("SDD, default preservation, `--train xattn-kv` (2000 steps)", "sdd-kv", None),
+    ("SDD, preservation with the EMA teacher's latents (the default before issue 36)", "sdd-teacher", None),
+    ("SDD, the same, `--train xattn-kv` (2000 steps)", "sdd-kv", None),
     ("UCE reference (`--preserve none`)", "uce-reference", None),
     ("**UCE, default preservation**", "uce", None),
     ("ESD-x reference (300 steps, lr 1e-4)", "esd-x", None),
@@ -114,6 +115,8 @@ GENERATORS = {
     "real_size": lambda: script("real_size").table(record("real_size")),
     "real_size_bound": lambda: "```\n" + script("real_size").bound_lines(record("real_size")) + "\n```",
     "sdd_cost": lambda: script("sdd_cost").table(record("sdd_cost")),
+    "sdd_default_cost": lambda: script("sdd_cost").default_table(record("sdd_cost")),
+    "sdd_shapes_cost": lambda: script("sdd_cost").shapes_table(record("sdd_cost")),
     # no record until a GPU has run `make gpu-check`: the table says so
     "gpu_check": lambda: script("gpu_check").table(record("gpu_check") if (BENCH / "gpu_check.json").exists() else {}),
     "write_speed": lambda: "```\n" + script("write_speed").table(record("write_speed")) + "\n```",

@@ -206,7 +206,10 @@ def main() -> None:
     points = json.loads(args.json.read_text())["points"] if args.json.exists() else []  # another sweep may have written meanwhile
     points = [p for p in points if not same(p)]  # measured again: this one replaces it
     args.json.write_text(json.dumps({"protocol": shapes_record["protocol"], "points": points + [point]}, indent=2) + "\n")
-    print(table([point], base_row(), recorded=points + [point]))
+    # judged against a base measured with the same seeds: in this record, or in the project's when --json is another
+    main_record = ROOT / "benchmarks" / "sweeps.json"
+    others = json.loads(main_record.read_text())["points"] if args.json.resolve() != main_record.resolve() and main_record.exists() else []
+    print(table([point], base_row(), recorded=others + points + [point]))
 
 
 if __name__ == "__main__":

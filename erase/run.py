@@ -395,7 +395,7 @@ class Training(_Run):
         loss = method  # what the trainer steps on: the method, with its prompt under attack, plus the retain term
         if opts.adversarial is not None:  # the inner attack needs the text encoder (every rank holds its own) and theta0
             attack = SoftPrefixAttack(opts.adversarial, model.load_text_encoder(opts.embeddings), opts.concepts[0], unet=unet,
-                                      frozen=frozen, resolution=resolution, device=device, dtype=frozen_dtype, counter=counter)
+                                      frozen=frozen, resolution=resolution, device=device, dtype=frozen_dtype, counter=counter, world=world)
             loss = Adversarial(method, attack)
         if kept:  # hold the preserved prompts to the input model (none: the reference algorithm, bit for bit)
             cfg = self.method_cfg

@@ -24,17 +24,15 @@ if os.environ.get("STOP_AT"):
     trainer_mod.Trainer.train = interrupted
 
 if os.environ.get("NAN_AT"):
-    from erase.methods.sdd import SDD
+    import erase.engine.trainer as trainer_mod
 
-    real_loss, nan_at, nan_rank = SDD.loss, int(os.environ["NAN_AT"]), int(os.environ["NAN_RANK"])
+    real_terms, nan_at, nan_rank = trainer_mod.Trainer._terms, int(os.environ["NAN_AT"]), int(os.environ["NAN_RANK"])
 
-    def poisoned(self, step, teacher):
-        loss, info = real_loss(self, step, teacher)
-        if step == nan_at and int(os.environ["RANK"]) == nan_rank:
-            loss = loss * float("nan")
-        return loss, info
+    def poisoned(self, teacher):  # the step's first loss term, whatever the method and its wrappers (retain, attack)
+        for i, loss in enumerate(real_terms(self, teacher)):
+            yield loss * float("nan") if i == 0 and self.step == nan_at and int(os.environ["RANK"]) == nan_rank else loss
 
-    SDD.loss = poisoned
+    trainer_mod.Trainer._terms = poisoned
 
 if os.environ.get("DIVERGE_RANK"):
     import erase.engine.trainer as trainer_mod

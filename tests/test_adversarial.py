@@ -79,7 +79,7 @@ def test_adversarial_training_runs_the_inner_attack_every_step_and_records_it(ti
 @pytest.mark.parametrize("args, words", [
     (["--method", "uce", "--adversarial"], "--adversarial does not apply to --method uce"),
     (["--method", "ca", "--anchor", "dog", "--adversarial"], "--adversarial does not apply to --method ca"),
-    (["--adversarial-steps", "5"], "give it too"),
+    (["--no-adversarial", "--adversarial-steps", "5"], "not with --no-adversarial"),
 ])
 def test_adversarial_is_refused_where_it_cannot_work(tiny_sd1, tmp_path, args, words):
     r = runner.invoke(app, ["run", str(tiny_sd1), "-c", "cat", *args, "-o", str(tmp_path / "o.safetensors")])

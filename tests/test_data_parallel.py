@@ -85,6 +85,7 @@ def test_two_processes_train_like_one_process_with_batch_two(single, tiny_sd1, l
     assert sorted(f.name for f in folder.iterdir()) == ["dp.report.json", "dp.safetensors"]
     report = json.loads((folder / "dp.report.json").read_text())
     assert (report["world_size"], report["batch_per_rank"], report["effective_batch"]) == (2, 1, 2)
+    assert report["config"]["adversarial"] is not None  # the default's inner attack: its prefix is averaged over the ranks too
     base, dp, b2 = _attn2(tiny_sd1), _attn2(folder / "dp.safetensors"), _attn2(single / "b2.safetensors")
     assert _distance(dp, b2) < 0.01 * _distance(base, b2)
 

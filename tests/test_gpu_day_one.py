@@ -108,7 +108,8 @@ def test_a_run_that_cannot_fit_its_gpu_stops_before_loading_and_names_what_would
     loaded = []
     monkeypatch.setattr(Model, "load_unet", lambda self, *a, **k: loaded.append(1))
     options = dict(model=tiny_sd1, concepts=["cat"], out=tmp_path / "o.safetensors", train=TrainConfig(steps=1), train_set="full",
-                   method_config={"sample_steps": 2}, resolution=16, device="cpu", preserve="auto:1")
+                   method_config={"sample_steps": 2}, resolution=16, device="cpu", preserve="auto:1",
+                   adversarial=None)  # the plan above: no text encoder trained against
     monkeypatch.setattr(run_module, "free_memory", lambda device: int(exact * 0.8 / 0.9))
     with pytest.raises(EraseError, match=r"this run needs about .* MiB on cpu \(unet .*\), .* free; these would fit: --train xattn-kv"):
         run_module.erase_concepts(run_module.RunOptions(**options), Console(quiet=True), progress=False)

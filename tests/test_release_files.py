@@ -107,7 +107,8 @@ def test_every_command_works_on_a_release_layout(release_file, name, tmp_path):
 
     out = tmp_path / "erased.safetensors"
     # one named concept held (the automatic choice is the text encoder's, tested in test_preserve / test_run)
-    _ok(["run", str(path), "-c", "a cat", "--steps", "2", "--sample-steps", "2", "--lr", "1e-2", "--ema-decay", "0",
+    # --train xattn: every attn2 projection trained, so that each kind of tensor is written back into the layout
+    _ok(["run", str(path), "-c", "a cat", "--steps", "2", "--sample-steps", "2", "--lr", "1e-2", "--ema-decay", "0", "--train", "xattn",
          "--resolution", SIZE, "--device", "cpu", "--preserve", "a dog", "-o", str(out)])
     src, dst = open_checkpoint(path), open_checkpoint(out)
     ema_weights = {k for k in src.keys() if k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")}

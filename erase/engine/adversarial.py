@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from erase.engine.distributed import World, average_gradients
 from erase.engine.sampling import predict
 from erase.errors import UsageError
 
@@ -52,11 +53,12 @@ class AdversarialConfig:
 class SoftPrefixAttack:
     """The inner attack: k trainable token embeddings before the prompt, warm-started across steps."""
 
-    def __init__(self, cfg: AdversarialConfig, text, init_word: str, *, unet, frozen, resolution: int, device, dtype, counter) -> None:
+    def __init__(self, cfg: AdversarialConfig, text, init_word: str, *, unet, frozen, resolution: int, device, dtype, counter,
+                 world: World = World()) -> None:
         from erase.embeddings import trainable_tokens
 
         cfg.validate()
-        self.cfg, self.text, self.unet, self.frozen = cfg, text, unet, frozen
+        self.cfg, self.text, self.unet, self.frozen, self.world = cfg, text, unet, frozen, world
         self.resolution, self.device, self.dtype, self.counter = resolution, device, dtype, counter
         tokens = [SOFT_TOKEN.format(i) for i in range(cfg.tokens)]
         self.vectors = trainable_tokens(text, tokens, init_word)
@@ -80,9 +82,14 @@ class SoftPrefixAttack:
 
     def _step(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         """One Adam step of the prefix on `loss`'s gradient (only the prefix's: the UNet's gradients are the outer step's)."""
-        grads = torch.autograd.grad(self.scaler.scale(loss), self.vectors, retain_graph=retain_graph)
+        self._apply(torch.autograd.grad(self.scaler.scale(loss), self.vectors, retain_graph=retain_graph))
+
+    def _apply(self, grads) -> None:
+        """The prefix's Adam step on `grads`, averaged over the ranks of a data-parallel run as the weights' gradients are:
+        every rank keeps the same prefix, and two ranks of batch 1 attack as one process of batch 2 does."""
         for v, g in zip(self.vectors, grads):
             v.grad = g.contiguous()  # the scaler unscales in place: an expanded (broadcast) gradient must own its memory
+        average_gradients(self.vectors, self.world)  # a rank's overflow (inf) reaches every rank: all skip the step together
         self.scaler.step(self.opt)  # unscales; skips the step if the gradient is not finite
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
@@ -122,11 +129,7 @@ class SoftPrefixAttack:
         self.counter.backward(b)
         self.counter.backward(b)  # the outer term's backward
         yield F.mse_loss(pred.float(), d.target.float()) / 2
-        for v, g in zip(self.vectors, grads):  # the outer backward left its own gradient here: the attack's replaces it
-            v.grad = g.contiguous()
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
+        self._apply(grads)  # the outer backward left its own gradient on the prefix: the attack's replaces it
         self._losses = (inner.detach(), inner.detach())
 
     def state_dict(self) -> dict:

@@ -119,6 +119,7 @@ GENERATORS = {
     "sdd_shapes_cost": lambda: script("sdd_cost").shapes_table(record("sdd_cost")),
     # no record until a GPU has run `make gpu-check`: the table says so
     "gpu_check": lambda: script("gpu_check").table(record("gpu_check") if (BENCH / "gpu_check.json").exists() else {}),
+    "transformer_memory": lambda: script("transformer_memory").table(record("transformer_memory")),
     "write_speed": lambda: "```\n" + script("write_speed").table(record("write_speed")) + "\n```",
 }
 

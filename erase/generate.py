@@ -334,12 +334,12 @@ def run_generate(models: list[Path], specs, settings: GenSettings, *, out: Path,
     from erase.checkpoint.write import sha256_file
     from erase.models import open_model, truncated_prompts
 
+    opened = [open_model(path, prediction_type) for path in models]  # headers only: a refused file leaves no folder behind
     out.mkdir(parents=True, exist_ok=True)
     jobs = jobs_for(specs, settings, n=n, seed=seed)
     labels = _labels(models)
     folders, files, long = [], [], {}
-    for index, (path, label) in enumerate(zip(models, labels)):
-        model = open_model(path, prediction_type)
+    for index, (path, label, model) in enumerate(zip(models, labels, opened)):
         long.update(truncated_prompts(model.family, job_prompts(jobs, settings)))
         gen = ImageGenerator(model, settings, delta=delta if index == 0 else None)  # --delta belongs to MODEL, not to --compare
         model_hash = sha256_file(path)

@@ -11,6 +11,7 @@ from erase.checkpoint.families import detect_family
 from erase.checkpoint.formats import open_checkpoint
 from erase.checkpoint.keymap import is_attn2
 from erase.checkpoint.model_config import config_source
+from erase.checkpoint.transformer_files import TransformerFile, read_transformer_file, refusal
 from erase.checkpoint.write import sha256_file
 
 EMA_POLICY = (
@@ -30,6 +31,18 @@ def _provenance(metadata: dict[str, str]) -> dict:
     return out
 
 
+def _transformer_info(ckpt, tf: TransformerFile) -> dict:
+    """An SD3 / SD3.5 or FLUX.1 file: described, and marked as one the other commands refuse."""
+    params = lambda names: sum(ckpt.tensors[n].numel for n in names)  # noqa: E731
+    return {
+        "kind": "checkpoint", "family": tf.family, "family_label": tf.label, "layout": tf.layout, "supported": False,
+        "refusal": refusal(tf), "transformer_parameters": params(tf.transformer), "width": tf.width,
+        "blocks": tf.blocks, "single_blocks": tf.single_blocks,
+        "text_stream_tensors": len(tf.text_stream), "text_stream_parameters": params(tf.text_stream),
+        "text_kv_parameters": tf.text_kv_parameters, "text_encoders": list(tf.text_encoders), "vae": tf.has_vae,
+    }
+
+
 def describe(path: str | os.PathLike, *, with_hash: bool = False, prediction_type: str | None = None) -> dict:
     ckpt = open_checkpoint(path)
     path = Path(path)
@@ -45,6 +58,8 @@ def describe(path: str | os.PathLike, *, with_hash: bool = False, prediction_typ
     if kind in ("delta", "lora"):
         info["kind"] = kind
         info["parameters"] = sum(t.numel for t in ckpt.tensors.values())
+    elif ckpt.format != "diffusers" and (transformer := read_transformer_file(ckpt)) is not None:
+        info.update(_transformer_info(ckpt, transformer))
     else:
         from erase.models import Model
 

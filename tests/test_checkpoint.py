@@ -1,6 +1,7 @@
 """Reading checkpoints: families, configs, bit-exact components, bad inputs."""
 
 import json
+import re
 import struct
 
 import pytest
@@ -145,8 +146,8 @@ def _unsupported(tmp_path, state, match):
 def test_unsupported_files_are_named(tmp_path, tiny_sd1):
     z = torch.zeros(1)
     _unsupported(tmp_path, {"lora_unet_down_blocks_0_attn2_to_k.lora_down.weight": z}, "LoRA")
-    _unsupported(tmp_path, {"model.diffusion_model.joint_blocks.0.x.weight": z}, "Stable Diffusion 3")
-    _unsupported(tmp_path, {"double_blocks.0.img_attn.qkv.weight": z}, "Flux")
+    _unsupported(tmp_path, {"model.diffusion_model.joint_blocks.0.x.weight": z}, re.escape("unsupported: SD3 medium (Stability's layout)"))
+    _unsupported(tmp_path, {"double_blocks.0.img_attn.qkv.weight": z}, re.escape("unsupported: FLUX.1-schnell (Black Forest Labs' layout)"))
     _unsupported(tmp_path, {"first_stage_model.encoder.conv_in.weight": z}, "VAE-only")
     state = open_checkpoint(tiny_sd1).get_many(open_checkpoint(tiny_sd1).keys())
     state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)

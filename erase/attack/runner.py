@@ -252,9 +252,11 @@ def run_attack(opts: AttackOptions, progress=None) -> dict:
     source, category = _prompt_source(opts)
     specs = load_prompts(source, category=category, limit=opts.limit)
     jobs = jobs_for(specs, opts.settings, n=opts.n, seed=opts.seed)
+    erased_model = open_model(opts.erased)  # headers only, before anything is written: a refused file leaves no folder
+    if opts.base is not None:
+        open_model(opts.base)
     erased_sha = sha256_file(opts.erased)
     done = _open_state(opts, _fingerprint(opts, jobs, erased_sha))
-    erased_model = open_model(opts.erased)
     size = opts.settings.size or erased_model.default_resolution
     t_start = time.perf_counter()
 

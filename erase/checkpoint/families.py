@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from erase.checkpoint.formats import Checkpoint
+from erase.checkpoint.transformer_files import read_transformer_file, refusal
 from erase.errors import EraseError, UsageError
 
 LDM_UNET = "model.diffusion_model."
@@ -86,10 +87,8 @@ def _family_of_single_file(ckpt: Checkpoint) -> str:
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
     if any("lora_unet_" in k or ".lora_down." in k or ".lora_A." in k or "lora_te" in k for k in keys):
         raise EraseError("unsupported: this is a LoRA file (lora_* tensors), not a full checkpoint; erase needs the base model")
-    if has(LDM_UNET + "joint_blocks.") or has("joint_blocks."):
-        raise EraseError("unsupported: Stable Diffusion 3 (MMDiT joint_blocks) checkpoint; erase supports SD1, SD2 and SDXL")
-    if has(LDM_UNET + "double_blocks.") or has("double_blocks.") or has("model.diffusion_model.single_blocks."):
-        raise EraseError("unsupported: Flux (double_blocks/single_blocks) checkpoint; erase supports SD1, SD2 and SDXL")
+    if (transformer := read_transformer_file(ckpt)) is not None:
+        raise EraseError(refusal(transformer))
     if has("control_model."):
         raise EraseError("unsupported: a ControlNet checkpoint (control_model.*)")
     conv_in = LDM_UNET + "input_blocks.0.0.weight"

@@ -284,7 +284,7 @@ def _open_diffusers_folder(path: Path) -> Checkpoint:
     if not index.exists():
         raise EraseError(f"{path}: a folder, but not a diffusers model (no model_index.json)")
     try:
-        json.loads(index.read_text())
+        pipeline = json.loads(index.read_text()).get("_class_name", "pipeline")
     except json.JSONDecodeError:
         raise EraseError(f"{index}: not valid JSON") from None
     tensors: dict[str, TensorInfo] = {}
@@ -305,5 +305,9 @@ def _open_diffusers_folder(path: Path) -> Checkpoint:
     if scheduler.exists():
         configs["scheduler"] = json.loads(scheduler.read_text())
     if not any(k.startswith("unet/") for k in tensors):
+        if (transformer := path / "transformer" / "config.json").exists():  # SD3 / SD3.5, FLUX.1 and later families
+            kind = json.loads(transformer.read_text()).get("_class_name", "a transformer")
+            raise EraseError(f"unsupported: a diffusers {pipeline} folder ({kind}); erase supports only Stable Diffusion 1.x, "
+                             "2.x and XL so far")
         raise EraseError(f"{path}: diffusers folder without UNet weights (unet/diffusion_pytorch_model.safetensors)")
     return Checkpoint(path=path, format="diffusers", tensors=tensors, component_configs=configs)

@@ -43,7 +43,19 @@ def inspect(
     table.add_column()
     rows = [("file", info["path"]), ("format", info["format"]), ("size", _human_bytes(info["size_bytes"])),
             ("tensors", str(info["tensor_count"])), ("dtypes", ", ".join(f"{k} ({v})" for k, v in info["dtypes"].items()))]
-    if info["kind"] == "checkpoint":
+    if info["kind"] == "checkpoint" and not info.get("supported", True):  # SD3 / SD3.5, FLUX.1: described, not yet erased
+        share = 100 * info["text_stream_parameters"] / max(1, info["transformer_parameters"])
+        blocks = f"{info['blocks']} joint" if info["family"] == "sd3" else f"{info['blocks']} double + {info['single_blocks']} single"
+        rows += [
+            ("family", f"{info['family_label']} ({info['layout']})"),
+            ("transformer", f"{info['transformer_parameters']:,} parameters, width {info['width']}, {blocks} blocks"),
+            ("text stream", f"{info['text_stream_tensors']} tensors, {info['text_stream_parameters']:,} parameters ({share:.1f}%); "
+                            f"keys and values {info['text_kv_parameters']:,} (rows of the fused qkv)"),
+            ("text encoders", ", ".join(info["text_encoders"]) or "none in the file"),
+            ("VAE", "yes" if info["vae"] else "none in the file"),
+            ("support", f"[yellow]{info['refusal']}[/]"),
+        ]
+    elif info["kind"] == "checkpoint":
         rows += [
             ("family", info["family_label"]),
             ("prediction", f"{info['prediction_type']} ({info['prediction_source']})"),

@@ -1,0 +1,111 @@
+"""What an SD3 / SD3.5 or FLUX.1 single file holds, read from its tensor names and shapes (`erase inspect`).
+
+These families are recognised, described and refused by name; erasure on them is not built yet. The layouts:
+  SD3 / SD3.5  Stability's: `model.diffusion_model.joint_blocks.N.{x_block,context_block}.*` (q, k and v fused in
+               `attn.qkv`), text encoders under `text_encoders.{clip_l,clip_g,t5xxl}.*` where the file carries them,
+               the VAE under `first_stage_model.*`. SD3.5 adds q/k RMS norms (`attn.ln_q`); SD3.5 medium also an
+               image-only second attention in its first blocks (`x_block.attn2`: not cross-attention).
+  FLUX.1       Black Forest Labs': `double_blocks.N.{img,txt}_{attn,mlp,mod}.*` and `single_blocks.N.*` (whose
+               `linear1` fuses q, k, v and the MLP's input for the joined sequence), transformer only, with or without
+               ComfyUI's `model.diffusion_model.` prefix; dev has a guidance embedder (`guidance_in`), schnell none.
+The text stream is what carries the prompt into the image: SD3's `context_embedder` and `context_block`s, FLUX's
+`txt_in` and the double blocks' `txt_*`; its keys and values are rows width..3*width of each fused `qkv`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from erase.checkpoint.formats import Checkpoint
+
+PREFIX = "model.diffusion_model."
+TEXT_ENCODERS = ("clip_l", "clip_g", "t5xxl")
+
+
+@dataclass(frozen=True)
+class TransformerFile:
+    family: str  # "sd3" | "flux"
+    label: str  # the release it looks like: "SD3.5 large", "FLUX.1-dev", ...
+    prefix: str  # "model.diffusion_model." or "" (FLUX.1 as Black Forest Labs publish it)
+    width: int  # the transformer's hidden size
+    blocks: int  # joint blocks (SD3) or double-stream blocks (FLUX.1)
+    single_blocks: int  # FLUX.1's single-stream blocks (SD3: 0)
+    transformer: list[str]  # the transformer's tensor names
+    text_stream: list[str]  # the tensors that only the text tokens pass through
+    text_kv_parameters: int  # the text stream's key and value rows in its fused qkv tensors (weights and biases)
+    text_encoders: tuple[str, ...]  # the text encoders the file carries (the rest must come from elsewhere)
+    has_vae: bool
+
+    @property
+    def layout(self) -> str:
+        if self.family == "sd3":
+            return "Stability's layout"
+        return "Black Forest Labs' layout" + (" with ComfyUI's model.diffusion_model. prefix" if self.prefix else "")
+
+
+def _blocks(names: list[str], kind: str) -> int:
+    found = {int(m.group(1)) for n in names if (m := re.match(rf"{kind}\.(\d+)\.", n))}
+    return max(found) + 1 if found else 0
+
+
+def _width(ckpt: Checkpoint, name: str, local: list[str], prefix: str) -> int:
+    """The hidden size: the patch embedder's outputs, else the inputs of any fused qkv (a partial file), else 0."""
+    if prefix + name in ckpt:
+        return ckpt.shape(prefix + name)[0]
+    qkv = next((prefix + n for n in local if n.endswith("qkv.weight") and len(ckpt.shape(prefix + n)) == 2), None)
+    return ckpt.shape(qkv)[1] if qkv else 0
+
+
+def _kv_parameters(ckpt: Checkpoint, fused: list[str], width: int) -> int:
+    """Rows width..3*width of each fused qkv tensor: its keys and values."""
+    return sum(2 * width * (ckpt.shape(n)[1] if len(ckpt.shape(n)) == 2 else 1) for n in fused)
+
+
+def read_transformer_file(ckpt: Checkpoint) -> TransformerFile | None:
+    """The SD3 / SD3.5 or FLUX.1 transformer this single file holds, or None when it holds neither."""
+    keys = list(ckpt.tensors)
+    prefix = PREFIX if any(k.startswith((PREFIX + "joint_blocks.", PREFIX + "double_blocks.")) for k in keys) else ""
+    local = [k[len(prefix):] for k in keys if k.startswith(prefix)]  # the transformer's own names
+    if any(n.startswith("joint_blocks.") for n in local):
+        return _sd3(ckpt, keys, prefix, local)
+    if any(n.startswith("double_blocks.") for n in local):
+        return _flux(ckpt, keys, prefix, local)
+    return None
+
+
+def _sd3(ckpt: Checkpoint, keys: list[str], prefix: str, local: list[str]) -> TransformerFile:
+    width = _width(ckpt, "x_embedder.proj.weight", local, prefix)
+    blocks = _blocks(local, "joint_blocks")
+    dual = any(".x_block.attn2." in n for n in local)
+    qk_norm = any(".attn.ln_q." in n for n in local)
+    label = "SD3.5 medium" if dual else "SD3.5 large" if qk_norm else "SD3 medium"
+    text = [n for n in local if n.startswith("context_embedder.") or ".context_block." in n]
+    fused = [prefix + n for n in text if n.endswith(".attn.qkv.weight") or n.endswith(".attn.qkv.bias")]
+    return TransformerFile(
+        family="sd3", label=label, prefix=prefix, width=width, blocks=blocks, single_blocks=0,
+        transformer=[prefix + n for n in local],
+        text_stream=[prefix + n for n in text], text_kv_parameters=_kv_parameters(ckpt, fused, width),
+        text_encoders=tuple(e for e in TEXT_ENCODERS if any(k.startswith(f"text_encoders.{e}.") for k in keys)),
+        has_vae=any(k.startswith("first_stage_model.") for k in keys))
+
+
+def _flux(ckpt: Checkpoint, keys: list[str], prefix: str, local: list[str]) -> TransformerFile:
+    width = _width(ckpt, "img_in.weight", local, prefix)
+    in_channels = ckpt.shape(prefix + "img_in.weight")[1] if prefix + "img_in.weight" in ckpt else 64
+    guided = any(n.startswith("guidance_in.") for n in local)
+    # FLUX.1 Fill and Depth take the image's own conditioning in extra input channels (diffusers tells them apart so)
+    label = {384: "FLUX.1 Fill", 128: "FLUX.1 Depth"}.get(in_channels, "FLUX.1-dev" if guided else "FLUX.1-schnell")
+    text = [n for n in local if n.startswith("txt_in.") or re.match(r"double_blocks\.\d+\.txt_", n)]
+    fused = [prefix + n for n in text if n.endswith(".txt_attn.qkv.weight") or n.endswith(".txt_attn.qkv.bias")]
+    return TransformerFile(
+        family="flux", label=label, prefix=prefix, width=width, blocks=_blocks(local, "double_blocks"),
+        single_blocks=_blocks(local, "single_blocks"), transformer=[prefix + n for n in local],
+        text_stream=[prefix + n for n in text], text_kv_parameters=_kv_parameters(ckpt, fused, width),
+        text_encoders=(), has_vae=False)
+
+
+def refusal(tf: TransformerFile) -> str:
+    """The one line that commands other than inspect print for these files."""
+    return (f"unsupported: {tf.label} ({tf.layout}); erase inspect reads it, but run, generate, evaluate, attack and "
+            "merge support only Stable Diffusion 1.x, 2.x and XL so far")

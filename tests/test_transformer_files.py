@@ -1,0 +1,119 @@
+"""SD3 / SD3.5 and FLUX.1 files: recognised by release, described by `erase inspect`, refused by name elsewhere."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from erase.cli import app
+from tests.transformer_layouts import flux_shapes, sd3_shapes, tensors
+
+runner = CliRunner()
+W, HEADS, DEPTH = 32, 2, 2
+
+
+@pytest.mark.parametrize("variant", [dict(qk_norm=False), dict(qk_norm=True), dict(qk_norm=True, dual=(0,))], ids=["sd3", "sd35-large", "sd35-medium"])
+def test_the_sd3_fixtures_are_the_layout_diffusers_reads(variant):
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    original = tensors(sd3_shapes(W, HEADS, DEPTH, **variant), dtype=torch.float32)
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(original)
+    assert not original  # the converter took every tensor: none of the fixture's names is foreign to the layout
+    model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=DEPTH, attention_head_dim=W // HEADS,
+                                  num_attention_heads=HEADS, joint_attention_dim=32, caption_projection_dim=W, pooled_projection_dim=48,
+                                  out_channels=16, pos_embed_max_size=16, dual_attention_layers=variant.get("dual", ()),
+                                  qk_norm="rms_norm" if variant["qk_norm"] else None)
+    model.load_state_dict(converted, strict=True)  # every name and shape
+
+
+def test_the_flux_fixture_is_the_layout_diffusers_reads_at_full_width():
+    """diffusers' FLUX.1 converter assumes the released width (3072), so the check runs there, on the meta device."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    original = tensors(flux_shapes(3072, 24, 1, 1, joint_dim=4096, pooled_dim=768, prefix="model.diffusion_model."), device="meta")
+    converted = convert_flux_transformer_checkpoint_to_diffusers(original)
+    assert not original
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+    model.load_state_dict(converted, strict=True, assign=True)
+
+
+def _write(tmp_path, shapes, name):
+    path = tmp_path / f"{name}.safetensors"
+    save_file(tensors(shapes), str(path))
+    return path
+
+
+def _inspect(path) -> dict:
+    r = runner.invoke(app, ["inspect", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_inspect_names_the_release_its_text_stream_and_what_the_file_carries(tmp_path):
+    medium = _inspect(_write(tmp_path, sd3_shapes(W, HEADS, DEPTH, dual=(0,), text_encoders=("clip_l", "clip_g"), vae=True), "sd35m"))
+    assert (medium["family"], medium["family_label"], medium["supported"]) == ("sd3", "SD3.5 medium", False)
+    assert (medium["width"], medium["blocks"], medium["text_encoders"], medium["vae"]) == (W, DEPTH, ["clip_l", "clip_g"], True)
+    # keys and values: rows W..3W of every context block's fused qkv, the pre-only last block's included
+    assert medium["text_kv_parameters"] == DEPTH * (2 * W * W + 2 * W)
+    assert medium["text_stream_parameters"] < medium["transformer_parameters"]
+    large = _inspect(_write(tmp_path, sd3_shapes(W, HEADS, 3), "sd35l"))
+    assert (large["family_label"], large["blocks"], large["text_encoders"], large["vae"]) == ("SD3.5 large", 3, [], False)
+    assert _inspect(_write(tmp_path, sd3_shapes(W, HEADS, DEPTH, qk_norm=False), "sd3"))["family_label"] == "SD3 medium"
+
+    dev = _inspect(_write(tmp_path, flux_shapes(W, HEADS, 2, 3, prefix="model.diffusion_model."), "dev"))
+    assert (dev["family"], dev["family_label"], dev["blocks"], dev["single_blocks"]) == ("flux", "FLUX.1-dev", 2, 3)
+    assert "ComfyUI" in dev["layout"] and dev["text_kv_parameters"] == 2 * (2 * W * W + 2 * W)
+    schnell = _inspect(_write(tmp_path, flux_shapes(W, HEADS, 1, 1, guidance=False), "schnell"))
+    assert schnell["family_label"] == "FLUX.1-schnell" and "ComfyUI" not in schnell["layout"]
+    table = runner.invoke(app, ["inspect", str(tmp_path / "dev.safetensors")])
+    assert table.exit_code == 0 and "FLUX.1-dev" in table.output and "text stream" in table.output
+
+
+@pytest.mark.parametrize("command", [["run", "-c", "cat"], ["generate", "-p", "a cat"], ["evaluate", "--prompts", "{prompts}"],
+                                     ["attack", "--concept", "nudity", "--prompts", "{prompts}", "--base", "{file}"], ["merge", "{file}"]],
+                         ids=lambda c: c[0])
+def test_the_other_commands_refuse_these_files_in_one_line_naming_the_release(tmp_path, command):
+    path = _write(tmp_path, flux_shapes(W, HEADS, 1, 1), "flux")
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    args = [a.format(prompts=tmp_path / "prompts.txt", file=path) for a in command[1:]]
+    r = runner.invoke(app, [command[0], str(path), *args, "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1 and "unsupported: FLUX.1-dev (Black Forest Labs' layout)" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()  # nothing written, not even a folder
+
+
+def test_a_diffusers_folder_of_a_transformer_family_is_refused_by_its_pipeline(tmp_path):
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    r = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert r.exit_code == 1 and "unsupported: a diffusers StableDiffusion3Pipeline folder (SD3Transformer2DModel)" in r.output
+
+
+def test_inspects_text_stream_is_the_one_the_memory_bound_counts_in_diffusers_names(tmp_path):
+    """benchmarks/transformer_memory.py counts the text stream by diffusers' module names; inspect by the release
+    layout's. The same tiny SD3.5 file, read both ways, gives the same counts."""
+    import importlib.util
+    from pathlib import Path
+
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    spec = importlib.util.spec_from_file_location("transformer_memory", Path(__file__).parents[1] / "benchmarks" / "transformer_memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    shapes = sd3_shapes(W, HEADS, 3, dual=(0,))
+    info = _inspect(_write(tmp_path, shapes, "sd35m"))
+    model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=W // HEADS,
+                                  num_attention_heads=HEADS, joint_attention_dim=32, caption_projection_dim=W, pooled_projection_dim=48,
+                                  out_channels=16, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+    model.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(tensors(shapes, dtype=torch.float32)), strict=True)
+    count = lambda keep: sum(p.numel() for n, p in model.named_parameters() if keep(n))  # noqa: E731
+    assert count(memory.TRAIN_SETS["text k/v"]) == info["text_kv_parameters"]
+    assert count(memory.TRAIN_SETS["text stream"]) == info["text_stream_parameters"]
+    buffers = sum(b.numel() for b in model.buffers())  # the position table, a tensor of the file but not a parameter
+    assert count(memory.TRAIN_SETS["all"]) + buffers == info["transformer_parameters"]

@@ -43,9 +43,9 @@ def test_loss_matches_the_formula(tiny_sd1, variant):
     loss = ca.loss(0, None)[0]
     gen.set_state(state)  # replay the draws: which anchor, t, eps
     torch.randint(1, (1,), generator=gen)
-    t = torch.randint(len(ca.alphas), (1,), generator=gen)
+    t = torch.randint(ca.noise.num_train_timesteps, (1,), generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
-    a = ca.alphas[t]
+    a = ca.scheduler.alphas_cumprod[t]
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
     with torch.no_grad():
         got = predict(unet, x_t, t, ca.embeddings["cat"], 16)
@@ -91,9 +91,9 @@ def test_prior_weight_adds_the_denoising_loss_on_anchor_samples(tiny_sd1):
     gen.set_state(state)
 
     def noised():
-        t = torch.randint(len(ca.alphas), (1,), generator=gen)
+        t = torch.randint(ca.noise.num_train_timesteps, (1,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
-        a = ca.alphas[t]
+        a = ca.scheduler.alphas_cumprod[t]
         return a.sqrt() * x0 + (1 - a).sqrt() * eps, t, eps
 
     torch.randint(1, (1,), generator=gen)
@@ -121,3 +121,21 @@ def test_concept_type_sets_the_authors_lr_and_trained_set_unless_given(tiny_sd1,
     r = runner.invoke(app, [*args, "--lr", "1e-3", "--train", "xattn", "-o", str(tmp_path / "b.safetensors"), "--json"])
     report = json.loads(r.stdout)
     assert report["config"]["train"]["lr"] == 1e-3 and report["config"]["train_set"] == "xattn"  # what the user gives wins
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("scheduler", ["DDPMScheduler", "DDIMScheduler"])
+def test_the_forward_process_noises_and_targets_by_the_models_prediction_type(scheduler, prediction_type):
+    """erase.engine.noise (Concept Ablation, HFI's inversion and UnlearnDiffAtk train through it): z_t = sqrt(a) z0 +
+    sqrt(1 - a) noise, and the target is the noise or v = sqrt(a) noise - sqrt(1 - a) z0, per sample's timestep."""
+    import diffusers
+
+    from erase.engine.noise import DiffusionNoise
+
+    s = getattr(diffusers, scheduler)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    z0, noise, t = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([10, 900])
+    z_t, target = DiffusionNoise(s).noised(z0, noise, t)
+    a = s.alphas_cumprod.double()[t].view(2, 1, 1, 1)
+    assert torch.allclose(z_t, a.sqrt() * z0 + (1 - a).sqrt() * noise)
+    want = a.sqrt() * noise - (1 - a).sqrt() * z0 if prediction_type == "v_prediction" else noise
+    assert torch.allclose(target, want)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from erase.engine.noise import DiffusionNoise
 from erase.errors import UsageError
 from erase.generate import Job
 from erase.models import unet_kwargs
@@ -52,9 +53,8 @@ def attack_prompt(gen, prefix, prefix_text: str, job: Job, z_target: torch.Tenso
     stand-in tokens), `flagged(image) -> bool` scores an image. Returns the record of the attack."""
     device, dtype = gen.device, gen.dtype
     scheduler = gen.model.scheduler("DDPMScheduler")
-    alphas = scheduler.alphas_cumprod.to(device)
+    forward_process = DiffusionNoise(scheduler)
     schedule = cfg.timesteps(scheduler.config.num_train_timesteps)
-    v_prediction = gen.model.family.prediction_type != "epsilon"
     with torch.no_grad():
         prefix.dist.fill_(1.0 / prefix.vocab)
     prefix.hard = None
@@ -72,9 +72,7 @@ def attack_prompt(gen, prefix, prefix_text: str, job: Job, z_target: torch.Tenso
     for step in range(1, cfg.steps + 1):
         t = torch.tensor([schedule[(step - 1) % len(schedule)]], device=device)
         noise = torch.randn(z0.shape, generator=noise_gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * z0 if v_prediction else noise
+        z_t, target = forward_process.noised(z0, noise, t)
         with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
             cond = gen.text.forward([prompt], device).to(device, dtype)
             pred = gen.unet(z_t.to(dtype), t, **unet_kwargs(cond, gen.size)).sample  # the UNet as it generates (its dtype)

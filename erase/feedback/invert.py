@@ -29,6 +29,7 @@ from PIL import Image
 
 from erase.embeddings import Embedding, check_token, save_embedding, trainable_tokens
 from erase.engine.device import resolve_device, resolve_precision
+from erase.engine.noise import DiffusionNoise
 from erase.engine.sampling import beta_weights
 from erase.errors import UsageError
 from erase.feedback.collect import IMAGES, read_collection
@@ -111,13 +112,13 @@ class TokenLoss:
     """The reward-weighted denoising loss of the token, one batch per call, for the shared trainer."""
 
     def __init__(self, unet, scheduler, text, z0: torch.Tensor, prompts: list[str], rewards: list[float], *, batch: int, timesteps: str,
-                 v_prediction: bool, resolution: int, device, dtype, generator: torch.Generator) -> None:
+                 resolution: int, device, dtype, generator: torch.Generator) -> None:
         self.unet, self.text, self.z0, self.prompts = unet, text, z0, prompts
-        self.batch, self.v_prediction, self.resolution, self.device, self.dtype = batch, v_prediction, resolution, device, dtype
+        self.batch, self.resolution, self.device, self.dtype = batch, resolution, device, dtype
         self.weights = torch.tensor(rewards, dtype=torch.float64)
         T = scheduler.config.num_train_timesteps
         self.t_weights = beta_weights(T) if timesteps == "beta" else torch.ones(T)
-        self.alphas = scheduler.alphas_cumprod.to(device)
+        self.noise = DiffusionNoise(scheduler)
         self.generator = generator
 
     def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
@@ -128,9 +129,7 @@ class TokenLoss:
         t = torch.multinomial(self.t_weights, self.batch, replacement=True, generator=gen)
         z0 = self.z0[pick]
         noise = torch.randn(z0.shape, generator=gen).to(self.device)
-        a = self.alphas[t.to(self.device)].view(-1, 1, 1, 1)
-        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * z0 if self.v_prediction else noise
+        z_t, target = self.noise.noised(z0, noise, t.to(self.device))
         cond = self.text.forward([self.prompts[i] for i in pick.tolist()], self.device).to(self.device, self.dtype)
         pred = self.unet(z_t.to(self.dtype), t.to(self.device), **unet_kwargs(cond, self.resolution)).sample
         return F.mse_loss(pred.float(), target.float()), {}
@@ -189,7 +188,7 @@ def learn_token(model, images: list[Path], prompts: list[str], weights: list[flo
         unet.enable_gradient_checkpointing()
         unet.train()
     loss = TokenLoss(unet, model.scheduler("DDPMScheduler"), text, z0, prompts, weights, batch=cfg.batch,
-                     timesteps=cfg.timesteps, v_prediction=model.family.prediction_type != "epsilon", resolution=resolution,
+                     timesteps=cfg.timesteps, resolution=resolution,
                      device=device, dtype=dtype, generator=torch.Generator().manual_seed(cfg.seed))
     train = TrainConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=0.0, grad_clip=math.inf, ema_decay=0.0, seed=cfg.seed, log_every=1)
     trainer = Trainer(train, loss, {f"token.{i}": v for i, v in enumerate(vectors)}, generator=loss.generator, device=device,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from erase.engine.noise import DiffusionNoise
 from erase.engine.sampling import ddim_trajectory, guided, predict
 from erase.errors import UsageError
 from erase.methods.base import TrainedMethod
@@ -88,8 +89,7 @@ class CA(TrainedMethod):
         self.pairs = self.caption_pairs(cfg, concepts, vocab)
         self.embeddings: dict[str, Conditioning] = {}
         self.anchors: list[tuple[torch.Tensor, int]] = []  # (x_0, index into pairs)
-        self.alphas = self.scheduler.alphas_cumprod
-        self.v_prediction = self.scheduler.config.prediction_type == "v_prediction"
+        self.noise = DiffusionNoise(self.scheduler)
 
     @staticmethod
     def caption_pairs(cfg: CAConfig, concepts: list[str], vocab: Vocabulary | None) -> list[tuple[str, str]]:
@@ -142,12 +142,11 @@ class CA(TrainedMethod):
 
     def _noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, t, what the UNet should output for it: eps, or v for a v-prediction model)."""
-        t = torch.randint(len(self.alphas), (1,), generator=self.generator)
+        t = torch.randint(self.noise.num_train_timesteps, (1,), generator=self.generator)
         eps = torch.randn(x0.shape, generator=self.generator).to(self.device, torch.float32)
-        a = self.alphas[t].to(self.device, torch.float32)
-        x_t = a.sqrt() * x0.float() + (1 - a).sqrt() * eps
-        truth = a.sqrt() * eps - (1 - a).sqrt() * x0.float() if self.v_prediction else eps
-        return x_t.to(x0.dtype), t.to(self.device), truth
+        t = t.to(self.device)
+        x_t, truth = self.noise.noised(x0.float(), eps, t)
+        return x_t.to(x0.dtype), t, truth
 
     adversarial = False  # its loss pairs an anchor caption with the concept's and adds a prior term: not one draw
 

@@ -1,6 +1,7 @@
 """SD3 / SD3.5 and FLUX.1 files: recognised by release, described by `erase inspect`, refused by name elsewhere."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -68,6 +69,9 @@ def test_inspect_names_the_release_its_text_stream_and_what_the_file_carries(tmp
     dev = _inspect(_write(tmp_path, flux_shapes(W, HEADS, 2, 3, prefix="model.diffusion_model."), "dev"))
     assert (dev["family"], dev["family_label"], dev["blocks"], dev["single_blocks"]) == ("flux", "FLUX.1-dev", 2, 3)
     assert "ComfyUI" in dev["layout"] and dev["text_kv_parameters"] == 2 * (2 * W * W + 2 * W)
+    comfy = _inspect(_write(tmp_path, flux_shapes(W, HEADS, 1, 1, prefix="model.diffusion_model.", all_in_one=True), "comfy"))
+    assert (comfy["text_encoders"], comfy["vae"], comfy["text_kv_parameters"]) == (["clip_l", "t5xxl"], True, 2 * W * W + 2 * W)
+    assert comfy["transformer_parameters"] == sum(math.prod(s) for s in flux_shapes(W, HEADS, 1, 1).values())  # the others apart
     schnell = _inspect(_write(tmp_path, flux_shapes(W, HEADS, 1, 1, guidance=False), "schnell"))
     assert schnell["family_label"] == "FLUX.1-schnell" and "ComfyUI" not in schnell["layout"]
     table = runner.invoke(app, ["inspect", str(tmp_path / "dev.safetensors")])

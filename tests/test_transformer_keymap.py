@@ -25,7 +25,8 @@ def _numbered(shapes: dict) -> dict[str, torch.Tensor]:
     # diffusers' FLUX.1 converter assumes the released width: checked there (rows only, so it stays small)
     (flux_shapes(3072, 24, 2, 2), "flux", "", 3072),
     (flux_shapes(3072, 24, 1, 1, guidance=False, prefix="model.diffusion_model."), "flux", "model.diffusion_model.", 3072),
-], ids=["sd3", "sd35-medium", "flux-dev", "flux-schnell-comfyui"])
+    (flux_shapes(3072, 24, 1, 1, prefix="model.diffusion_model.", all_in_one=True), "flux", "model.diffusion_model.", 3072),
+], ids=["sd3", "sd35-medium", "flux-dev", "flux-schnell-comfyui", "flux-dev-comfyui-all-in-one"])
 def test_the_key_map_moves_every_row_where_diffusers_converters_do(shapes, family, prefix, width):
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers, convert_sd3_transformer_checkpoint_to_diffusers
 

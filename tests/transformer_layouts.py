@@ -52,8 +52,9 @@ def sd3_shapes(width: int = 32, heads: int = 2, depth: int = 2, *, dual: tuple[i
 
 
 def flux_shapes(width: int = 32, heads: int = 2, double: int = 2, single: int = 2, *, guidance: bool = True, in_channels: int = 64,
-                joint_dim: int = 32, pooled_dim: int = 48, prefix: str = "") -> dict[str, tuple]:
-    """Name -> shape of a FLUX.1 transformer (dev with guidance, schnell without), as Black Forest Labs publish it."""
+                joint_dim: int = 32, pooled_dim: int = 48, prefix: str = "", all_in_one: bool = False) -> dict[str, tuple]:
+    """Name -> shape of a FLUX.1 transformer (dev with guidance, schnell without), as Black Forest Labs publish it;
+    `all_in_one`: as ComfyUI's checkpoints carry it, prefixed, beside CLIP-L, T5-XXL and the VAE."""
     w, hd = width, width // heads
     s = {"img_in.weight": (w, in_channels), "img_in.bias": (w,), "txt_in.weight": (w, joint_dim), "txt_in.bias": (w,),
          "final_layer.linear.weight": (in_channels, w), "final_layer.linear.bias": (in_channels,),
@@ -74,7 +75,11 @@ def flux_shapes(width: int = 32, heads: int = 2, double: int = 2, single: int = 
                   f"{b}.linear2.weight": (w, w + 4 * w), f"{b}.linear2.bias": (w,),
                   f"{b}.norm.query_norm.scale": (hd,), f"{b}.norm.key_norm.scale": (hd,),
                   f"{b}.modulation.lin.weight": (3 * w, w), f"{b}.modulation.lin.bias": (3 * w,)})
-    return {prefix + k: v for k, v in s.items()}
+    out = {prefix + k: v for k, v in s.items()}
+    if all_in_one:
+        out.update({"text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight": (64, 8),
+                    "text_encoders.t5xxl.transformer.shared.weight": (64, 8), "vae.decoder.conv_in.weight": (8, 16, 3, 3)})
+    return out
 
 
 def tensors(shapes: dict[str, tuple], *, seed: int = 0, dtype=torch.bfloat16, device: str = "cpu") -> dict[str, torch.Tensor]:

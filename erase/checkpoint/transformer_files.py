@@ -21,6 +21,7 @@ from erase.checkpoint.formats import Checkpoint
 
 PREFIX = "model.diffusion_model."
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5xxl")
+OTHER_COMPONENTS = ("text_encoders.", "first_stage_model.", "vae.")  # what an all-in-one file carries beside the transformer
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,14 @@ class TransformerFile:
         if self.family == "sd3":
             return "Stability's layout"
         return "Black Forest Labs' layout" + (" with ComfyUI's model.diffusion_model. prefix" if self.prefix else "")
+
+
+def _text_encoders(keys: list[str]) -> tuple[str, ...]:
+    return tuple(e for e in TEXT_ENCODERS if any(k.startswith(f"text_encoders.{e}.") for k in keys))
+
+
+def _has_vae(keys: list[str]) -> bool:
+    return any(k.startswith(("first_stage_model.", "vae.")) for k in keys)
 
 
 def _blocks(names: list[str], kind: str) -> int:
@@ -66,7 +75,7 @@ def read_transformer_file(ckpt: Checkpoint) -> TransformerFile | None:
     """The SD3 / SD3.5 or FLUX.1 transformer this single file holds, or None when it holds neither."""
     keys = list(ckpt.tensors)
     prefix = PREFIX if any(k.startswith((PREFIX + "joint_blocks.", PREFIX + "double_blocks.")) for k in keys) else ""
-    local = [k[len(prefix):] for k in keys if k.startswith(prefix)]  # the transformer's own names
+    local = [k[len(prefix):] for k in keys if k.startswith(prefix) and not k.startswith(OTHER_COMPONENTS)]  # the transformer's
     if any(n.startswith("joint_blocks.") for n in local):
         return _sd3(ckpt, keys, prefix, local)
     if any(n.startswith("double_blocks.") for n in local):
@@ -86,8 +95,7 @@ def _sd3(ckpt: Checkpoint, keys: list[str], prefix: str, local: list[str]) -> Tr
         family="sd3", label=label, prefix=prefix, width=width, blocks=blocks, single_blocks=0,
         transformer=[prefix + n for n in local],
         text_stream=[prefix + n for n in text], text_kv_parameters=_kv_parameters(ckpt, fused, width),
-        text_encoders=tuple(e for e in TEXT_ENCODERS if any(k.startswith(f"text_encoders.{e}.") for k in keys)),
-        has_vae=any(k.startswith("first_stage_model.") for k in keys))
+        text_encoders=_text_encoders(keys), has_vae=_has_vae(keys))
 
 
 def _flux(ckpt: Checkpoint, keys: list[str], prefix: str, local: list[str]) -> TransformerFile:
@@ -102,7 +110,7 @@ def _flux(ckpt: Checkpoint, keys: list[str], prefix: str, local: list[str]) -> T
         family="flux", label=label, prefix=prefix, width=width, blocks=_blocks(local, "double_blocks"),
         single_blocks=_blocks(local, "single_blocks"), transformer=[prefix + n for n in local],
         text_stream=[prefix + n for n in text], text_kv_parameters=_kv_parameters(ckpt, fused, width),
-        text_encoders=(), has_vae=False)
+        text_encoders=_text_encoders(keys), has_vae=_has_vae(keys))  # ComfyUI's all-in-one FLUX.1 files carry both
 
 
 def refusal(tf: TransformerFile) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from erase.checkpoint.transformer_files import OTHER_COMPONENTS
 from erase.errors import EraseError
 
 
@@ -126,11 +127,9 @@ def transformer_pieces(family: str, shapes: dict[str, tuple[int, ...]], prefix: 
     renames, fused = (SD3_RENAMES, SD3_FUSED) if family == "sd3" else (FLUX_RENAMES, FLUX_FUSED)
     out = []
     for name, shape in shapes.items():
-        if not name.startswith(prefix):
+        if not name.startswith(prefix) or name.startswith(OTHER_COMPONENTS):
             continue
         local = name[len(prefix):]
-        if family == "sd3" and local.startswith(("text_encoders.", "first_stage_model.")):
-            continue
         # SD3's last text block is "pre only": its modulation is (shift, scale) alone, stored as the final layer's is
         pre_only = re.fullmatch(r"joint_blocks\.(\d+)\.context_block\.adaLN_modulation\.1\.(\w+)", local)
         if family == "sd3" and pre_only and shape[0] == 2 * width:

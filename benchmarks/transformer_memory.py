@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RECORD = ROOT / "benchmarks" / "transformer_memory.json"
 sys.path.insert(0, str(ROOT))
 
+from erase.checkpoint.transformer_files import is_text_kv, is_text_stream  # noqa: E402
+
 # the published transformer configs (diffusers' config.json of each release) and their text encoders
 RELEASES = {
     "SD3.5 medium": ("sd3", dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
@@ -33,9 +35,8 @@ RELEASES = {
                                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True), ("clip_l", "t5xxl")),
 }
 TRAIN_SETS = {  # name -> what it trains, by diffusers' module names (the text stream: what only the prompt's tokens pass)
-    "text k/v": lambda n: ".attn.add_k_proj." in n or ".attn.add_v_proj." in n,
-    "text stream": lambda n: n.startswith("context_embedder.") or any(s in n for s in (".attn.add_", ".attn.to_add_out.", ".ff_context.",
-                                                                                        ".norm1_context.", ".attn.norm_added_")),
+    "text k/v": is_text_kv,
+    "text stream": is_text_stream,
     "all": lambda n: True,
 }
 

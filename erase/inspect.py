@@ -11,7 +11,7 @@ from erase.checkpoint.families import detect_family
 from erase.checkpoint.formats import open_checkpoint
 from erase.checkpoint.keymap import is_attn2
 from erase.checkpoint.model_config import config_source
-from erase.checkpoint.transformer_files import TransformerFile, read_transformer_file, refusal
+from erase.checkpoint.transformer_files import TransformerFile, read_transformer_file, read_transformer_folder, refusal
 from erase.checkpoint.write import sha256_file
 
 EMA_POLICY = (
@@ -31,22 +31,24 @@ def _provenance(metadata: dict[str, str]) -> dict:
     return out
 
 
-def _transformer_info(ckpt, tf: TransformerFile) -> dict:
-    """An SD3 / SD3.5 or FLUX.1 file: described, and marked as one the other commands refuse."""
-    params = lambda names: sum(ckpt.tensors[n].numel for n in names)  # noqa: E731
+def _transformer_info(tf: TransformerFile) -> dict:
+    """An SD3 / SD3.5 or FLUX.1 file or folder: described, and marked as one the other commands refuse."""
     return {
         "kind": "checkpoint", "family": tf.family, "family_label": tf.label, "layout": tf.layout, "supported": False,
-        "refusal": refusal(tf), "transformer_parameters": params(tf.transformer), "width": tf.width,
+        "refusal": refusal(tf), "transformer_parameters": tf.transformer_parameters, "width": tf.width,
         "blocks": tf.blocks, "single_blocks": tf.single_blocks,
-        "text_stream_tensors": len(tf.text_stream), "text_stream_parameters": params(tf.text_stream),
+        "text_stream_tensors": len(tf.text_stream), "text_stream_parameters": tf.text_stream_parameters,
         "text_kv_parameters": tf.text_kv_parameters, "text_encoders": list(tf.text_encoders), "vae": tf.has_vae,
     }
 
 
 def describe(path: str | os.PathLike, *, with_hash: bool = False, prediction_type: str | None = None) -> dict:
-    ckpt = open_checkpoint(path)
     path = Path(path)
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    if path.is_dir() and (folder := read_transformer_folder(path)) is not None:  # a pipeline the other commands refuse
+        return {"path": str(path), "format": "diffusers", "size_bytes": size, "tensor_count": len(folder.transformer),
+                "dtypes": dict(folder.dtypes), **_transformer_info(folder)}
+    ckpt = open_checkpoint(path)
     info: dict = {
         "path": str(path),
         "format": ckpt.format,
@@ -59,7 +61,7 @@ def describe(path: str | os.PathLike, *, with_hash: bool = False, prediction_typ
         info["kind"] = kind
         info["parameters"] = sum(t.numel for t in ckpt.tensors.values())
     elif ckpt.format != "diffusers" and (transformer := read_transformer_file(ckpt)) is not None:
-        info.update(_transformer_info(ckpt, transformer))
+        info.update(_transformer_info(transformer))
     else:
         from erase.models import Model
 

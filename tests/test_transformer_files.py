@@ -90,12 +90,39 @@ def test_the_other_commands_refuse_these_files_in_one_line_naming_the_release(tm
     assert not (tmp_path / "out").exists()  # nothing written, not even a folder
 
 
-def test_a_diffusers_folder_of_a_transformer_family_is_refused_by_its_pipeline(tmp_path):
-    (tmp_path / "transformer").mkdir()
+def _sd35_medium_model(layers: int = 2):
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=layers, attention_head_dim=W // HEADS,
+                                 num_attention_heads=HEADS, joint_attention_dim=32, caption_projection_dim=W, pooled_projection_dim=48,
+                                 out_channels=16, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
+def test_a_diffusers_folder_of_these_families_is_described_and_refused_elsewhere(tmp_path):
+    """Sharded transformer weights (as the released FLUX.1 and SD3.5 large folders ship them), a text encoder, a VAE."""
+    model = _sd35_medium_model()
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    model.save_pretrained(tmp_path / "transformer", max_shard_size="40KB")
+    assert len(list((tmp_path / "transformer").glob("*.safetensors"))) > 1
+    for component in ("text_encoder", "vae"):
+        (tmp_path / component).mkdir()
+        save_file({"w": torch.zeros(2)}, str(tmp_path / component / ("model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors")))
+    info = _inspect(tmp_path)
+    assert (info["family_label"], info["layout"], info["supported"], info["text_encoders"], info["vae"]) == (
+        "SD3.5 medium", "a diffusers folder", False, ["clip_l"], True)
+    params = dict(model.named_parameters())
+    assert info["transformer_parameters"] == sum(p.numel() for p in model.state_dict().values())
+    assert info["text_kv_parameters"] == sum(p.numel() for n, p in params.items() if ".add_k_proj." in n or ".add_v_proj." in n)
+    r = runner.invoke(app, ["run", str(tmp_path), "-c", "cat", "-o", str(tmp_path / "o.safetensors")])
+    assert r.exit_code == 1 and "unsupported: SD3.5 medium (a diffusers folder)" in r.output
+
+
+def test_a_diffusers_folder_of_another_transformer_family_is_refused_by_its_class(tmp_path):
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "QwenImageTransformer2DModel"}))
     r = runner.invoke(app, ["inspect", str(tmp_path)])
-    assert r.exit_code == 1 and "unsupported: a diffusers StableDiffusion3Pipeline folder (SD3Transformer2DModel)" in r.output
+    assert r.exit_code == 1 and "unsupported: a diffusers folder of QwenImageTransformer2DModel" in r.output
 
 
 def test_inspects_text_stream_is_the_one_the_memory_bound_counts_in_diffusers_names(tmp_path):

@@ -284,9 +284,13 @@ def _open_diffusers_folder(path: Path) -> Checkpoint:
     if not index.exists():
         raise EraseError(f"{path}: a folder, but not a diffusers model (no model_index.json)")
     try:
-        pipeline = json.loads(index.read_text()).get("_class_name", "pipeline")
+        json.loads(index.read_text())
     except json.JSONDecodeError:
         raise EraseError(f"{index}: not valid JSON") from None
+    from erase.checkpoint.transformer_files import read_transformer_folder, refusal
+
+    if (transformer := read_transformer_folder(path)) is not None:  # SD3 / SD3.5 and FLUX.1: described by inspect only
+        raise EraseError(refusal(transformer))
     tensors: dict[str, TensorInfo] = {}
     configs: dict[str, dict] = {}
     for comp in DIFFUSERS_COMPONENTS:
@@ -305,9 +309,5 @@ def _open_diffusers_folder(path: Path) -> Checkpoint:
     if scheduler.exists():
         configs["scheduler"] = json.loads(scheduler.read_text())
     if not any(k.startswith("unet/") for k in tensors):
-        if (transformer := path / "transformer" / "config.json").exists():  # SD3 / SD3.5, FLUX.1 and later families
-            kind = json.loads(transformer.read_text()).get("_class_name", "a transformer")
-            raise EraseError(f"unsupported: a diffusers {pipeline} folder ({kind}); erase supports only Stable Diffusion 1.x, "
-                             "2.x and XL so far")
         raise EraseError(f"{path}: diffusers folder without UNet weights (unet/diffusion_pytorch_model.safetensors)")
     return Checkpoint(path=path, format="diffusers", tensors=tensors, component_configs=configs)

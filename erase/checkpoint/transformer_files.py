@@ -14,10 +14,14 @@ The text stream is what carries the prompt into the image: SD3's `context_embedd
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from erase.checkpoint.formats import Checkpoint
+from erase.errors import EraseError
 
 PREFIX = "model.diffusion_model."
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5xxl")
@@ -37,9 +41,15 @@ class TransformerFile:
     text_kv_parameters: int  # the text stream's key and value rows in its fused qkv tensors (weights and biases)
     text_encoders: tuple[str, ...]  # the text encoders the file carries (the rest must come from elsewhere)
     has_vae: bool
+    transformer_parameters: int
+    text_stream_parameters: int
+    folder: bool = False  # a diffusers folder (names are diffusers', nothing fused)
+    dtypes: tuple[tuple[str, int], ...] = ()  # a folder's transformer: (safetensors dtype, tensor count)
 
     @property
     def layout(self) -> str:
+        if self.folder:
+            return "a diffusers folder"
         if self.family == "sd3":
             return "Stability's layout"
         return "Black Forest Labs' layout" + (" with ComfyUI's model.diffusion_model. prefix" if self.prefix else "")
@@ -95,7 +105,7 @@ def _sd3(ckpt: Checkpoint, keys: list[str], prefix: str, local: list[str]) -> Tr
         family="sd3", label=label, prefix=prefix, width=width, blocks=blocks, single_blocks=0,
         transformer=[prefix + n for n in local],
         text_stream=[prefix + n for n in text], text_kv_parameters=_kv_parameters(ckpt, fused, width),
-        text_encoders=_text_encoders(keys), has_vae=_has_vae(keys))
+        text_encoders=_text_encoders(keys), has_vae=_has_vae(keys), **_counts(ckpt, prefix, local, text))
 
 
 def _flux(ckpt: Checkpoint, keys: list[str], prefix: str, local: list[str]) -> TransformerFile:
@@ -110,7 +120,66 @@ def _flux(ckpt: Checkpoint, keys: list[str], prefix: str, local: list[str]) -> T
         family="flux", label=label, prefix=prefix, width=width, blocks=_blocks(local, "double_blocks"),
         single_blocks=_blocks(local, "single_blocks"), transformer=[prefix + n for n in local],
         text_stream=[prefix + n for n in text], text_kv_parameters=_kv_parameters(ckpt, fused, width),
-        text_encoders=_text_encoders(keys), has_vae=_has_vae(keys))  # ComfyUI's all-in-one FLUX.1 files carry both
+        text_encoders=_text_encoders(keys), has_vae=_has_vae(keys),  # ComfyUI's all-in-one FLUX.1 files carry both
+        **_counts(ckpt, prefix, local, text))
+
+
+def _counts(ckpt: Checkpoint, prefix: str, local: list[str], text: list[str]) -> dict[str, int]:
+    return {"transformer_parameters": sum(ckpt.tensors[prefix + n].numel for n in local),
+            "text_stream_parameters": sum(ckpt.tensors[prefix + n].numel for n in text)}
+
+
+# The text stream by diffusers' parameter names (what only the prompt's tokens pass through, in the joint / double blocks)
+def is_text_kv(name: str) -> bool:
+    return ".attn.add_k_proj." in name or ".attn.add_v_proj." in name
+
+
+def is_text_stream(name: str) -> bool:
+    return name.startswith("context_embedder.") or any(
+        s in name for s in (".attn.add_", ".attn.to_add_out.", ".ff_context.", ".norm1_context.", ".attn.norm_added_"))
+
+
+TRANSFORMER_CLASSES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+_SHARD = re.compile(r"^diffusion_pytorch_model(-\d+-of-\d+)?(\.[A-Za-z0-9_-]+)?\.safetensors$")
+FOLDER_TEXT_ENCODERS = {"sd3": ("clip_l", "clip_g", "t5xxl"), "flux": ("clip_l", "t5xxl")}  # text_encoder, _2, _3 in order
+
+
+def read_transformer_folder(path: Path) -> TransformerFile | None:
+    """The SD3 / SD3.5 or FLUX.1 pipeline a diffusers folder holds (its transformer's config and its weights' headers),
+    None when the folder has no transformer; another transformer family is refused by its class."""
+    from erase.checkpoint.formats import read_safetensors_header
+
+    config_file = path / "transformer" / "config.json"
+    if not config_file.exists():
+        return None
+    config = json.loads(config_file.read_text())
+    family = TRANSFORMER_CLASSES.get(config.get("_class_name", ""))
+    if family is None:
+        raise EraseError(f"unsupported: a diffusers folder of {config.get('_class_name', 'an unknown transformer')}; erase reads "
+                         "Stable Diffusion 1.x, 2.x and XL, and describes SD3 / SD3.5 and FLUX.1")
+    shards = sorted(f for f in (path / "transformer").iterdir() if _SHARD.match(f.name))
+    plain = [f for f in shards if _SHARD.match(f.name).group(2) is None]  # a variant (fp16) only when there is nothing else
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, int] = {}
+    for f in plain or shards:
+        for n, t in read_safetensors_header(f)[0].items():
+            shapes[n], dtypes[t.dtype] = t.shape, dtypes.get(t.dtype, 0) + 1
+    if not shapes:
+        raise EraseError(f"{path / 'transformer'}: no safetensors weights (diffusion_pytorch_model*.safetensors)")
+    numel = lambda names: sum(math.prod(shapes[n]) for n in names)  # noqa: E731
+    text = [n for n in shapes if is_text_stream(n)]
+    if family == "sd3":
+        label = "SD3.5 medium" if config.get("dual_attention_layers") else "SD3.5 large" if config.get("qk_norm") else "SD3 medium"
+    else:
+        label = {384: "FLUX.1 Fill", 128: "FLUX.1 Depth"}.get(config.get("in_channels", 64),
+                                                            "FLUX.1-dev" if config.get("guidance_embeds") else "FLUX.1-schnell")
+    has = lambda component: any(f.suffix in (".safetensors", ".bin") for f in (path / component).glob("*"))  # noqa: E731
+    encoders = [e for e, folder in zip(FOLDER_TEXT_ENCODERS[family], ("text_encoder", "text_encoder_2", "text_encoder_3")) if has(folder)]
+    return TransformerFile(
+        family=family, label=label, prefix="", width=config["num_attention_heads"] * config["attention_head_dim"],
+        blocks=config["num_layers"], single_blocks=config.get("num_single_layers", 0), transformer=list(shapes), text_stream=text,
+        text_kv_parameters=numel([n for n in shapes if is_text_kv(n)]), text_encoders=tuple(encoders), has_vae=has("vae"),
+        transformer_parameters=numel(shapes), text_stream_parameters=numel(text), folder=True, dtypes=tuple(dtypes.items()))
 
 
 def refusal(tf: TransformerFile) -> str:

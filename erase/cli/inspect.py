@@ -50,9 +50,10 @@ def inspect(
             ("family", f"{info['family_label']} ({info['layout']})"),
             ("transformer", f"{info['transformer_parameters']:,} parameters, width {info['width']}, {blocks} blocks"),
             ("text stream", f"{info['text_stream_tensors']} tensors, {info['text_stream_parameters']:,} parameters ({share:.1f}%); "
-                            f"keys and values {info['text_kv_parameters']:,} (rows of the fused qkv)"),
-            ("text encoders", ", ".join(info["text_encoders"]) or "none in the file"),
-            ("VAE", "yes" if info["vae"] else "none in the file"),
+                            f"keys and values {info['text_kv_parameters']:,} "
+                            + ("(add_k_proj, add_v_proj)" if info["format"] == "diffusers" else "(rows of the fused qkv)")),
+            ("text encoders", ", ".join(info["text_encoders"]) or "none here"),
+            ("VAE", "yes" if info["vae"] else "none here"),
             ("support", f"[yellow]{info['refusal']}[/]"),
         ]
     elif info["kind"] == "checkpoint":

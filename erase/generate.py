@@ -26,8 +26,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from erase.engine.device import check_xformers, configure_attention, resolve_device, resolve_precision
+from erase.engine.sampling import predict
 from erase.errors import EraseError, UsageError
-from erase.models import Conditioning, Model, unet_kwargs
+from erase.models import Conditioning, Model
 
 SCHEDULERS = {  # name -> (diffusers class, extra config, A1111 sampler name)
     "ddim": ("DDIMScheduler", {}, "DDIM"),
@@ -195,7 +196,7 @@ class ImageGenerator:
         gen = torch.Generator().manual_seed(jobs[0].seed)  # only ancestral samplers draw from it
         for i, t in enumerate(sched.timesteps):
             x_in = sched.scale_model_input(x, t).to(self.dtype)
-            out = self.unet(torch.cat([x_in] * len(conds)), t, **unet_kwargs(cond, self.size)).sample.float()
+            out = predict(self.unet, torch.cat([x_in] * len(conds)), t, cond, self.size).float()
             parts = out.chunk(len(conds))
             e_s = parts[2] if sld is not None else None
             pred = sld_guidance(parts[0], parts[1], e_s, scale_g, i, sld, state)

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from erase.engine.noise import DiffusionNoise
+from erase.engine.sampling import predict
 from erase.errors import UsageError
 from erase.generate import Job
-from erase.models import unet_kwargs
 
 
 @dataclass
@@ -75,7 +75,7 @@ def attack_prompt(gen, prefix, prefix_text: str, job: Job, z_target: torch.Tenso
         z_t, target = forward_process.noised(z0, noise, t)
         with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
             cond = gen.text.forward([prompt], device).to(device, dtype)
-            pred = gen.unet(z_t.to(dtype), t, **unet_kwargs(cond, gen.size)).sample  # the UNet as it generates (its dtype)
+            pred = predict(gen.unet, z_t.to(dtype), t, cond, gen.size)  # the UNet as it generates (its dtype)
             loss = F.mse_loss(pred.float(), target.float())
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

@@ -30,7 +30,7 @@ from PIL import Image
 from erase.embeddings import Embedding, check_token, save_embedding, trainable_tokens
 from erase.engine.device import resolve_device, resolve_precision
 from erase.engine.noise import DiffusionNoise
-from erase.engine.sampling import beta_weights
+from erase.engine.sampling import beta_weights, predict
 from erase.errors import UsageError
 from erase.feedback.collect import IMAGES, read_collection
 from erase.feedback.reward import rewards
@@ -122,8 +122,6 @@ class TokenLoss:
         self.generator = generator
 
     def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
-        from erase.models import unet_kwargs
-
         gen = self.generator
         pick = torch.multinomial(self.weights, self.batch, replacement=True, generator=gen)  # images by reward
         t = torch.multinomial(self.t_weights, self.batch, replacement=True, generator=gen)
@@ -131,7 +129,7 @@ class TokenLoss:
         noise = torch.randn(z0.shape, generator=gen).to(self.device)
         z_t, target = self.noise.noised(z0, noise, t.to(self.device))
         cond = self.text.forward([self.prompts[i] for i in pick.tolist()], self.device).to(self.device, self.dtype)
-        pred = self.unet(z_t.to(self.dtype), t.to(self.device), **unet_kwargs(cond, self.resolution)).sample
+        pred = predict(self.unet, z_t.to(self.dtype), t.to(self.device), cond, self.resolution)
         return F.mse_loss(pred.float(), target.float()), {}
 
     def state_dict(self) -> dict:

@@ -44,11 +44,12 @@ def _transformer_info(tf: TransformerFile) -> dict:
 
 def describe(path: str | os.PathLike, *, with_hash: bool = False, prediction_type: str | None = None) -> dict:
     path = Path(path)
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    folder_size = lambda: sum(p.stat().st_size for p in path.rglob("*") if p.is_file())  # noqa: E731
     if path.is_dir() and (folder := read_transformer_folder(path)) is not None:  # a pipeline the other commands refuse
-        return {"path": str(path), "format": "diffusers", "size_bytes": size, "tensor_count": len(folder.transformer),
+        return {"path": str(path), "format": "diffusers", "size_bytes": folder_size(), "tensor_count": len(folder.transformer),
                 "dtypes": dict(folder.dtypes), **_transformer_info(folder)}
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path)  # first: a missing or unreadable path is its one-line error
+    size = folder_size() if path.is_dir() else path.stat().st_size
     info: dict = {
         "path": str(path),
         "format": ckpt.format,

@@ -163,7 +163,7 @@ def _append(opts: AttackOptions, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _target_images(opts: AttackOptions, jobs: list[Job], size: int, progress) -> list[Path]:
+def _target_images(opts: AttackOptions, base_model, jobs: list[Job], size: int, progress) -> list[Path]:
     """UnlearnDiffAtk's target per case: the i-th image of --target-images, or BASE's image for the case's seed."""
     from PIL import Image
 
@@ -182,9 +182,7 @@ def _target_images(opts: AttackOptions, jobs: list[Job], size: int, progress) ->
         return paths
     todo = [i for i, p in enumerate(paths) if not p.exists()]
     if todo:
-        from erase.models import open_model
-
-        gen = ImageGenerator(open_model(opts.base), opts.settings)
+        gen = ImageGenerator(base_model, opts.settings)
         for start in range(0, len(todo), opts.settings.batch):
             chunk = todo[start : start + opts.settings.batch]
             for i, im in zip(chunk, gen.generate([jobs[i] for i in chunk])):
@@ -253,14 +251,13 @@ def run_attack(opts: AttackOptions, progress=None) -> dict:
     specs = load_prompts(source, category=category, limit=opts.limit)
     jobs = jobs_for(specs, opts.settings, n=opts.n, seed=opts.seed)
     erased_model = open_model(opts.erased)  # headers only, before anything is written: a refused file leaves no folder
-    if opts.base is not None:
-        open_model(opts.base)
+    base_model = open_model(opts.base) if opts.base is not None else None
     erased_sha = sha256_file(opts.erased)
     done = _open_state(opts, _fingerprint(opts, jobs, erased_sha))
     size = opts.settings.size or erased_model.default_resolution
     t_start = time.perf_counter()
 
-    targets = _target_images(opts, jobs, size, progress) if "unlearndiffatk" in opts.attacks else []
+    targets = _target_images(opts, base_model, jobs, size, progress) if "unlearndiffatk" in opts.attacks else []
     token_file, token_record = _cce_token(opts, erased_model, size, progress) if "cce" in opts.attacks else (None, None)
 
     gen = ImageGenerator(erased_model, opts.settings)

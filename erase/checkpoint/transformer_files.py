@@ -63,6 +63,17 @@ def _has_vae(keys: list[str]) -> bool:
     return any(k.startswith(("first_stage_model.", "vae.")) for k in keys)
 
 
+def sd3_label(*, dual: bool, qk_norm: bool) -> str:
+    """SD3.5 medium has MMDiT-X's second image attention, SD3.5 large q/k norms without it, SD3 medium neither."""
+    return "SD3.5 medium" if dual else "SD3.5 large" if qk_norm else "SD3 medium"
+
+
+def flux_label(*, in_channels: int, guided: bool) -> str:
+    """FLUX.1 Fill and Depth take the image's own conditioning in extra input channels (diffusers tells them apart so);
+    dev is guidance-distilled (a guidance embedder), schnell is not."""
+    return {384: "FLUX.1 Fill", 128: "FLUX.1 Depth"}.get(in_channels, "FLUX.1-dev" if guided else "FLUX.1-schnell")
+
+
 def _blocks(names: list[str], kind: str) -> int:
     found = {int(m.group(1)) for n in names if (m := re.match(rf"{kind}\.(\d+)\.", n))}
     return max(found) + 1 if found else 0
@@ -96,9 +107,7 @@ def read_transformer_file(ckpt: Checkpoint) -> TransformerFile | None:
 def _sd3(ckpt: Checkpoint, keys: list[str], prefix: str, local: list[str]) -> TransformerFile:
     width = _width(ckpt, "x_embedder.proj.weight", local, prefix)
     blocks = _blocks(local, "joint_blocks")
-    dual = any(".x_block.attn2." in n for n in local)
-    qk_norm = any(".attn.ln_q." in n for n in local)
-    label = "SD3.5 medium" if dual else "SD3.5 large" if qk_norm else "SD3 medium"
+    label = sd3_label(dual=any(".x_block.attn2." in n for n in local), qk_norm=any(".attn.ln_q." in n for n in local))
     text = [n for n in local if n.startswith("context_embedder.") or ".context_block." in n]
     fused = [prefix + n for n in text if n.endswith(".attn.qkv.weight") or n.endswith(".attn.qkv.bias")]
     return TransformerFile(
@@ -111,9 +120,7 @@ def _sd3(ckpt: Checkpoint, keys: list[str], prefix: str, local: list[str]) -> Tr
 def _flux(ckpt: Checkpoint, keys: list[str], prefix: str, local: list[str]) -> TransformerFile:
     width = _width(ckpt, "img_in.weight", local, prefix)
     in_channels = ckpt.shape(prefix + "img_in.weight")[1] if prefix + "img_in.weight" in ckpt else 64
-    guided = any(n.startswith("guidance_in.") for n in local)
-    # FLUX.1 Fill and Depth take the image's own conditioning in extra input channels (diffusers tells them apart so)
-    label = {384: "FLUX.1 Fill", 128: "FLUX.1 Depth"}.get(in_channels, "FLUX.1-dev" if guided else "FLUX.1-schnell")
+    label = flux_label(in_channels=in_channels, guided=any(n.startswith("guidance_in.") for n in local))
     text = [n for n in local if n.startswith("txt_in.") or re.match(r"double_blocks\.\d+\.txt_", n)]
     fused = [prefix + n for n in text if n.endswith(".txt_attn.qkv.weight") or n.endswith(".txt_attn.qkv.bias")]
     return TransformerFile(
@@ -168,11 +175,8 @@ def read_transformer_folder(path: Path) -> TransformerFile | None:
         raise EraseError(f"{path / 'transformer'}: no safetensors weights (diffusion_pytorch_model*.safetensors)")
     numel = lambda names: sum(math.prod(shapes[n]) for n in names)  # noqa: E731
     text = [n for n in shapes if is_text_stream(n)]
-    if family == "sd3":
-        label = "SD3.5 medium" if config.get("dual_attention_layers") else "SD3.5 large" if config.get("qk_norm") else "SD3 medium"
-    else:
-        label = {384: "FLUX.1 Fill", 128: "FLUX.1 Depth"}.get(config.get("in_channels", 64),
-                                                            "FLUX.1-dev" if config.get("guidance_embeds") else "FLUX.1-schnell")
+    label = (sd3_label(dual=bool(config.get("dual_attention_layers")), qk_norm=bool(config.get("qk_norm"))) if family == "sd3"
+             else flux_label(in_channels=config.get("in_channels", 64), guided=bool(config.get("guidance_embeds"))))
     has = lambda component: any(f.suffix in (".safetensors", ".bin") for f in (path / component).glob("*"))  # noqa: E731
     encoders = [e for e, folder in zip(FOLDER_TEXT_ENCODERS[family], ("text_encoder", "text_encoder_2", "text_encoder_3")) if has(folder)]
     return TransformerFile(

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from erase.cli import app
-from tests.transformer_layouts import flux_shapes, sd3_shapes, tensors
+from tests.transformer_layouts import flux_shapes, sd3_model, sd3_shapes, tensors
 
 runner = CliRunner()
 W, HEADS, DEPTH = 32, 2, 2
@@ -17,17 +17,12 @@ W, HEADS, DEPTH = 32, 2, 2
 
 @pytest.mark.parametrize("variant", [dict(qk_norm=False), dict(qk_norm=True), dict(qk_norm=True, dual=(0,))], ids=["sd3", "sd35-large", "sd35-medium"])
 def test_the_sd3_fixtures_are_the_layout_diffusers_reads(variant):
-    from diffusers import SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
     original = tensors(sd3_shapes(W, HEADS, DEPTH, **variant), dtype=torch.float32)
     converted = convert_sd3_transformer_checkpoint_to_diffusers(original)
     assert not original  # the converter took every tensor: none of the fixture's names is foreign to the layout
-    model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=DEPTH, attention_head_dim=W // HEADS,
-                                  num_attention_heads=HEADS, joint_attention_dim=32, caption_projection_dim=W, pooled_projection_dim=48,
-                                  out_channels=16, pos_embed_max_size=16, dual_attention_layers=variant.get("dual", ()),
-                                  qk_norm="rms_norm" if variant["qk_norm"] else None)
-    model.load_state_dict(converted, strict=True)  # every name and shape
+    sd3_model(W, HEADS, DEPTH, **variant).load_state_dict(converted, strict=True)  # every name and shape
 
 
 def test_the_flux_fixture_is_the_layout_diffusers_reads_at_full_width():
@@ -90,17 +85,9 @@ def test_the_other_commands_refuse_these_files_in_one_line_naming_the_release(tm
     assert not (tmp_path / "out").exists()  # nothing written, not even a folder
 
 
-def _sd35_medium_model(layers: int = 2):
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=layers, attention_head_dim=W // HEADS,
-                                 num_attention_heads=HEADS, joint_attention_dim=32, caption_projection_dim=W, pooled_projection_dim=48,
-                                 out_channels=16, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
-
-
 def test_a_diffusers_folder_of_these_families_is_described_and_refused_elsewhere(tmp_path):
     """Sharded transformer weights (as the released FLUX.1 and SD3.5 large folders ship them), a text encoder, a VAE."""
-    model = _sd35_medium_model()
+    model = sd3_model(W, HEADS, DEPTH, dual=(0,))
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     model.save_pretrained(tmp_path / "transformer", max_shard_size="40KB")
     assert len(list((tmp_path / "transformer").glob("*.safetensors"))) > 1
@@ -131,7 +118,6 @@ def test_inspects_text_stream_is_the_one_the_memory_bound_counts_in_diffusers_na
     import importlib.util
     from pathlib import Path
 
-    from diffusers import SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
     spec = importlib.util.spec_from_file_location("transformer_memory", Path(__file__).parents[1] / "benchmarks" / "transformer_memory.py")
@@ -139,9 +125,7 @@ def test_inspects_text_stream_is_the_one_the_memory_bound_counts_in_diffusers_na
     spec.loader.exec_module(memory)
     shapes = sd3_shapes(W, HEADS, 3, dual=(0,))
     info = _inspect(_write(tmp_path, shapes, "sd35m"))
-    model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=W // HEADS,
-                                  num_attention_heads=HEADS, joint_attention_dim=32, caption_projection_dim=W, pooled_projection_dim=48,
-                                  out_channels=16, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+    model = sd3_model(W, HEADS, 3, dual=(0,))
     model.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(tensors(shapes, dtype=torch.float32)), strict=True)
     count = lambda keep: sum(p.numel() for n, p in model.named_parameters() if keep(n))  # noqa: E731
     assert count(memory.TRAIN_SETS["text k/v"]) == info["text_kv_parameters"]

@@ -8,7 +8,7 @@ from erase.checkpoint.formats import open_checkpoint
 from erase.checkpoint.transformer_files import read_transformer_file
 from erase.checkpoint.transformer_keymap import assemble, splice, transformer_pieces
 from erase.checkpoint.write import write_checkpoint
-from tests.transformer_layouts import flux_shapes, sd3_shapes, tensors
+from tests.transformer_layouts import flux_model, flux_shapes, sd3_model, sd3_shapes, tensors
 
 W, HEADS = 32, 2
 
@@ -47,19 +47,13 @@ def _write(tmp_path, shapes) -> "open_checkpoint":
 
 @pytest.mark.parametrize("release", ["sd35-medium", "flux-dev"])
 def test_a_trained_text_projection_is_spliced_into_its_rows_and_nothing_else_changes(tmp_path, release):
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
     if release == "sd35-medium":
         shapes = sd3_shapes(W, HEADS, 2, dual=(0,), text_encoders=("clip_l",), vae=True)
-        model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=W // HEADS, num_attention_heads=HEADS,
-                                      joint_attention_dim=32, caption_projection_dim=W, pooled_projection_dim=48, out_channels=16,
-                                      pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+        model = sd3_model(W, HEADS, 2, dual=(0,))
         fused = "model.diffusion_model.joint_blocks.1.context_block.attn.qkv"
     else:
         shapes = flux_shapes(W, HEADS, 2, 1)
-        model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=1, attention_head_dim=W // HEADS,
-                                       num_attention_heads=HEADS, joint_attention_dim=32, pooled_projection_dim=48, guidance_embeds=True,
-                                       axes_dims_rope=(4, 6, 6))
+        model = flux_model(W, HEADS, 2, 1)
         fused = "double_blocks.1.txt_attn.qkv"
     ckpt = _write(tmp_path, shapes)
     tf = read_transformer_file(ckpt)

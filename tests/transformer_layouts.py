@@ -82,6 +82,26 @@ def flux_shapes(width: int = 32, heads: int = 2, double: int = 2, single: int = 
     return out
 
 
+def sd3_model(width: int = 32, heads: int = 2, depth: int = 2, *, dual: tuple[int, ...] = (), qk_norm: bool = True):
+    """diffusers' SD3Transformer2DModel with the configuration `sd3_shapes` writes (same defaults)."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=depth, attention_head_dim=width // heads,
+                                 num_attention_heads=heads, joint_attention_dim=32, caption_projection_dim=width, pooled_projection_dim=48,
+                                 out_channels=16, pos_embed_max_size=16, dual_attention_layers=dual, qk_norm="rms_norm" if qk_norm else None)
+
+
+def flux_model(width: int = 32, heads: int = 2, double: int = 2, single: int = 2, *, guidance: bool = True):
+    """diffusers' FluxTransformer2DModel with the configuration `flux_shapes` writes (same defaults)."""
+    from diffusers import FluxTransformer2DModel
+
+    head_dim = width // heads
+    rope = (head_dim - 2 * (3 * head_dim // 8), 3 * head_dim // 8, 3 * head_dim // 8)  # the rotary axes split the head
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=head_dim,
+                                  num_attention_heads=heads, joint_attention_dim=32, pooled_projection_dim=48, guidance_embeds=guidance,
+                                  axes_dims_rope=rope)
+
+
 def tensors(shapes: dict[str, tuple], *, seed: int = 0, dtype=torch.bfloat16, device: str = "cpu") -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     if device == "meta":

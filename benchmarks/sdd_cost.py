@@ -185,7 +185,7 @@ def run_default(method_config: dict, steps: int, **run) -> dict:
     from rich.console import Console
 
     from erase.engine.trainer import TrainConfig
-    from erase.run import RunOptions, erase_concepts, expected_evals_per_step
+    from erase.run import RunOptions, concept_eps_cost, erase_concepts, expected_evals_per_step
     from erase.tiny import write_tiny_checkpoint
 
     torch.set_num_threads(1)
@@ -197,7 +197,8 @@ def run_default(method_config: dict, steps: int, **run) -> dict:
     m = cfg["method_config"]
     predicted = expected_evals_per_step(m["sample_steps"], m["reuse"], retain_slots=cfg["preserve_per_step"],
                                         retain_frozen=m["trajectories"] == "frozen", paired=cfg["preserve_paired"],
-                                        adversarial_steps=None if cfg["adversarial"] is None else cfg["adversarial"]["steps"])
+                                        adversarial_steps=None if cfg["adversarial"] is None else cfg["adversarial"]["steps"],
+                                        concept_eps=concept_eps_cost(m))
     return {"options": {k: m[k] for k in ("trajectories", "sample_on", "reuse", "target", "expand")} | {"train_set": cfg["train_set"],
                 "preserve_per_step": cfg["preserve_per_step"], "preserve_paired": cfg["preserve_paired"], "adversarial": cfg["adversarial"]},
             "steps": steps, "unet_evals_per_step": report["unet_evals_per_step"], "unet_calls_per_step": report["unet_calls_per_step"],

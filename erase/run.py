@@ -522,7 +522,8 @@ def _print_summary(console: Console, model: Model, opts: RunOptions, cfg: dict, 
     if "reuse" in m:
         evals = expected_evals_per_step(m["sample_steps"], m["reuse"], retain_slots=cfg["preserve_per_step"] if held else 0,
                                         retain_frozen=m.get("trajectories") == "frozen", paired=bool(cfg["preserve_paired"] and held),
-                                        adversarial_steps=None if cfg["adversarial"] is None else cfg["adversarial"]["steps"])
+                                        adversarial_steps=None if cfg["adversarial"] is None else cfg["adversarial"]["steps"],
+                                        concept_eps=concept_eps_cost(m))
         who = "the input model" if m.get("trajectories") == "frozen" or opts.method == "esd" else "the EMA teacher"
         console.print(f"  trajectories    {who}, {m['sample_steps']} DDIM steps, CFG {m['guidance']}, reuse {m['reuse']}; "
                       f"expected ~{evals * opts.batch_size:.1f} UNet evals/step" + (" per process" if cfg["world_size"] > 1 else ""))
@@ -536,17 +537,27 @@ def _print_summary(console: Console, model: Model, opts: RunOptions, cfg: dict, 
 
 
 def expected_evals_per_step(k: int, reuse: int, *, retain_slots: int = 0, retain_frozen: bool = False, paired: bool = False,
-                            adversarial_steps: int | None = None) -> float:
+                            adversarial_steps: int | None = None, concept_eps: str | None = None) -> float:
     """UNet evaluations per step on average (one sample), as erase.engine.sampling.EvalCounter counts them. A trajectory
     stops at the last of its `reuse` latents, drawn without repeats from the K steps: E[last] = reuse (K + 1) / (reuse + 1)
     - 1 guided steps (2 evaluations each), shared by `reuse` steps; one more when the input model's trajectory also brings
     the last latent's target. Each loss term: its target's forward (free for the retain term on the input model's
-    latents), the student's forward and backward (3)."""
+    latents), the student's forward and backward (3). `concept_eps` (SDD's --eta): the erasure's target also needs the
+    input model's eps(z, c), "free" from its trajectory (whose last latent then costs one more guided step) or one more
+    "forward"."""
     last = reuse * (k + 1) / (reuse + 1) - 1
-    erase = 2 * last / reuse + 1 + 3
+    erase = 2 * last / reuse + 1 + 3 + {None: 0, "free": 2 / reuse, "forward": 1}[concept_eps]
     retain = (2 * (last + 1) / reuse + 3) if retain_frozen else (2 * last / reuse + 1 + 3)
     attack = 0 if adversarial_steps is None else (6 if adversarial_steps == 0 else 1 + 3 * adversarial_steps + 3)
     return erase + retain_slots * retain + 4 * paired + attack
+
+
+def concept_eps_cost(method_config: dict) -> str | None:
+    """How SDD's negative-guided target gets eps(z, c) (erase.methods.sdd.SDD.free_concept_eps); None: not needed."""
+    if not method_config.get("eta"):
+        return None
+    own_input = method_config.get("trajectories") == "frozen" and method_config.get("sample_on") == "own"
+    return "free" if own_input else "forward"
 
 
 def _train_with_progress(trainer: Trainer, console: Console, progress: bool) -> None:

@@ -194,3 +194,34 @@ def test_sdd_with_preservation_defaults_to_keys_and_values_under_the_shared_inne
     asked, _ = run("asked", "--preserve", "dog", "--train", "xattn", "--no-adversarial", "--preserve-per-step", "1", "--reuse", "2")
     cfg = asked["config"]
     assert (cfg["train_set"], cfg["adversarial"], cfg["preserve_per_step"], cfg["method_config"]["reuse"]) == ("xattn", None, 1, 2)
+
+
+@pytest.mark.parametrize("trajectories", ["frozen", "teacher"])
+def test_eta_pushes_the_target_away_from_the_concept_by_the_input_models_predictions(tiny_sd1, trajectories):
+    """--eta: target = eps(z, "a red") - eta * (eps(z, "a red cat") - eps(z, "a red")), all the input model's, whatever the
+    student has become; on the input model's own trajectories eps(z, "a red cat") is the one their guided call made."""
+    from erase.models import open_model
+
+    sdd, params, unet = _sdd(tiny_sd1, sample_on="own", trajectories=trajectories, eta=1.5)
+    assert sdd.free_concept_eps == (trajectories == "frozen")
+    untouched = open_model(tiny_sd1).load_unet()
+    with torch.no_grad():  # the student has moved away from the input model
+        for p in params.values():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    d = sdd.draw(1, None)
+    assert d.prompt == "a red cat"
+    with torch.no_grad():
+        e_w, e_c = (predict(untouched, d.z, d.t, sdd.embeddings[p], 16) for p in ("a red", "a red cat"))
+    expected = e_w - 1.5 * (e_c - e_w)
+    assert torch.allclose(d.target, expected, rtol=1e-4, atol=1e-5)
+    assert (d.target - e_w).abs().max() > 1e-3  # the push is there
+
+
+def test_eta_needs_the_input_models_target():
+    from erase.errors import UsageError
+    from erase.methods.sdd import SDDConfig
+
+    with pytest.raises(UsageError, match="--target frozen"):
+        SDDConfig(eta=1.0, target="self").validate()
+    with pytest.raises(UsageError, match=">= 0"):
+        SDDConfig(eta=-1.0, target="frozen").validate()

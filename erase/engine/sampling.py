@@ -73,6 +73,19 @@ def guided(unet, z: torch.Tensor, t, uncond: Conditioning, cond: Conditioning, s
     return guided_parts(unet, z, t, uncond, cond, scale, resolution, counter, weights)[0]
 
 
+def negative_guided(unet, z: torch.Tensor, t: torch.Tensor, without: Conditioning, concept: Conditioning, eta: float,
+                    resolution: int, counter: EvalCounter | None = None, weights: Weights = None,
+                    concept_eps: torch.Tensor | None = None) -> torch.Tensor:
+    """ESD's target, eps(z, w) - eta * (eps(z, c) - eps(z, w)), in fp32: the prediction without the concept, pushed away
+    from it. `concept_eps`: eps(z, c) already at hand (a trajectory's conditional half); otherwise both in one call."""
+    if concept_eps is not None:
+        e_w, e_c = predict(unet, z, t, without, resolution, counter, weights).float(), concept_eps.float()
+    else:
+        both = predict(unet, torch.cat([z, z]), torch.cat([t, t]), Conditioning.cat([without, concept]), resolution, counter, weights)
+        e_w, e_c = both.float().chunk(2)
+    return e_w - eta * (e_c - e_w)
+
+
 @torch.no_grad()
 def ddim_trajectory(unet, scheduler, z: torch.Tensor, uncond: Conditioning, cond: Conditioning, *, scale: float,
                     num_steps: int, keep: list[int], resolution: int, counter: EvalCounter | None = None,

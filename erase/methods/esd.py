@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from erase.engine.params import frozen_copy
-from erase.engine.sampling import Weights, harvest, load_queues, predict, queues_state, take
+from erase.engine.sampling import Weights, harvest, load_queues, negative_guided, queues_state, take
 from erase.errors import UsageError
 from erase.methods.base import Draw, TrainedMethod
 from erase.methods.options import option
@@ -105,11 +105,8 @@ class ESD(TrainedMethod):
         b = z_t.shape[0]
         t = self.scheduler.timesteps[k].to(self.device)
         with torch.no_grad():
-            both = predict(self.unet, torch.cat([z_t, z_t]), torch.cat([t, t]),
-                           Conditioning.cat([self.embeddings[""].repeat(b), self.embeddings[c].repeat(b)]), self.resolution, self.counter,
-                           weights=self.frozen)
-            e0, ec = both.float().chunk(2)
-            target = e0 - self.cfg.eta * (ec - e0)
+            target = negative_guided(self.unet, z_t, t, self.embeddings[""].repeat(b), self.embeddings[c].repeat(b), self.cfg.eta,
+                                     self.resolution, self.counter, weights=self.frozen)
         return Draw(z_t, t, c, target, {"k": k, "t": t, "c": c})  # tensors: read only if anyone asks (no host sync)
 
     def state_dict(self) -> dict:

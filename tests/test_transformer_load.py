@@ -1,0 +1,68 @@
+"""SD3 / FLUX.1 single files load into diffusers' transformers with the configuration their tensors imply."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from erase.checkpoint.formats import open_checkpoint
+from erase.checkpoint.transformer_config import flux_rope_axes, load_transformer, transformer_config
+from erase.checkpoint.transformer_files import read_transformer_file
+from erase.errors import EraseError
+from tests.transformer_layouts import flux_model, flux_shapes, sd3_model, sd3_shapes, tensors
+
+W, HEADS = 32, 2
+CONFIG_KEYS = ("num_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "in_channels")
+
+
+def _file(tmp_path, shapes, metadata=None):
+    path = tmp_path / "m.safetensors"
+    save_file({k: t.float() for k, t in tensors(shapes).items()}, str(path), metadata=metadata)
+    ckpt = open_checkpoint(path)
+    return ckpt, read_transformer_file(ckpt)
+
+
+def _inputs(family: str, g: torch.Generator) -> dict:
+    if family == "sd3":
+        return {"hidden_states": torch.randn(2, 16, 8, 8, generator=g), "encoder_hidden_states": torch.randn(2, 5, 32, generator=g),
+                "pooled_projections": torch.randn(2, 48, generator=g), "timestep": torch.tensor([10.0, 500.0])}
+    return {"hidden_states": torch.randn(2, 16, 64, generator=g), "encoder_hidden_states": torch.randn(2, 5, 32, generator=g),
+            "pooled_projections": torch.randn(2, 48, generator=g), "timestep": torch.tensor([0.01, 0.5]),
+            "img_ids": torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).reshape(16, 3),
+            "txt_ids": torch.zeros(5, 3), "guidance": torch.tensor([3.5, 3.5])}
+
+
+@pytest.mark.parametrize("release", ["sd35-medium", "flux-dev"])
+def test_a_release_file_loads_into_the_transformer_diffusers_builds_from_the_same_weights(tmp_path, release):
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    if release == "sd35-medium":
+        shapes, reference, family = sd3_shapes(W, HEADS, 3, dual=(0, 1), text_encoders=("clip_l",), vae=True), sd3_model(W, HEADS, 3, dual=(0, 1)), "sd3"
+    else:
+        shapes, reference, family = flux_shapes(W, HEADS, 2, 2), flux_model(W, HEADS, 2, 2), "flux"
+    ckpt, tf = _file(tmp_path, shapes)
+    model, pieces = load_transformer(ckpt, tf)
+    assert type(model) is type(reference)
+    assert {k: model.config[k] for k in CONFIG_KEYS} == {k: reference.config[k] for k in CONFIG_KEYS}
+    if family == "sd3":
+        assert tuple(model.config.dual_attention_layers) == (0, 1) and model.config.qk_norm == "rms_norm"
+        raw = {k[len(tf.prefix):]: ckpt.get(k) for k in tf.transformer}
+        reference.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(raw))  # diffusers' own reading of the file
+    else:
+        # diffusers' FLUX.1 converter only reads the released width (the key map is checked against it there)
+        assert model.config.guidance_embeds and tuple(model.config.axes_dims_rope) == tuple(reference.config.axes_dims_rope)
+        reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        got = model(**_inputs(family, torch.Generator().manual_seed(0))).sample
+        want = reference.eval()(**_inputs(family, torch.Generator().manual_seed(0))).sample
+    assert torch.equal(got, want)
+    assert {p.file for p in pieces} == set(tf.transformer)  # every tensor of the transformer has its place
+
+
+def test_a_release_head_width_gives_the_released_rotary_axes_and_metadata_wins(tmp_path):
+    assert flux_rope_axes(128) == (16, 56, 56) and sum(flux_rope_axes(16)) == 16 and all(a % 2 == 0 for a in flux_rope_axes(24))
+    ckpt, tf = _file(tmp_path, sd3_shapes(W, HEADS, 2, qk_norm=False))  # SD3 without q/k norms: heads of 64 do not fit 32
+    with pytest.raises(EraseError, match="attention_head_dim"):
+        transformer_config(ckpt, tf)
+    ckpt, tf = _file(tmp_path, sd3_shapes(W, HEADS, 2, qk_norm=False), metadata={"erase.model.transformer": '{"attention_head_dim": 16, "num_attention_heads": 2}'})
+    cfg = transformer_config(ckpt, tf)
+    assert cfg["attention_head_dim"] == 16 and cfg["qk_norm"] is None and cfg["dual_attention_layers"] == ()

@@ -139,3 +139,27 @@ def test_the_forward_process_noises_and_targets_by_the_models_prediction_type(sc
     assert torch.allclose(z_t, a.sqrt() * z0 + (1 - a).sqrt() * noise)
     want = a.sqrt() * noise - (1 - a).sqrt() * z0 if prediction_type == "v_prediction" else noise
     assert torch.allclose(target, want)
+
+
+def test_the_flow_matching_forward_process_is_diffusers_training_line_and_velocity():
+    """SD3 / FLUX.1: z_t = (1 - s) z0 + s noise at diffusers' own (shifted) training sigmas, the model's timestep s * 1000,
+    the velocity noise - z0 as target: one Euler step of the true velocity from z_t lands on z0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from erase.engine.noise import DiffusionNoise, FlowMatchNoise, forward_process
+
+    s = FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3's
+    noise_fn = forward_process(s)
+    assert isinstance(noise_fn, FlowMatchNoise) and isinstance(forward_process(__import__("diffusers").DDIMScheduler()), DiffusionNoise)
+    z0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    z_t, v = noise_fn.noised(z0, noise, t)
+    timestep = noise_fn.timestep(t)
+    assert torch.allclose(z_t, s.scale_noise(z0, timestep, noise), atol=1e-6)  # diffusers finds these among its training timesteps
+    assert torch.equal(v, noise - z0) and timestep[0] < timestep[1]
+    sigma = noise_fn.sigma(t).view(2, 1, 1, 1)
+    assert torch.allclose(z_t - sigma * v, z0, atol=1e-5)
+    flux = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    with pytest.raises(ValueError, match="mu"):
+        FlowMatchNoise(flux)
+    got = FlowMatchNoise(flux, mu=0.8).sigma(t)
+    assert torch.allclose(got, flux.time_shift(0.8, 1.0, (t.double() + 1) / 1000).float())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from erase.engine.noise import DiffusionNoise
+from erase.engine.noise import forward_process
 from erase.engine.sampling import predict
 from erase.errors import UsageError
 from erase.generate import Job
@@ -53,7 +53,7 @@ def attack_prompt(gen, prefix, prefix_text: str, job: Job, z_target: torch.Tenso
     stand-in tokens), `flagged(image) -> bool` scores an image. Returns the record of the attack."""
     device, dtype = gen.device, gen.dtype
     scheduler = gen.model.scheduler("DDPMScheduler")
-    forward_process = DiffusionNoise(scheduler)
+    noising = forward_process(scheduler)
     schedule = cfg.timesteps(scheduler.config.num_train_timesteps)
     with torch.no_grad():
         prefix.dist.fill_(1.0 / prefix.vocab)
@@ -72,10 +72,10 @@ def attack_prompt(gen, prefix, prefix_text: str, job: Job, z_target: torch.Tenso
     for step in range(1, cfg.steps + 1):
         t = torch.tensor([schedule[(step - 1) % len(schedule)]], device=device)
         noise = torch.randn(z0.shape, generator=noise_gen).to(device)
-        z_t, target = forward_process.noised(z0, noise, t)
+        z_t, target = noising.noised(z0, noise, t)
         with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
             cond = gen.text.forward([prompt], device).to(device, dtype)
-            pred = predict(gen.unet, z_t.to(dtype), t, cond, gen.size)  # the UNet as it generates (its dtype)
+            pred = predict(gen.unet, z_t.to(dtype), noising.timestep(t), cond, gen.size)  # the UNet as it generates (its dtype)
             loss = F.mse_loss(pred.float(), target.float())
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

@@ -29,7 +29,7 @@ from PIL import Image
 
 from erase.embeddings import Embedding, check_token, save_embedding, trainable_tokens
 from erase.engine.device import resolve_device, resolve_precision
-from erase.engine.noise import DiffusionNoise
+from erase.engine.noise import forward_process
 from erase.engine.sampling import beta_weights, predict
 from erase.errors import UsageError
 from erase.feedback.collect import IMAGES, read_collection
@@ -118,7 +118,7 @@ class TokenLoss:
         self.weights = torch.tensor(rewards, dtype=torch.float64)
         T = scheduler.config.num_train_timesteps
         self.t_weights = beta_weights(T) if timesteps == "beta" else torch.ones(T)
-        self.noise = DiffusionNoise(scheduler)
+        self.noise = forward_process(scheduler)
         self.generator = generator
 
     def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
@@ -129,7 +129,7 @@ class TokenLoss:
         noise = torch.randn(z0.shape, generator=gen).to(self.device)
         z_t, target = self.noise.noised(z0, noise, t.to(self.device))
         cond = self.text.forward([self.prompts[i] for i in pick.tolist()], self.device).to(self.device, self.dtype)
-        pred = predict(self.unet, z_t.to(self.dtype), t.to(self.device), cond, self.resolution)
+        pred = predict(self.unet, z_t.to(self.dtype), self.noise.timestep(t.to(self.device)), cond, self.resolution)
         return F.mse_loss(pred.float(), target.float()), {}
 
     def state_dict(self) -> dict:

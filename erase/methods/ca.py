@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from erase.engine.noise import DiffusionNoise
+from erase.engine.noise import forward_process
 from erase.engine.sampling import ddim_trajectory, guided, predict
 from erase.errors import UsageError
 from erase.methods.base import TrainedMethod
@@ -89,7 +89,7 @@ class CA(TrainedMethod):
         self.pairs = self.caption_pairs(cfg, concepts, vocab)
         self.embeddings: dict[str, Conditioning] = {}
         self.anchors: list[tuple[torch.Tensor, int]] = []  # (x_0, index into pairs)
-        self.noise = DiffusionNoise(self.scheduler)
+        self.noise = forward_process(self.scheduler)
 
     @staticmethod
     def caption_pairs(cfg: CAConfig, concepts: list[str], vocab: Vocabulary | None) -> list[tuple[str, str]]:
@@ -141,12 +141,12 @@ class CA(TrainedMethod):
             self.anchors += [(z[k : k + 1], j) for k, j in enumerate(captions)]
 
     def _noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_t, t, what the UNet should output for it: eps, or v for a v-prediction model)."""
+        """(x_t, the model's timestep, what the model should output for it: eps, v, or a flow's velocity)."""
         t = torch.randint(self.noise.num_train_timesteps, (1,), generator=self.generator)
         eps = torch.randn(x0.shape, generator=self.generator).to(self.device, torch.float32)
         t = t.to(self.device)
         x_t, truth = self.noise.noised(x0.float(), eps, t)
-        return x_t.to(x0.dtype), t, truth
+        return x_t.to(x0.dtype), self.noise.timestep(t), truth
 
     adversarial = False  # its loss pairs an anchor caption with the concept's and adds a prior term: not one draw
 

@@ -66,3 +66,37 @@ def test_a_release_head_width_gives_the_released_rotary_axes_and_metadata_wins(t
     ckpt, tf = _file(tmp_path, sd3_shapes(W, HEADS, 2, qk_norm=False), metadata={"erase.model.transformer": '{"attention_head_dim": 16, "num_attention_heads": 2}'})
     cfg = transformer_config(ckpt, tf)
     assert cfg["attention_head_dim"] == 16 and cfg["qk_norm"] is None and cfg["dual_attention_layers"] == ()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_one_forward_packs_positions_and_scales_the_timestep_as_diffusers_pipelines_do(family):
+    """erase.engine.sampling.predict on a transformer: a (B, C, H, W) latent in, the velocity of the same shape out, equal to
+    what diffusers' pipelines feed the model (FLUX.1: packed 2x2 patches, position ids, timestep / 1000, guidance 3.5);
+    with named weights the same as the model holding them."""
+    from diffusers import FluxPipeline
+
+    from erase.engine.sampling import EvalCounter, predict
+    from erase.models import Conditioning
+
+    torch.manual_seed(0)
+    model = (sd3_model(W, HEADS, 2) if family == "sd3" else flux_model(W, HEADS, 1, 1)).eval()
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 16, 8, 8, generator=g)
+    cond = Conditioning(torch.randn(2, 5, 32, generator=g), torch.randn(2, 48, generator=g))
+    t = torch.tensor([300.0, 800.0])
+    counter = EvalCounter()
+    with torch.no_grad():
+        got = predict(model, z, t, cond, 64, counter)
+        if family == "sd3":
+            want = model(hidden_states=z, timestep=t, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled).sample
+        else:
+            packed = FluxPipeline._pack_latents(z, 2, 16, 8, 8)
+            out = model(hidden_states=packed, timestep=t / 1000, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
+                        img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32), txt_ids=torch.zeros(5, 3),
+                        guidance=torch.full((2,), 3.5)).sample
+            want = FluxPipeline._unpack_latents(out, 64, 64, 8)  # a 64-pixel image, VAE factor 8: the 8x8 latent
+        assert got.shape == z.shape and torch.allclose(got, want, atol=1e-6) and counter.total == 2
+        other = {n: p + 0.01 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters() if "attn" in n}
+        named = predict(model, z, t, cond, 64, weights=other)
+        model.load_state_dict(other, strict=False)
+        assert torch.allclose(named, predict(model, z, t, cond, 64), atol=1e-6) and not torch.allclose(named, got)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from erase.backbones import transformer_forward
 from erase.models import Conditioning, unet_kwargs
 
 
@@ -50,6 +51,14 @@ def predict(unet, z: torch.Tensor, t, cond: Conditioning, resolution: int, count
     UNet's own parameters of those names (the rest are the UNet's)."""
     if counter is not None:
         counter.forward(z.shape[0])
+    family_forward = transformer_forward(unet)
+    if family_forward is not None:  # SD3 / FLUX.1: the family's inputs (erase.backbones)
+        def call(**inputs):
+            if weights is None:
+                return unet(**inputs)
+            return torch.func.functional_call(unet, weights, (), inputs, tie_weights=False)
+
+        return family_forward(call, z, t, cond, unet.config)
     if weights is None:
         return unet(z, t, **unet_kwargs(cond, resolution)).sample
     return torch.func.functional_call(unet, weights, (z, t), unet_kwargs(cond, resolution), tie_weights=False).sample  # no tied weights in a UNet

@@ -100,3 +100,21 @@ def test_one_forward_packs_positions_and_scales_the_timestep_as_diffusers_pipeli
         named = predict(model, z, t, cond, 64, weights=other)
         model.load_state_dict(other, strict=False)
         assert torch.allclose(named, predict(model, z, t, cond, 64), atol=1e-6) and not torch.allclose(named, got)
+
+
+@pytest.mark.parametrize("release", ["sd35-medium", "flux-dev"])
+def test_trainable_sets_name_the_text_stream_not_sd35s_image_attn2_nor_fluxs_shared_single_blocks(tmp_path, release):
+    from erase.engine.params import select_trainable
+
+    shapes = sd3_shapes(W, HEADS, 3, dual=(0, 1)) if release == "sd35-medium" else flux_shapes(W, HEADS, 2, 2)
+    ckpt, tf = _file(tmp_path, shapes)
+    model, _ = load_transformer(ckpt, tf)
+    kv = select_trainable(model, "xattn-kv")
+    assert kv and all(".attn.add_k_proj." in n or ".attn.add_v_proj." in n for n in kv)
+    assert sum(p.numel() for p in kv.values()) == tf.text_kv_parameters  # the file's text-stream key and value rows
+    text = select_trainable(model, "xattn")
+    assert set(kv) < set(text) and any(".to_add_out." in n for n in text) and not any("attn2" in n or "single" in n for n in text)
+    rest = select_trainable(model, "noxattn")
+    assert not set(rest) & set(text) and len(rest) + len(text) == len(list(model.parameters()))
+    if release == "sd35-medium":
+        assert any(".attn2." in n for n in select_trainable(model, "attn"))  # SD3.5 medium's image-only attention is attention

@@ -6,18 +6,15 @@ calls in place of the UNet's. SD 1.x / 2.x / SDXL still go through the UNet path
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+
+from erase.checkpoint.transformer_files import TRANSFORMER_CLASSES
 
 
 def transformer_forward(model) -> Callable | None:
     """The family forward for a diffusers transformer (`forward(call, z, t, cond, config)`), None for a UNet."""
-    name = type(model).__name__
-    if name == "SD3Transformer2DModel":
-        from erase.backbones.sd3 import forward
-
-        return forward
-    if name == "FluxTransformer2DModel":
-        from erase.backbones.flux import forward
-
-        return forward
-    return None
+    family = TRANSFORMER_CLASSES.get(type(model).__name__)
+    if family is None:
+        return None
+    return importlib.import_module(f"erase.backbones.{family}").forward

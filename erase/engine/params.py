@@ -4,21 +4,36 @@ from __future__ import annotations
 
 import torch
 
+from erase.checkpoint.transformer_files import TRANSFORMER_CLASSES, is_text_kv
 from erase.errors import UsageError
 
 TRAIN_SETS = {
-    "xattn": "every cross-attention parameter (attn2: to_q, to_k, to_v, to_out.0), the SDD reference",
-    "xattn-kv": "cross-attention keys and values only (attn2.to_k, attn2.to_v): the text-facing projections",
+    "xattn": "every cross-attention parameter (attn2: to_q, to_k, to_v, to_out.0), the SDD reference; SD3 / FLUX.1: the text "
+             "stream's attention (add_q_proj, add_k_proj, add_v_proj, to_add_out)",
+    "xattn-kv": "cross-attention keys and values only (attn2.to_k, attn2.to_v): the text-facing projections; SD3 / FLUX.1: the "
+                "text stream's (add_k_proj, add_v_proj)",
     "attn": "every attention projection, self- and cross- (attn1, attn2: to_q, to_k, to_v, to_out.0); Concept Ablation's for nudity",
     "noxattn": "every UNet parameter except cross-attention (ESD-u, the ESD authors' choice for nudity and objects)",
     "full": "every UNet parameter (largest change, most memory)",
 }
+# SD3 / FLUX.1 (diffusers' names): where the text meets the image is the joint (double) blocks' text stream. SD3.5
+# medium's `attn2` is image-only self-attention, and FLUX.1's single blocks share q, k and v between text and image, so
+# neither is cross-attention
+TEXT_ATTENTION = (".attn.add_q_proj.", ".attn.add_k_proj.", ".attn.add_v_proj.", ".attn.to_add_out.")
 
 
-def selects(name: str, which: str) -> bool:
-    """Whether the trainable set `which` holds the UNet parameter `name` (diffusers name)."""
+def selects(name: str, which: str, transformer: bool = False) -> bool:
+    """Whether the trainable set `which` holds parameter `name` (diffusers name) of a UNet, or of an SD3 / FLUX.1
+    transformer (`transformer`)."""
     if which == "full":
         return True
+    if transformer:
+        text = any(s in name for s in TEXT_ATTENTION)
+        if which == "noxattn":
+            return not text
+        if which == "attn":
+            return ".attn." in name or ".attn2." in name
+        return text if which == "xattn" else is_text_kv(name)
     if which == "noxattn":
         return ".attn2." not in name
     if which == "attn":
@@ -28,13 +43,18 @@ def selects(name: str, which: str) -> bool:
     return which == "xattn" or ".attn2.to_k." in name or ".attn2.to_v." in name
 
 
+def is_transformer(model: torch.nn.Module) -> bool:
+    """An SD3 / FLUX.1 transformer rather than a UNet."""
+    return type(model).__name__ in TRANSFORMER_CLASSES
+
+
 def select_trainable(unet: torch.nn.Module, which: str) -> dict[str, torch.nn.Parameter]:
     """Mark the chosen parameters trainable (all others frozen); return them by diffusers name."""
     if which not in TRAIN_SETS:
         raise UsageError(f"--train must be one of {', '.join(TRAIN_SETS)}, not '{which}'")
-    chosen = {}
+    chosen, transformer = {}, is_transformer(unet)
     for name, p in unet.named_parameters():
-        keep = selects(name, which)
+        keep = selects(name, which, transformer)
         p.requires_grad_(keep)
         if keep:
             chosen[name] = p

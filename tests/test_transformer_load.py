@@ -118,3 +118,28 @@ def test_trainable_sets_name_the_text_stream_not_sd35s_image_attn2_nor_fluxs_sha
     assert not set(rest) & set(text) and len(rest) + len(text) == len(list(model.parameters()))
     if release == "sd35-medium":
         assert any(".attn2." in n for n in select_trainable(model, "attn"))  # SD3.5 medium's image-only attention is attention
+
+
+def test_the_trajectory_sampler_takes_flow_matching_euler_steps_on_a_transformer():
+    """erase.engine.sampling.ddim_trajectory with SD3's scheduler: each step is z <- z + (s_next - s) * guided velocity, the
+    guidance combined as for epsilon (weights summing to one carry over to flow matching)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from erase.engine.sampling import ddim_trajectory, predict
+    from erase.models import Conditioning
+
+    torch.manual_seed(0)
+    model = sd3_model(W, HEADS, 2).eval()
+    g = torch.Generator().manual_seed(2)
+    uncond, cond = (Conditioning(torch.randn(1, 5, 32, generator=g), torch.randn(1, 48, generator=g)) for _ in range(2))
+    z = torch.randn(1, 16, 8, 8, generator=g)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    got = ddim_trajectory(model, scheduler, z, uncond, cond, scale=4.0, num_steps=4, keep=[0, 2, 3], resolution=64)
+    scheduler.set_timesteps(4)
+    sigmas, want = scheduler.sigmas, [z]
+    with torch.no_grad():
+        for i in range(3):
+            v_u, v_c = (predict(model, want[-1], scheduler.timesteps[i], c, 64) for c in (uncond, cond))
+            want.append(want[-1] + (sigmas[i + 1] - sigmas[i]) * (v_u + 4.0 * (v_c - v_u)))
+    for i in (0, 2, 3):
+        assert torch.allclose(got[i], want[i], atol=1e-5), i

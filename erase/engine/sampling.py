@@ -6,6 +6,8 @@ Notation (DDIM, Song et al. 2021; CFG, Ho & Salimans 2022):
   eps~     `guided` = eps(z, "") + w * (eps(z, c) - eps(z, ""))   (or v, for v-prediction models)
   z_{i+1}  `scheduler.step(guided, t_i, z).prev_sample` with eta = 0 (deterministic)
 After i steps the latent sits at timestep t_i, which is where SDD trains on it.
+The loop is the scheduler's: with a FlowMatchEulerDiscreteScheduler (SD3 / FLUX.1) each step is a flow-matching Euler
+step on the guided velocity (tests/test_transformer_load.py).
 
 Whose weights: every function takes `weights`, a dict of tensors by diffusers parameter name (the EMA teacher, the
 frozen input copy) that the forward uses instead of the UNet's own (`torch.func.functional_call`); None = the UNet's

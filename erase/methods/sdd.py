@@ -81,8 +81,8 @@ class SDDConfig:
     # model, "a {colour}" alone draws triangles 24% and squares 27% of the time, circles never), so a target without the
     # concept is not always a target away from it; eta > 0 pushes it away, as ESD's negative guidance does
     eta: float = option(0.0, "Negative guidance of the target: eps(z, w) - eta * (eps(z, c) - eps(z, w)), w the prompt without the "
-                        "concept ('' unless --expand), all the input model's. SDD: 0 = the reference (needs --target frozen "
-                        "otherwise); ESD: the reference's 1.0 (the authors' newer script 2.0).", summary=True)
+                        "concept ('' unless --expand), all the input model's. SDD: 0 = the reference, above 0 with --target "
+                        "frozen; ESD: the reference's 1.0 (the authors' newer script 2.0).", summary=True)
     sample_on: str = option("joined", "The prompt the latents are drawn on: joined = all concepts joined with ', ' (reference; the "
                             "default with --preserve none); own = each step's own student prompt (with --expand: 'a red circle', "
                             "whose target is 'a red'; the default otherwise).", choices=SAMPLE_ON, summary=True)

@@ -143,3 +143,33 @@ def test_the_trajectory_sampler_takes_flow_matching_euler_steps_on_a_transformer
             want.append(want[-1] + (sigmas[i + 1] - sigmas[i]) * (v_u + 4.0 * (v_c - v_u)))
     for i in (0, 2, 3):
         assert torch.allclose(got[i], want[i], atol=1e-5), i
+
+
+@pytest.mark.parametrize("family, with_t5", [("sd3", True), ("sd3", False), ("flux", True)])
+def test_prompts_are_encoded_as_diffusers_pipelines_encode_them(family, with_t5):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    from erase.backbones.text import TransformerText
+    from tests.transformer_layouts import text_encoders
+
+    enc = text_encoders(family)
+    t5 = enc["t5"] if with_t5 else (None, None)
+    prompts = ["a red circle", "a photo of a dog", ""]
+    text = TransformerText(family, enc["clip"], enc["t5"] if with_t5 else None, joint_dim=32, t5_length=12)
+    got = text.encode(prompts)
+    if family == "sd3":
+        (tok_l, clip_l), (tok_g, clip_g) = enc["clip"]
+        pipe = StableDiffusion3Pipeline(transformer=sd3_model(W, HEADS, 1), scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                                        text_encoder=clip_l, tokenizer=tok_l, text_encoder_2=clip_g, tokenizer_2=tok_g,
+                                        text_encoder_3=t5[1], tokenizer_3=t5[0])
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=12)
+        assert got.embeds.shape == (3, 77 + 12, 32)
+    else:
+        (tok_l, clip_l), = enc["clip"]
+        pipe = FluxPipeline(transformer=flux_model(W, HEADS, 1, 1), scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                            text_encoder=clip_l, tokenizer=tok_l, text_encoder_2=t5[1], tokenizer_2=t5[0])
+        embeds, pooled, _ = pipe.encode_prompt(prompts, None, max_sequence_length=12)
+    assert torch.allclose(got.embeds, embeds.float(), atol=1e-6) and torch.allclose(got.pooled, pooled.float(), atol=1e-6)
+    if family == "flux":
+        with pytest.raises(EraseError, match="T5"):
+            TransformerText("flux", enc["clip"], None, joint_dim=32)

@@ -107,3 +107,37 @@ def tensors(shapes: dict[str, tuple], *, seed: int = 0, dtype=torch.bfloat16, de
     if device == "meta":
         return {k: torch.empty(v, device="meta", dtype=dtype) for k, v in shapes.items()}
     return {k: (torch.randn(v, generator=g) * 0.02).to(dtype) for k, v in shapes.items()}
+
+
+def t5_tokenizer(words=("a", "red", "blue", "circle", "square", "cat", "dog", "photo", "of")):
+    """A tiny T5-style tokenizer built in code (the real one cannot be downloaded here): whole words, `</s>` appended,
+    `<pad>` 0 as T5's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def text_encoders(family: str, joint_dim: int = 32, seed: int = 0):
+    """Tiny CLIP-L (+ CLIP-G for SD3, both with projection) and T5 encoders with their tokenizers, as diffusers' tests
+    build them: {"clip": [(tokenizer, model)], "t5": (tokenizer, model)}."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from erase.models import load_tokenizer
+
+    torch.manual_seed(seed)
+    clip_tok = load_tokenizer("sd1")
+
+    def clip(hidden: int, projection: bool):
+        cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=2, num_hidden_layers=2,
+                             vocab_size=49408, projection_dim=hidden, max_position_embeddings=77)
+        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+    clips = [(clip_tok, clip(8, True)), (clip_tok, clip(12, True))] if family == "sd3" else [(clip_tok, clip(16, False))]
+    t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=joint_dim, d_kv=8, d_ff=2 * joint_dim, num_layers=2, num_heads=2,
+                                 relative_attention_num_buckets=8)).eval()
+    return {"clip": clips, "t5": (t5_tokenizer(), t5)}

@@ -173,3 +173,35 @@ def test_prompts_are_encoded_as_diffusers_pipelines_encode_them(family, with_t5)
     if family == "flux":
         with pytest.raises(EraseError, match="T5"):
             TransformerText("flux", enc["clip"], None, joint_dim=32)
+
+
+@pytest.mark.parametrize("with_tokenizer", [True, False])
+def test_the_text_encoders_an_sd3_file_carries_load_and_encode_as_the_originals(tmp_path, with_tokenizer):
+    import json
+
+    from erase.backbones.text import TransformerText, load_transformer_text
+    from tests.transformer_layouts import text_encoders
+
+    enc = text_encoders("sd3")
+    shapes = sd3_shapes(W, HEADS, 2)
+    weights = {k: t.float() for k, t in tensors(shapes).items()}
+    for name, model in zip(("clip_l", "clip_g", "t5xxl"), [m for _, m in enc["clip"]] + [enc["t5"][1]]):
+        weights.update({f"text_encoders.{name}.transformer.{k}": v.clone() for k, v in model.state_dict().items()
+                        if k != "encoder.embed_tokens.weight"})  # T5's copy of `shared`: not in the release files
+    heads = {n: json.dumps({"num_attention_heads": 2, "hidden_act": "quick_gelu"}) for n in ("erase.model.clip_l", "erase.model.clip_g")}
+    path = tmp_path / "sd3.safetensors"
+    save_file(weights, str(path), metadata=heads)
+    ckpt = open_checkpoint(path)
+    tf = read_transformer_file(ckpt)
+    assert tf.text_encoders == ("clip_l", "clip_g", "t5xxl")
+    tok = enc["clip"][0][0]
+    loaded, notes = load_transformer_text(ckpt, tf, 32, clip_tokenizers=[tok, tok], t5_tokenizer=enc["t5"][0] if with_tokenizer else None,
+                                          t5_length=12)
+    original = TransformerText("sd3", enc["clip"], enc["t5"] if with_tokenizer else None, 32, 12)
+    prompts = ["a red circle", ""]
+    a, b = loaded.encode(prompts), original.encode(prompts)
+    assert torch.equal(a.embeds, b.embeds) and torch.equal(a.pooled, b.pooled)
+    assert bool(notes) != with_tokenizer  # without a T5 tokenizer the user hears that T5 is not used
+    bare, tf_bare = _file(tmp_path, sd3_shapes(W, HEADS, 2))
+    with pytest.raises(EraseError, match="clip_l or clip_g.*--text-encoders"):
+        load_transformer_text(bare, tf_bare, 32, clip_tokenizers=[tok, tok])

@@ -58,3 +58,78 @@ class TransformerText:
         clip = torch.cat(hidden, dim=-1)
         clip = torch.nn.functional.pad(clip, (0, self.joint_dim - clip.shape[-1]))
         return Conditioning(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))
+
+
+CLIP_ACT = {"clip_l": "quick_gelu", "clip_g": "gelu"}  # the released towers' activations (not in the weights)
+
+
+def _encoder_state(ckpt, name: str) -> dict[str, torch.Tensor]:
+    """A carried encoder's tensors under its HF names: Stability's files keep the HF layout under
+    `text_encoders.<name>.transformer.` (diffusers' SD3 converters only strip that prefix)."""
+    prefix = f"text_encoders.{name}.transformer."
+    return {k[len(prefix):]: v for k, v in ckpt.get_many([k for k in ckpt.tensors if k.startswith(prefix)]).items()}
+
+
+def _count(state: dict, pattern: str) -> int:
+    import re
+
+    return len({m.group(1) for k in state if (m := re.match(pattern, k))})
+
+
+def _clip(ckpt, name: str, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from erase.checkpoint.model_config import _from_metadata
+
+    state = _encoder_state(ckpt, name)
+    vocab, hidden = state["text_model.embeddings.token_embedding.weight"].shape
+    cfg = {"vocab_size": vocab, "hidden_size": hidden, "num_attention_heads": max(1, hidden // 64),
+           "intermediate_size": state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+           "num_hidden_layers": _count(state, r"text_model\.encoder\.layers\.(\d+)\."),
+           "max_position_embeddings": state["text_model.embeddings.position_embedding.weight"].shape[0], "hidden_act": CLIP_ACT[name],
+           "projection_dim": state["text_projection.weight"].shape[0] if "text_projection.weight" in state else hidden}
+    cfg.update(_from_metadata(ckpt, name))
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**cfg))
+    if not projection:
+        state.pop("text_projection.weight", None)
+    state.pop("text_model.embeddings.position_ids", None)  # a buffer transformers 5 no longer keeps
+    model.load_state_dict(state, strict=True)
+    return model.float().eval().requires_grad_(False)
+
+
+def _t5(ckpt):
+    from transformers import T5Config, T5EncoderModel
+
+    from erase.checkpoint.model_config import _from_metadata
+
+    state = _encoder_state(ckpt, "t5xxl")
+    bias = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    heads = bias.shape[1]
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in state
+    cfg = {"vocab_size": state["shared.weight"].shape[0], "d_model": state["shared.weight"].shape[1], "num_heads": heads,
+           "d_kv": state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
+           "d_ff": state["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"].shape[0],
+           "num_layers": _count(state, r"encoder\.block\.(\d+)\."), "relative_attention_num_buckets": bias.shape[0],
+           "feed_forward_proj": "gated-gelu" if gated else "relu"}
+    cfg.update(_from_metadata(ckpt, "t5xxl"))
+    model = T5EncoderModel(T5Config(**cfg))
+    state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])  # tied to `shared` in the HF model
+    model.load_state_dict(state, strict=True)
+    return model.float().eval().requires_grad_(False)
+
+
+def load_transformer_text(ckpt, tf, joint_dim: int, *, clip_tokenizers: list, t5_tokenizer=None,
+                          t5_length: int | None = None) -> tuple[TransformerText, list[str]]:
+    """The text encoders a single file carries (Stability's `text_encoders.*`), as a TransformerText, and notes for the
+    user. T5 is used only with its tokenizer (which no file carries); SD3 then runs without it, as it was trained to."""
+    needed = ("clip_l", "clip_g") if tf.family == "sd3" else ("clip_l",)
+    missing = [n for n in needed if n not in tf.text_encoders]
+    if missing:
+        raise EraseError(f"{ckpt.path}: the file carries no {' or '.join(missing)} text encoder: give them with --text-encoders")
+    clip = [(tok, _clip(ckpt, name, projection=tf.family == "sd3")) for tok, name in zip(clip_tokenizers, needed)]
+    notes, t5 = [], None
+    if "t5xxl" in tf.text_encoders and t5_tokenizer is not None:
+        t5 = (t5_tokenizer, _t5(ckpt))
+    elif "t5xxl" in tf.text_encoders:
+        notes.append("the file's T5 is not used: no T5 tokenizer was given (a diffusers folder's tokenizer_3 with --text-encoders)")
+    return TransformerText(tf.family, clip, t5, joint_dim, t5_length), notes

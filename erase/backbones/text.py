@@ -79,7 +79,7 @@ def _count(state: dict, pattern: str) -> int:
 def _clip(ckpt, name: str, projection: bool):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from erase.checkpoint.model_config import _from_metadata
+    from erase.checkpoint.model_config import metadata_config
 
     state = _encoder_state(ckpt, name)
     vocab, hidden = state["text_model.embeddings.token_embedding.weight"].shape
@@ -88,7 +88,7 @@ def _clip(ckpt, name: str, projection: bool):
            "num_hidden_layers": _count(state, r"text_model\.encoder\.layers\.(\d+)\."),
            "max_position_embeddings": state["text_model.embeddings.position_embedding.weight"].shape[0], "hidden_act": CLIP_ACT[name],
            "projection_dim": state["text_projection.weight"].shape[0] if "text_projection.weight" in state else hidden}
-    cfg.update(_from_metadata(ckpt, name))
+    cfg.update(metadata_config(ckpt, name))
     model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**cfg))
     if not projection:
         state.pop("text_projection.weight", None)
@@ -100,7 +100,7 @@ def _clip(ckpt, name: str, projection: bool):
 def _t5(ckpt):
     from transformers import T5Config, T5EncoderModel
 
-    from erase.checkpoint.model_config import _from_metadata
+    from erase.checkpoint.model_config import metadata_config
 
     state = _encoder_state(ckpt, "t5xxl")
     bias = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
@@ -111,7 +111,7 @@ def _t5(ckpt):
            "d_ff": state["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"].shape[0],
            "num_layers": _count(state, r"encoder\.block\.(\d+)\."), "relative_attention_num_buckets": bias.shape[0],
            "feed_forward_proj": "gated-gelu" if gated else "relu"}
-    cfg.update(_from_metadata(ckpt, "t5xxl"))
+    cfg.update(metadata_config(ckpt, "t5xxl"))
     model = T5EncoderModel(T5Config(**cfg))
     state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])  # tied to `shared` in the HF model
     model.load_state_dict(state, strict=True)

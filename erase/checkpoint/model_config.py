@@ -49,7 +49,7 @@ def _indices(keys, prefix: str) -> set[int]:
     return {int(m.group(1)) for k in keys if (m := pat.match(k))}
 
 
-def _from_metadata(ckpt: Checkpoint, component: str) -> dict:
+def metadata_config(ckpt: Checkpoint, component: str) -> dict:
     raw = ckpt.metadata.get(METADATA_KEY.format(component))
     if not raw:
         return {}
@@ -142,7 +142,7 @@ def unet_config(ckpt: Checkpoint, family: Family) -> dict:
         cfg.update(projection_class_embeddings_input_dim=total, addition_time_embed_dim=(total - pooled) // 6)
     if family.name == "sd2" and family.prediction_type == "epsilon":
         cfg["sample_size"] = 64
-    cfg.update(_from_metadata(ckpt, "unet"))
+    cfg.update(metadata_config(ckpt, "unet"))
     return cfg
 
 
@@ -167,7 +167,7 @@ def vae_config(ckpt: Checkpoint, family: Family) -> dict | None:
         layers_per_block=len(_indices(keys, p + "encoder.down.0.block.")),
         norm_num_groups=_groups(channels, cfg.get("norm_num_groups", 32)),
     )
-    cfg.update(_from_metadata(ckpt, "vae"))
+    cfg.update(metadata_config(ckpt, "vae"))
     return cfg
 
 
@@ -204,7 +204,7 @@ def text_encoder_config(ckpt: Checkpoint, family: Family, component: str = "text
         num_hidden_layers=layers,
         num_attention_heads=max(1, hidden // 64) if hidden % 64 == 0 else gcd(hidden, 8),
     )
-    cfg.update(_from_metadata(ckpt, component))
+    cfg.update(metadata_config(ckpt, component))
     return cfg
 
 
@@ -213,6 +213,6 @@ def scheduler_config(ckpt: Checkpoint, family: Family) -> dict:
         cfg = dict(ckpt.component_configs["scheduler"])
     else:
         cfg = _carried(family.name, "scheduler")
-        cfg.update(_from_metadata(ckpt, "scheduler"))
+        cfg.update(metadata_config(ckpt, "scheduler"))
     cfg["prediction_type"] = family.prediction_type
     return cfg

@@ -13,7 +13,7 @@ import math
 import torch
 
 from erase.checkpoint.formats import Checkpoint
-from erase.checkpoint.model_config import _from_metadata
+from erase.checkpoint.model_config import metadata_config
 from erase.checkpoint.transformer_files import TransformerFile
 from erase.checkpoint.transformer_keymap import Piece, assemble, transformer_pieces
 from erase.errors import EraseError
@@ -36,7 +36,7 @@ def transformer_config(ckpt: Checkpoint, tf: TransformerFile) -> dict:
     def shape(name: str) -> tuple[int, ...]:
         return tuple(ckpt.shape(tf.prefix + name))
 
-    given = _from_metadata(ckpt, "transformer")
+    given = metadata_config(ckpt, "transformer")
     names = {n[len(tf.prefix):] for n in tf.transformer}
     if tf.family == "sd3":
         width, in_channels, patch, _ = shape("x_embedder.proj.weight")

@@ -38,6 +38,7 @@ SCHEDULERS = {  # name -> (diffusers class, extra config, A1111 sampler name)
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PLMS"),
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
 }
+FLOW_SCHEDULERS = ("ddim", "euler")  # SD3: flow-matching Euler (ddim: generate's default, read as "the family's sampler")
 SLD_CONCEPT = ("hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, bodily fluids, blood, "
                "obscene gestures, illegal activity, drug use, theft, vandalism, weapons, child abuse, brutality, cruelty")
 
@@ -133,6 +134,9 @@ class ImageGenerator:
         self.device = resolve_device(settings.device)
         dtype, autocast_dtype, _ = resolve_precision(settings.precision, self.device)
         self.dtype, self.autocast_dtype = dtype, autocast_dtype  # autocast: for the attacks that back-propagate through the UNet
+        self.flow = model.family.prediction_type == "flow"  # SD3: a flow-matching transformer (erase.transformer_model)
+        if self.flow and delta is not None:
+            raise UsageError(f"--delta: erase delta files are not built for {model.family.label} yet")
         self.unet = model.load_unet(dtype=dtype, device=self.device)
         self.attention = configure_attention(self.unet, settings.xformers, self.device)
         if delta is not None:
@@ -148,11 +152,18 @@ class ImageGenerator:
         if self.size % self.factor:
             raise UsageError(f"--size must be a multiple of {self.factor} for this model")
         self.scaling = self.vae.config.scaling_factor
-        cls_name, extra, self.sampler_name = SCHEDULERS[settings.scheduler]
-        import diffusers
+        self.shift = self.vae.config.get("shift_factor") or 0.0  # SD3's VAE latents are shifted as well as scaled
+        if self.flow:
+            if settings.scheduler not in FLOW_SCHEDULERS:
+                raise UsageError(f"--scheduler {settings.scheduler}: {model.family.label} samples with flow-matching Euler "
+                                 "(--scheduler euler)")
+            self.scheduler, self.sampler_name = model.scheduler(), "Euler"
+        else:
+            cls_name, extra, self.sampler_name = SCHEDULERS[settings.scheduler]
+            import diffusers
 
-        base = model.scheduler("DDIMScheduler").config
-        self.scheduler = getattr(diffusers, cls_name).from_config({**base, **extra})
+            base = model.scheduler("DDIMScheduler").config
+            self.scheduler = getattr(diffusers, cls_name).from_config({**base, **extra})
         self._cache: dict[str, Conditioning] = {}
         self.keep_text_on_device = False  # erase attack: its text encoder runs at every optimisation step
 
@@ -185,7 +196,8 @@ class ImageGenerator:
         # each image's noise comes from its own seed, so batching changes an image only by float reduction order (a few pixels)
         x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(j.seed)) for j in jobs])
         sched.set_timesteps(s.steps)
-        x = (x * sched.init_noise_sigma).to(self.device)  # latents stay fp32 between steps; only the UNet's input is cast
+        # latents stay fp32 between steps; only the UNet's input is cast (a flow's noise is unscaled)
+        x = (x * getattr(sched, "init_noise_sigma", 1.0)).to(self.device)
         b = len(jobs)
         conds = [self._encode([j.negative for j in jobs]), self._encode([j.prompt for j in jobs])]
         if sld is not None:
@@ -195,7 +207,7 @@ class ImageGenerator:
         state: dict = {}
         gen = torch.Generator().manual_seed(jobs[0].seed)  # only ancestral samplers draw from it
         for i, t in enumerate(sched.timesteps):
-            x_in = sched.scale_model_input(x, t).to(self.dtype)
+            x_in = (sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x).to(self.dtype)
             out = predict(self.unet, torch.cat([x_in] * len(conds)), t, cond, self.size).float()
             parts = out.chunk(len(conds))
             e_s = parts[2] if sld is not None else None
@@ -206,7 +218,7 @@ class ImageGenerator:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        img = self.vae.decode(latents.float() / self.scaling).sample
+        img = self.vae.decode(latents.float() / self.scaling + self.shift).sample
         arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in arr]
 
@@ -333,9 +345,10 @@ def run_generate(models: list[Path], specs, settings: GenSettings, *, out: Path,
     image (`out/grid-<index>.png`) and `out/index.html`. Returns a summary dict.
     """
     from erase.checkpoint.write import sha256_file
-    from erase.models import open_model, truncated_prompts
+    from erase.models import truncated_prompts
+    from erase.transformer_model import open_for_generation
 
-    opened = [open_model(path, prediction_type) for path in models]  # headers only: a refused file leaves no folder behind
+    opened = [open_for_generation(path, prediction_type) for path in models]  # headers only: a refused file leaves no folder behind
     out.mkdir(parents=True, exist_ok=True)
     jobs = jobs_for(specs, settings, n=n, seed=seed)
     labels = _labels(models)

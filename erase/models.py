@@ -132,7 +132,7 @@ class TextEncoder:
 def truncated_prompts(family: Family, prompts) -> dict[str, int]:
     """The prompts longer than the text encoder reads, with their token counts (BOS and EOS included).
     Not an error: SD itself cuts them at 77 tokens, but a user should hear that the rest was ignored."""
-    tok = load_tokenizer(family.name)
+    tok = load_tokenizer("sdxl" if family.name in ("sd3", "flux") else family.name)  # their CLIP-L reads as SDXL's
     counts = {p: len(tok(p, truncation=False, verbose=False).input_ids) for p in dict.fromkeys(prompts)}
     return {p: n for p, n in counts.items() if n > MAX_TOKENS}
 

@@ -205,3 +205,60 @@ def test_the_text_encoders_an_sd3_file_carries_load_and_encode_as_the_originals(
     bare, tf_bare = _file(tmp_path, sd3_shapes(W, HEADS, 2))
     with pytest.raises(EraseError, match="clip_l or clip_g.*--text-encoders"):
         load_transformer_text(bare, tf_bare, 32, clip_tokenizers=[tok, tok])
+
+
+def _sd3_file_with_everything(tmp_path):
+    """A tiny SD3.5 large-layout single file carrying CLIP-L, CLIP-G and a 16-channel VAE (no T5), as Stability's
+    `sd3.5_large.safetensors` with its CLIPs; returns the path and the original text encoders."""
+    import json
+
+    from diffusers import AutoencoderKL
+
+    from erase.checkpoint.export import vae_to_ldm
+    from tests.transformer_layouts import text_encoders
+
+    enc = text_encoders("sd3")
+    weights = {k: t.float() for k, t in tensors(sd3_shapes(W, HEADS, 2, pooled_dim=20)).items()}
+    for name, (_, model) in zip(("clip_l", "clip_g"), enc["clip"]):
+        weights.update({f"text_encoders.{name}.transformer.{k}": v.clone() for k, v in model.state_dict().items()})
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[32, 64], layers_per_block=1, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
+                        use_post_quant_conv=False, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    weights.update({k: v.clone() for k, v in vae_to_ldm(vae.state_dict(), dict(vae.config)).items()})
+    meta = {n: json.dumps({"num_attention_heads": 2, "hidden_act": "quick_gelu"}) for n in ("erase.model.clip_l", "erase.model.clip_g")}
+    path = tmp_path / "sd35.safetensors"
+    save_file(weights, str(path), metadata=meta)
+    return path, enc
+
+
+def test_generate_draws_with_an_sd3_file_what_diffusers_sd3_pipeline_draws(tmp_path):
+    """`erase generate` on an SD3 single file: the transformer, CLIP-L / CLIP-G and VAE it carries, SD3's flow-matching
+    Euler sampler with CFG, the VAE's scale and shift: the same image as StableDiffusion3Pipeline from the same weights."""
+    import numpy as np
+    from diffusers import StableDiffusion3Pipeline
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from erase.cli import app
+    from erase.models import load_tokenizer
+    from erase.transformer_model import open_for_generation
+
+    path, enc = _sd3_file_with_everything(tmp_path)
+    r = CliRunner().invoke(app, ["generate", str(path), "-p", "a red circle", "--steps", "4", "--guidance", "5", "--seed", "3",
+                                 "--device", "cpu", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    png, = (tmp_path / "out").rglob("*.png")
+    ours = np.asarray(Image.open(png)).astype(np.float64)
+    model = open_for_generation(path)
+    assert model.default_resolution == 32 and ours.shape == (32, 32, 3)
+    pipe = StableDiffusion3Pipeline(transformer=model.load_unet(), scheduler=model.scheduler(), vae=model.load_vae(),
+                                    text_encoder=enc["clip"][0][1], tokenizer=load_tokenizer("sdxl", "tokenizer"),
+                                    text_encoder_2=enc["clip"][1][1], tokenizer_2=load_tokenizer("sdxl", "tokenizer_2"),
+                                    text_encoder_3=None, tokenizer_3=None)
+    theirs = pipe("a red circle", num_inference_steps=4, guidance_scale=5.0, height=32, width=32, output_type="np",
+                  generator=torch.Generator().manual_seed(3)).images[0] * 255
+    assert np.abs(ours - theirs).max() <= 1.0  # the PNG's rounding
+    flux = tmp_path / "flux.safetensors"
+    save_file(tensors(flux_shapes(W, HEADS, 1, 1)), str(flux))
+    r = CliRunner().invoke(app, ["generate", str(flux), "-p", "a cat", "-o", str(tmp_path / "f")])
+    assert r.exit_code == 1 and "unsupported: FLUX.1-dev" in r.output and not (tmp_path / "f").exists()

@@ -32,6 +32,11 @@ class TransformerText:
             raise EraseError("FLUX.1 reads its prompt through T5: give the T5 encoder (--text-encoders)")
         self.t5_length = self.t5_length or T5_LENGTH[self.family]
 
+    @property
+    def encoders(self) -> list:
+        """Every tower, for moving them off the GPU once the prompts are encoded."""
+        return [enc for _, enc in self.clip] + ([self.t5[1]] if self.t5 else [])
+
     def _t5(self, prompts: list[str], device) -> torch.Tensor:
         if self.t5 is None:
             return torch.zeros(len(prompts), self.t5_length, self.joint_dim, device=device)
@@ -80,6 +85,7 @@ def _clip(ckpt, name: str, projection: bool):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from erase.checkpoint.model_config import metadata_config
+    from erase.models import _match_prefix
 
     state = _encoder_state(ckpt, name)
     vocab, hidden = state["text_model.embeddings.token_embedding.weight"].shape
@@ -93,7 +99,7 @@ def _clip(ckpt, name: str, projection: bool):
     if not projection:
         state.pop("text_projection.weight", None)
     state.pop("text_model.embeddings.position_ids", None)  # a buffer transformers 5 no longer keeps
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(_match_prefix(state, model, "text_model."), strict=True)
     return model.float().eval().requires_grad_(False)
 
 

@@ -146,14 +146,15 @@ def unet_config(ckpt: Checkpoint, family: Family) -> dict:
     return cfg
 
 
-def vae_config(ckpt: Checkpoint, family: Family) -> dict | None:
-    """None when the file carries no VAE (a UNet-only file)."""
+def vae_config(ckpt: Checkpoint, family: Family, base: dict | None = None) -> dict | None:
+    """None when the file carries no VAE (a UNet-only file). `base`: what the shapes do not say (scaling and shift
+    factors), instead of the family's carried config."""
     if ckpt.format == "diffusers":
         return dict(ckpt.component_configs["vae"]) if "vae" in ckpt.component_configs else None
     p = VAE_PREFIX
     if p + "encoder.conv_in.weight" not in ckpt:
         return None
-    cfg = _carried(family.name, "vae")
+    cfg = dict(base) if base is not None else _carried(family.name, "vae")
     keys = list(ckpt.tensors)
     levels = sorted(_indices(keys, p + "encoder.down."))
     channels = [ckpt.shape(f"{p}encoder.down.{i}.block.0.conv1.weight")[0] for i in levels]

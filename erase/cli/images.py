@@ -27,7 +27,7 @@ def generate(
     steps: Annotated[int, typer.Option(help="Denoising steps.", rich_help_panel=SAMPLING)] = 25,
     guidance: Annotated[float, typer.Option(help="CFG scale (a CSV's guidance column wins).", rich_help_panel=SAMPLING)] = 7.5,
     size: Annotated[Optional[int], typer.Option(help="Image size in pixels, multiple of 8 (default by family).", rich_help_panel=SAMPLING)] = None,
-    scheduler: Annotated[Scheduler, typer.Option(help="Sampler.", rich_help_panel=SAMPLING)] = Scheduler.ddim,
+    scheduler: Annotated[Scheduler, typer.Option(help="Sampler (SD3: flow-matching Euler, whichever of ddim or euler is named).", rich_help_panel=SAMPLING)] = Scheduler.ddim,
     batch: Annotated[int, typer.Option(help="Images per UNet batch.", rich_help_panel=SAMPLING)] = 4,
     safety: Annotated[Optional[Safety], typer.Option(help="SLD safety guidance preset (inference-time, no training).", rich_help_panel=SAMPLING)] = None,
     safety_concept: Annotated[Optional[str], typer.Option(help="Concept SLD steers away from (default: the SLD paper's list).", rich_help_panel=SAMPLING)] = None,

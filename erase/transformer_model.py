@@ -1,0 +1,115 @@
+"""An SD3 / SD3.5 single file opened for generation: the transformer, the text encoders and the VAE it carries, and its
+flow-matching scheduler, behind the loaders `erase generate` uses for a Stable Diffusion `Model` (erase.models).
+
+What is not built yet, and refused by name where a command reaches it: FLUX.1 (its prompt goes through T5, whose
+tokenizer no file carries: `--text-encoders` is not built), textual-inversion tokens and `--delta` on these families.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from erase.checkpoint.formats import Checkpoint
+from erase.checkpoint.model_config import vae_config
+from erase.checkpoint.transformer_config import load_transformer, transformer_config
+from erase.checkpoint.transformer_files import TransformerFile
+from erase.errors import EraseError, UsageError
+
+# what the weights do not say, as the releases' diffusers configs give it
+SD3_VAE = {"_class_name": "AutoencoderKL", "act_fn": "silu", "scaling_factor": 1.5305, "shift_factor": 0.0609,
+           "use_quant_conv": False, "use_post_quant_conv": False, "force_upcast": True}
+SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+
+
+@dataclass(frozen=True)
+class TransformerFamily:
+    name: str  # "sd3" | "flux"
+    label: str  # the release: "SD3.5 medium", ...
+    prediction_type: str = "flow"
+
+
+@dataclass
+class TransformerModel:
+    ckpt: Checkpoint
+    tf: TransformerFile
+
+    @property
+    def family(self) -> TransformerFamily:
+        return TransformerFamily(self.tf.family, self.tf.label)
+
+    @property
+    def path(self) -> Path:
+        return self.ckpt.path
+
+    @functools.cached_property
+    def config(self) -> dict:
+        return transformer_config(self.ckpt, self.tf)
+
+    @functools.cached_property
+    def vae_config(self) -> dict:
+        cfg = vae_config(self.ckpt, None, base=SD3_VAE)
+        if cfg is None:
+            raise EraseError(f"{self.ckpt.path.name}: the file carries no VAE (first_stage_model.*), which generating images needs")
+        return cfg
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @property
+    def default_resolution(self) -> int:
+        return self.config["sample_size"] * self.latent_factor
+
+    def load_unet(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, fp32=None):
+        """The denoiser: here the transformer (the name is the one `erase generate` asks a Stable Diffusion model for)."""
+        return load_transformer(self.ckpt, self.tf, dtype, device)[0].requires_grad_(False)
+
+    def load_vae(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        from diffusers import AutoencoderKL
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        cfg = self.vae_config
+        with torch.device("meta"):
+            vae = AutoencoderKL.from_config(cfg)
+        raw = self.ckpt.get_many([k for k in self.ckpt.tensors if k.startswith("first_stage_model.")])
+        vae.load_state_dict(convert_ldm_vae_checkpoint(raw, cfg), strict=True, assign=True)
+        return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    def load_text_encoder(self, embeddings=()):
+        from erase.backbones.text import load_transformer_text
+        from erase.models import load_tokenizer
+
+        if embeddings:
+            raise UsageError(f"--embedding: textual-inversion tokens are not built for {self.tf.label} yet")
+        tokenizers = [load_tokenizer("sdxl", "tokenizer"), load_tokenizer("sdxl", "tokenizer_2")]  # SD3's CLIP-L and CLIP-G pads
+        text, self.notes = load_transformer_text(self.ckpt, self.tf, self.config["joint_attention_dim"], clip_tokenizers=tokenizers)
+        return text
+
+    def scheduler(self, cls_name: str = "FlowMatchEulerDiscreteScheduler"):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER)
+
+
+def open_for_generation(path, prediction_type: str | None = None):
+    """A Stable Diffusion `Model`, or an SD3 / SD3.5 single file as a TransformerModel; other transformer files (FLUX.1,
+    diffusers folders of either) are refused in one line naming the release."""
+    from erase.checkpoint.formats import open_checkpoint
+    from erase.checkpoint.transformer_files import read_transformer_file, refusal
+    from erase.models import open_model
+
+    if Path(path).is_dir():
+        return open_model(path, prediction_type)
+    ckpt = open_checkpoint(path)
+    tf = read_transformer_file(ckpt)
+    if tf is None:
+        return open_model(path, prediction_type)
+    if tf.family != "sd3":
+        raise EraseError(refusal(tf))
+    if prediction_type is not None:
+        raise UsageError(f"--prediction-type: {tf.label} predicts a flow-matching velocity; the option is for Stable Diffusion files")
+    return TransformerModel(ckpt, tf)

@@ -352,10 +352,11 @@ def run_generate(models: list[Path], specs, settings: GenSettings, *, out: Path,
     out.mkdir(parents=True, exist_ok=True)
     jobs = jobs_for(specs, settings, n=n, seed=seed)
     labels = _labels(models)
-    folders, files, long = [], [], {}
+    folders, files, long, notes = [], [], {}, []
     for index, (path, label, model) in enumerate(zip(models, labels, opened)):
         long.update(truncated_prompts(model.family, job_prompts(jobs, settings)))
         gen = ImageGenerator(model, settings, delta=delta if index == 0 else None)  # --delta belongs to MODEL, not to --compare
+        notes += [f"{label}: {note}" for note in getattr(model, "notes", [])]  # what a transformer file's loading left out
         model_hash = sha256_file(path)
         folder = out / label
         folder.mkdir(exist_ok=True)
@@ -384,7 +385,8 @@ def run_generate(models: list[Path], specs, settings: GenSettings, *, out: Path,
             grid(tiles, labels, f"{job.prompt}  (seed {job.seed})").save(g)
             grids.append(g.name)
         _write_index(out, jobs, grids, labels)
-    return {"out": str(out), "images": sum(len(f) for f in files), "models": labels, "grids": grids, "truncated_prompts": long}
+    return {"out": str(out), "images": sum(len(f) for f in files), "models": labels, "grids": grids, "truncated_prompts": long,
+            "notes": notes}
 
 
 def job_prompts(jobs: list[Job], settings: GenSettings) -> list[str]:

@@ -8,7 +8,7 @@ tokenizer no file carries: `--text-encoders` is not built), textual-inversion to
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ class TransformerFamily:
 class TransformerModel:
     ckpt: Checkpoint
     tf: TransformerFile
+    notes: list[str] = field(default_factory=list)  # what loading left out, for the user (T5 without its tokenizer)
 
     @property
     def family(self) -> TransformerFamily:
@@ -86,7 +87,8 @@ class TransformerModel:
         if embeddings:
             raise UsageError(f"--embedding: textual-inversion tokens are not built for {self.tf.label} yet")
         tokenizers = [load_tokenizer("sdxl", "tokenizer"), load_tokenizer("sdxl", "tokenizer_2")]  # SD3's CLIP-L and CLIP-G pads
-        text, self.notes = load_transformer_text(self.ckpt, self.tf, self.config["joint_attention_dim"], clip_tokenizers=tokenizers)
+        text, notes = load_transformer_text(self.ckpt, self.tf, self.config["joint_attention_dim"], clip_tokenizers=tokenizers)
+        self.notes = notes
         return text
 
     def scheduler(self, cls_name: str = "FlowMatchEulerDiscreteScheduler"):

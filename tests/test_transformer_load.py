@@ -208,8 +208,8 @@ def test_the_text_encoders_an_sd3_file_carries_load_and_encode_as_the_originals(
 
 
 def _sd3_file_with_everything(tmp_path):
-    """A tiny SD3.5 large-layout single file carrying CLIP-L, CLIP-G and a 16-channel VAE (no T5), as Stability's
-    `sd3.5_large.safetensors` with its CLIPs; returns the path and the original text encoders."""
+    """A tiny SD3.5 large-layout single file carrying CLIP-L, CLIP-G, T5 and a 16-channel VAE, as Stability's
+    `sd3.5_large.safetensors` with its text encoders; returns the path and the original text encoders."""
     import json
 
     from diffusers import AutoencoderKL
@@ -219,8 +219,9 @@ def _sd3_file_with_everything(tmp_path):
 
     enc = text_encoders("sd3")
     weights = {k: t.float() for k, t in tensors(sd3_shapes(W, HEADS, 2, pooled_dim=20)).items()}
-    for name, (_, model) in zip(("clip_l", "clip_g"), enc["clip"]):
-        weights.update({f"text_encoders.{name}.transformer.{k}": v.clone() for k, v in model.state_dict().items()})
+    for name, model in zip(("clip_l", "clip_g", "t5xxl"), [m for _, m in enc["clip"]] + [enc["t5"][1]]):
+        weights.update({f"text_encoders.{name}.transformer.{k}": v.clone() for k, v in model.state_dict().items()
+                        if k != "encoder.embed_tokens.weight"})
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=[32, 64], layers_per_block=1, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
                         use_post_quant_conv=False, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
@@ -247,6 +248,7 @@ def test_generate_draws_with_an_sd3_file_what_diffusers_sd3_pipeline_draws(tmp_p
     r = CliRunner().invoke(app, ["generate", str(path), "-p", "a red circle", "--steps", "4", "--guidance", "5", "--seed", "3",
                                  "--device", "cpu", "-o", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
+    assert "T5 is not used" in r.output  # no T5 tokenizer: the file's T5 stays out, and the user hears it
     png, = (tmp_path / "out").rglob("*.png")
     ours = np.asarray(Image.open(png)).astype(np.float64)
     model = open_for_generation(path)

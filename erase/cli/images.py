@@ -54,6 +54,8 @@ def generate(
         summary = run_generate(models, specs, settings, out=out, n=n, seed=seed, delta=delta,
                                prediction_type=prediction_type, progress=lambda: bar.advance(task))
     warn_truncated(summary["truncated_prompts"])
+    for note in summary["notes"]:
+        err_console.print(f"[yellow]note[/]: {note}")
     console.print(f"[bold green]wrote[/] {summary['images']} images to {summary['out']}"
                   + (f" and {len(summary['grids'])} grids (index.html)" if summary["grids"] else ""))
 

@@ -338,7 +338,7 @@ def grid(images: list[Image.Image], labels: list[str], title: str = "") -> Image
 
 
 def run_generate(models: list[Path], specs, settings: GenSettings, *, out: Path, n: int, seed: int,
-                 delta: Path | None = None, prediction_type: str | None = None, progress=None) -> dict:
+                 delta: Path | None = None, prediction_type: str | None = None, progress=None, text_encoders: Path | None = None) -> dict:
     """Generate every job through each model in turn (one model in memory at a time).
 
     Writes `out/<model stem>/<index>-<prompt>-s<seed>.png`; with several models also one grid per
@@ -348,7 +348,7 @@ def run_generate(models: list[Path], specs, settings: GenSettings, *, out: Path,
     from erase.models import truncated_prompts
     from erase.transformer_model import open_for_generation
 
-    opened = [open_for_generation(path, prediction_type) for path in models]  # headers only: a refused file leaves no folder behind
+    opened = [open_for_generation(path, prediction_type, text_encoders) for path in models]  # headers only: a refused file leaves no folder behind
     out.mkdir(parents=True, exist_ok=True)
     jobs = jobs_for(specs, settings, n=n, seed=seed)
     labels = _labels(models)

@@ -1,8 +1,9 @@
 """An SD3 / SD3.5 single file opened for generation: the transformer, the text encoders and the VAE it carries, and its
 flow-matching scheduler, behind the loaders `erase generate` uses for a Stable Diffusion `Model` (erase.models).
 
-What is not built yet, and refused by name where a command reaches it: FLUX.1 (its prompt goes through T5, whose
-tokenizer no file carries: `--text-encoders` is not built), textual-inversion tokens and `--delta` on these families.
+What is not built yet, and refused by name where a command reaches it: FLUX.1 (its sampler: guidance as an input, no
+CFG, resolution-dependent shift), textual-inversion tokens and `--delta` on these families. `--text-encoders` (a diffusers
+SD3 folder) gives what a transformer-only file lacks, T5 with its tokenizer included.
 """
 
 from __future__ import annotations
@@ -36,7 +37,18 @@ class TransformerFamily:
 class TransformerModel:
     ckpt: Checkpoint
     tf: TransformerFile
+    text_encoders: Path | None = None  # --text-encoders: a diffusers folder of the family (its text encoders, tokenizers, VAE)
     notes: list[str] = field(default_factory=list)  # what loading left out, for the user (T5 without its tokenizer)
+
+    def __post_init__(self) -> None:
+        if self.text_encoders is not None and not (self.text_encoders / "model_index.json").is_file():
+            raise UsageError(f"--text-encoders {self.text_encoders}: not a diffusers pipeline folder (no model_index.json)")
+
+    def _from_folder(self, component: str) -> Path | None:
+        """The folder's `component` subfolder, when --text-encoders gave one that has it."""
+        if self.text_encoders is None or not (self.text_encoders / component).is_dir():
+            return None
+        return self.text_encoders / component
 
     @property
     def family(self) -> TransformerFamily:
@@ -52,9 +64,14 @@ class TransformerModel:
 
     @functools.cached_property
     def vae_config(self) -> dict:
+        if (folder := self._from_folder("vae")) is not None:
+            import json
+
+            return json.loads((folder / "config.json").read_text())
         cfg = vae_config(self.ckpt, None, base=SD3_VAE)
         if cfg is None:
-            raise EraseError(f"{self.ckpt.path.name}: the file carries no VAE (first_stage_model.*), which generating images needs")
+            raise EraseError(f"{self.ckpt.path.name}: the file carries no VAE (first_stage_model.*), which generating images needs: "
+                             "give a diffusers folder of the family with --text-encoders")
         return cfg
 
     @property
@@ -73,6 +90,8 @@ class TransformerModel:
         from diffusers import AutoencoderKL
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
+        if (folder := self._from_folder("vae")) is not None:
+            return AutoencoderKL.from_pretrained(folder, local_files_only=True).to(device=device, dtype=dtype).eval().requires_grad_(False)
         cfg = self.vae_config
         with torch.device("meta"):
             vae = AutoencoderKL.from_config(cfg)
@@ -86,6 +105,8 @@ class TransformerModel:
 
         if embeddings:
             raise UsageError(f"--embedding: textual-inversion tokens are not built for {self.tf.label} yet")
+        if self.text_encoders is not None:
+            return folder_text(self.text_encoders, self.tf.family, self.config["joint_attention_dim"])
         tokenizers = [load_tokenizer("sdxl", "tokenizer"), load_tokenizer("sdxl", "tokenizer_2")]  # SD3's CLIP-L and CLIP-G pads
         text, notes = load_transformer_text(self.ckpt, self.tf, self.config["joint_attention_dim"], clip_tokenizers=tokenizers)
         self.notes = notes
@@ -97,21 +118,46 @@ class TransformerModel:
         return FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER)
 
 
-def open_for_generation(path, prediction_type: str | None = None):
+SD3_FOLDER = {"clip": [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")], "t5": ("tokenizer_3", "text_encoder_3")}
+
+
+def folder_text(folder: Path, family: str, joint_dim: int):
+    """The text encoders of a diffusers SD3 folder (as `StableDiffusion3Pipeline.from_pretrained` reads them), T5 when it
+    has one; a missing CLIP is one line naming it."""
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+
+    from erase.backbones.text import TransformerText
+
+    missing = [d for pair in SD3_FOLDER["clip"] for d in pair if not (folder / d).is_dir()]
+    if missing:
+        raise EraseError(f"--text-encoders {folder}: no {', '.join(missing)} there (an SD3 pipeline folder has them)")
+
+    def frozen(model):
+        return model.float().eval().requires_grad_(False)
+
+    clip = [(CLIPTokenizer.from_pretrained(folder / tok, local_files_only=True),
+             frozen(CLIPTextModelWithProjection.from_pretrained(folder / enc, local_files_only=True))) for tok, enc in SD3_FOLDER["clip"]]
+    tok, enc = SD3_FOLDER["t5"]
+    t5 = None
+    if (folder / tok).is_dir() and (folder / enc).is_dir():
+        t5 = (AutoTokenizer.from_pretrained(folder / tok, local_files_only=True),
+              frozen(T5EncoderModel.from_pretrained(folder / enc, local_files_only=True)))
+    return TransformerText(family, clip, t5, joint_dim)
+
+
+def open_for_generation(path, prediction_type: str | None = None, text_encoders: Path | None = None):
     """A Stable Diffusion `Model`, or an SD3 / SD3.5 single file as a TransformerModel; other transformer files (FLUX.1,
     diffusers folders of either) are refused in one line naming the release."""
     from erase.checkpoint.formats import open_checkpoint
     from erase.checkpoint.transformer_files import read_transformer_file, refusal
     from erase.models import open_model
 
-    if Path(path).is_dir():
-        return open_model(path, prediction_type)
-    ckpt = open_checkpoint(path)
-    tf = read_transformer_file(ckpt)
-    if tf is None:
+    if Path(path).is_dir() or (tf := read_transformer_file(ckpt := open_checkpoint(path))) is None:
+        if text_encoders is not None:
+            raise UsageError("--text-encoders is for SD3 files, which may come without their text encoders")
         return open_model(path, prediction_type)
     if tf.family != "sd3":
         raise EraseError(refusal(tf))
     if prediction_type is not None:
         raise UsageError(f"--prediction-type: {tf.label} predicts a flow-matching velocity; the option is for Stable Diffusion files")
-    return TransformerModel(ckpt, tf)
+    return TransformerModel(ckpt, tf, text_encoders)

@@ -207,12 +207,20 @@ def test_the_text_encoders_an_sd3_file_carries_load_and_encode_as_the_originals(
         load_transformer_text(bare, tf_bare, 32, clip_tokenizers=[tok, tok])
 
 
+def _sd3_vae():
+    """A tiny 16-channel VAE without quant convs, scaled and shifted as SD3's."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=[32, 64], layers_per_block=1, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
+                         use_post_quant_conv=False, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         scaling_factor=1.5305, shift_factor=0.0609)
+
+
 def _sd3_file_with_everything(tmp_path):
     """A tiny SD3.5 large-layout single file carrying CLIP-L, CLIP-G, T5 and a 16-channel VAE, as Stability's
     `sd3.5_large.safetensors` with its text encoders; returns the path and the original text encoders."""
     import json
-
-    from diffusers import AutoencoderKL
 
     from erase.checkpoint.export import vae_to_ldm
     from tests.transformer_layouts import text_encoders
@@ -222,9 +230,7 @@ def _sd3_file_with_everything(tmp_path):
     for name, model in zip(("clip_l", "clip_g", "t5xxl"), [m for _, m in enc["clip"]] + [enc["t5"][1]]):
         weights.update({f"text_encoders.{name}.transformer.{k}": v.clone() for k, v in model.state_dict().items()
                         if k != "encoder.embed_tokens.weight"})
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=[32, 64], layers_per_block=1, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
-                        use_post_quant_conv=False, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    vae = _sd3_vae()
     weights.update({k: v.clone() for k, v in vae_to_ldm(vae.state_dict(), dict(vae.config)).items()})
     meta = {n: json.dumps({"num_attention_heads": 2, "hidden_act": "quick_gelu"}) for n in ("erase.model.clip_l", "erase.model.clip_g")}
     path = tmp_path / "sd35.safetensors"
@@ -264,3 +270,39 @@ def test_generate_draws_with_an_sd3_file_what_diffusers_sd3_pipeline_draws(tmp_p
     save_file(tensors(flux_shapes(W, HEADS, 1, 1)), str(flux))
     r = CliRunner().invoke(app, ["generate", str(flux), "-p", "a cat", "-o", str(tmp_path / "f")])
     assert r.exit_code == 1 and "unsupported: FLUX.1-dev" in r.output and not (tmp_path / "f").exists()
+
+
+def test_generate_takes_the_text_encoders_and_vae_an_sd3_file_lacks_from_a_diffusers_folder(tmp_path):
+    """A transformer-only SD3 file with `--text-encoders FOLDER`: CLIP-L, CLIP-G, T5 (with its tokenizer) and the VAE come
+    from the folder, and the image is StableDiffusion3Pipeline's with all three encoders."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from erase.cli import app
+    from erase.models import load_tokenizer
+    from tests.transformer_layouts import text_encoders
+
+    path = tmp_path / "sd35.safetensors"
+    save_file({k: t.float() for k, t in tensors(sd3_shapes(W, HEADS, 2, pooled_dim=20)).items()}, str(path))
+    ckpt = open_checkpoint(path)
+    transformer, _ = load_transformer(ckpt, read_transformer_file(ckpt))
+    enc = text_encoders("sd3")
+    vae = _sd3_vae()
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=enc["clip"][0][1], tokenizer=load_tokenizer("sdxl", "tokenizer"),
+                                    text_encoder_2=enc["clip"][1][1], tokenizer_2=load_tokenizer("sdxl", "tokenizer_2"),
+                                    text_encoder_3=enc["t5"][1], tokenizer_3=enc["t5"][0])
+    pipe.save_pretrained(tmp_path / "folder")
+    r = CliRunner().invoke(app, ["generate", str(path), "--text-encoders", str(tmp_path / "folder"), "-p", "a red circle", "--steps", "3",
+                                 "--guidance", "4", "--seed", "5", "--size", "32", "--device", "cpu", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    png, = (tmp_path / "out").rglob("*.png")
+    theirs = pipe("a red circle", num_inference_steps=3, guidance_scale=4.0, height=32, width=32, output_type="np",
+                  generator=torch.Generator().manual_seed(5)).images[0] * 255
+    assert np.abs(np.asarray(Image.open(png)).astype(np.float64) - theirs).max() <= 1.0
+    bare = CliRunner().invoke(app, ["generate", str(path), "-p", "a cat", "-o", str(tmp_path / "o2")])
+    assert bare.exit_code == 1 and "carries no VAE" in bare.output and "--text-encoders" in bare.output
+    wrong = CliRunner().invoke(app, ["generate", str(path), "--text-encoders", str(tmp_path), "-p", "a cat", "-o", str(tmp_path / "o3")])
+    assert wrong.exit_code == 2 and "model_index.json" in wrong.output

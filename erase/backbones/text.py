@@ -137,6 +137,6 @@ def load_transformer_text(ckpt, tf, joint_dim: int, *, clip_tokenizers: list, t5
     if "t5xxl" in tf.text_encoders and t5_tokenizer is not None:
         t5 = (t5_tokenizer, _t5(ckpt))
     elif "t5xxl" in tf.text_encoders:
-        notes.append("the file's T5 is not used: no file carries its tokenizer (and --text-encoders is not built yet); "
-                     "SD3 runs with T5's sequence zeroed, as it was also trained to")
+        notes.append("the file's T5 is not used: no file carries its tokenizer (give a diffusers SD3 folder with "
+                     "--text-encoders); SD3 runs with T5's sequence zeroed, as it was also trained to")
     return TransformerText(tf.family, clip, t5, joint_dim, t5_length), notes

@@ -33,6 +33,8 @@ def generate(
     safety_concept: Annotated[Optional[str], typer.Option(help="Concept SLD steers away from (default: the SLD paper's list).", rich_help_panel=SAMPLING)] = None,
     compare: Annotated[Optional[list[Path]], typer.Option("--compare", help="Another checkpoint, same prompts and seeds; writes grids (repeatable).")] = None,
     delta: Annotated[Optional[Path], typer.Option(help="Apply an erase delta file to MODEL in memory (MODEL is then the base).")] = None,
+    text_encoders: Annotated[Optional[Path], typer.Option(help="SD3: a diffusers SD3 folder whose text encoders (T5 included, with its "
+                                                          "tokenizer) and VAE are used instead of the file's.")] = None,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when available.", rich_help_panel=ENGINE)] = Device.auto,
     precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
     xformers: XformersOption = False,
@@ -52,7 +54,8 @@ def generate(
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("generating", total=total)
         summary = run_generate(models, specs, settings, out=out, n=n, seed=seed, delta=delta,
-                               prediction_type=prediction_type, progress=lambda: bar.advance(task))
+                               prediction_type=prediction_type, progress=lambda: bar.advance(task),
+                               text_encoders=text_encoders)
     warn_truncated(summary["truncated_prompts"])
     for note in summary["notes"]:
         err_console.print(f"[yellow]note[/]: {note}")

@@ -134,9 +134,14 @@ class ImageGenerator:
         self.device = resolve_device(settings.device)
         dtype, autocast_dtype, _ = resolve_precision(settings.precision, self.device)
         self.dtype, self.autocast_dtype = dtype, autocast_dtype  # autocast: for the attacks that back-propagate through the UNet
-        self.flow = model.family.prediction_type == "flow"  # SD3: a flow-matching transformer (erase.transformer_model)
+        self.flow = model.family.prediction_type == "flow"  # SD3 / FLUX.1: a flow-matching transformer (erase.transformer_model)
+        # FLUX.1 is guidance-distilled: one forward per step, the guidance scale an input of the model (FluxPipeline's way)
+        self.distilled = model.family.name == "flux"
         if self.flow and delta is not None:
             raise UsageError(f"--delta: erase delta files are not built for {model.family.label} yet")
+        if self.distilled and (settings.negative or settings.safety):
+            raise UsageError(f"{'--negative' if settings.negative else '--safety'}: {model.family.label} samples without a second "
+                             "(unconditional) forward, which negative prompts and SLD need; not built for it")
         self.unet = model.load_unet(dtype=dtype, device=self.device)
         self.attention = configure_attention(self.unet, settings.xformers, self.device)
         if delta is not None:
@@ -192,13 +197,15 @@ class ImageGenerator:
         """Denoise one batch of jobs; returns final latents (B, C, h, w)."""
         s, sched, sld = self.settings, self.scheduler, self.settings.sld_config
         h = self.size // self.factor
-        shape = (self.unet.config.in_channels, h, h)
+        shape = (self.vae.config.latent_channels if self.flow else self.unet.config.in_channels, h, h)
         # each image's noise comes from its own seed, so batching changes an image only by float reduction order (a few pixels)
         x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(j.seed)) for j in jobs])
-        sched.set_timesteps(s.steps)
+        self._set_timesteps(h)
         # latents stay fp32 between steps; only the UNet's input is cast (a flow's noise is unscaled)
         x = (x * getattr(sched, "init_noise_sigma", 1.0)).to(self.device)
         b = len(jobs)
+        if self.distilled:
+            return self._distilled_latents(x, jobs)
         conds = [self._encode([j.negative for j in jobs]), self._encode([j.prompt for j in jobs])]
         if sld is not None:
             conds.append(self._encode([s.safety_concept] * b))
@@ -214,6 +221,29 @@ class ImageGenerator:
             pred = sld_guidance(parts[0], parts[1], e_s, scale_g, i, sld, state)
             extra = {"generator": gen} if "generator" in sched.step.__code__.co_varnames else {}
             x = sched.step(pred, t, x, **extra).prev_sample
+        return x
+
+    def _set_timesteps(self, h: int) -> None:
+        """The sampler's timesteps; FLUX.1's as FluxPipeline sets them: sigmas evenly from 1 to 1/steps, shifted by the
+        image's token count where the scheduler shifts by resolution."""
+        sched, steps = self.scheduler, self.settings.steps
+        if not self.distilled:
+            sched.set_timesteps(steps)
+            return
+        import numpy as np
+
+        from erase.backbones.flux import mu
+
+        shift = mu((h // 2) ** 2, sched.config) if sched.config.get("use_dynamic_shifting") else None
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=shift)
+
+    def _distilled_latents(self, x: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
+        """FLUX.1: each step one forward on the prompt with the job's guidance scale as the model's input."""
+        cond = self._encode([j.prompt for j in jobs])
+        scale = torch.tensor([j.guidance for j in jobs], device=self.device, dtype=torch.float32)
+        for t in self.scheduler.timesteps:
+            v = predict(self.unet, x.to(self.dtype), t, cond, self.size, guidance=scale).float()
+            x = self.scheduler.step(v, t, x).prev_sample
         return x
 
     @torch.no_grad()

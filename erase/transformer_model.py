@@ -1,10 +1,10 @@
-"""An SD3 / SD3.5 single file opened for generation: the transformer, the text encoders and the VAE it carries, and its
-flow-matching scheduler, behind the loaders `erase generate` uses for a Stable Diffusion `Model` (erase.models).
+"""An SD3 / SD3.5 or FLUX.1 single file opened for generation: the transformer, the text encoders and VAE it carries
+or a diffusers folder of the family gives (`--text-encoders`), and the family's flow-matching scheduler, behind the
+loaders `erase generate` uses for a Stable Diffusion `Model` (erase.models).
 
-What is not built yet, and refused by name where a command reaches it: FLUX.1 (its sampler: guidance as an input, no
-CFG, resolution-dependent shift), textual-inversion tokens and `--delta` on these families. `--text-encoders` (a diffusers
-SD3 folder) gives what a transformer-only file lacks, T5 with its tokenizer included.
-"""
+Not built yet, and refused by name where a command reaches it: textual-inversion tokens and `--delta` on these
+families, FLUX.1's negative prompts and SLD (they need the unconditional forward a guidance-distilled model does not
+make), and every other command."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ from erase.errors import EraseError, UsageError
 SD3_VAE = {"_class_name": "AutoencoderKL", "act_fn": "silu", "scaling_factor": 1.5305, "shift_factor": 0.0609,
            "use_quant_conv": False, "use_post_quant_conv": False, "force_upcast": True}
 SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+FLUX_SCHEDULER = {"dev": {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                          "base_image_seq_len": 256, "max_image_seq_len": 4096},
+                  "schnell": {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}}
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,18 @@ class TransformerModel:
     def __post_init__(self) -> None:
         if self.text_encoders is not None and not (self.text_encoders / "model_index.json").is_file():
             raise UsageError(f"--text-encoders {self.text_encoders}: not a diffusers pipeline folder (no model_index.json)")
+
+    def check_complete(self) -> None:
+        """What generating needs and neither the file nor --text-encoders gives, as one line, before anything is written."""
+        if self.tf.family == "flux" and self.text_encoders is None:
+            raise EraseError(f"{self.ckpt.path.name}: {self.tf.label} reads prompts through T5, whose tokenizer no file carries, "
+                             "and its files carry no VAE: give a diffusers FLUX.1 folder with --text-encoders")
+        if self.text_encoders is None:
+            missing = [e for e in ("clip_l", "clip_g") if e not in self.tf.text_encoders]
+            if missing:
+                raise EraseError(f"{self.ckpt.path.name}: the file carries no {' or '.join(missing)} text encoder: give a diffusers "
+                                 "SD3 folder with --text-encoders")
+        self.vae_config  # noqa: B018 (raises, naming --text-encoders, when neither has a VAE)
 
     def _from_folder(self, component: str) -> Path | None:
         """The folder's `component` subfolder, when --text-encoders gave one that has it."""
@@ -80,7 +95,8 @@ class TransformerModel:
 
     @property
     def default_resolution(self) -> int:
-        return self.config["sample_size"] * self.latent_factor
+        """SD3: its sample size in pixels; FLUX.1: 1024 at the release's VAE (128 latent rows)."""
+        return self.config.get("sample_size", 128) * self.latent_factor
 
     def load_unet(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, fp32=None):
         """The denoiser: here the transformer (the name is the one `erase generate` asks a Stable Diffusion model for)."""
@@ -107,37 +123,52 @@ class TransformerModel:
             raise UsageError(f"--embedding: textual-inversion tokens are not built for {self.tf.label} yet")
         if self.text_encoders is not None:
             return folder_text(self.text_encoders, self.tf.family, self.config["joint_attention_dim"])
+        if self.tf.family == "flux":
+            raise EraseError(f"{self.ckpt.path.name}: {self.tf.label} reads prompts through T5, whose tokenizer no file carries: "
+                             "give a diffusers FLUX.1 folder with --text-encoders")
         tokenizers = [load_tokenizer("sdxl", "tokenizer"), load_tokenizer("sdxl", "tokenizer_2")]  # SD3's CLIP-L and CLIP-G pads
         text, notes = load_transformer_text(self.ckpt, self.tf, self.config["joint_attention_dim"], clip_tokenizers=tokenizers)
         self.notes = notes
         return text
 
     def scheduler(self, cls_name: str = "FlowMatchEulerDiscreteScheduler"):
+        """The family's flow-matching Euler scheduler: a --text-encoders folder's own config, else the release's."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        return FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER)
+        if (folder := self._from_folder("scheduler")) is not None:
+            return FlowMatchEulerDiscreteScheduler.from_pretrained(folder, local_files_only=True)
+        if self.tf.family == "sd3":
+            return FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER)
+        return FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER["dev" if self.config["guidance_embeds"] else "schnell"])
 
 
-SD3_FOLDER = {"clip": [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")], "t5": ("tokenizer_3", "text_encoder_3")}
+FOLDERS = {  # (tokenizer, encoder) subfolders of the diffusers pipelines
+    "sd3": {"clip": [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")], "t5": ("tokenizer_3", "text_encoder_3")},
+    "flux": {"clip": [("tokenizer", "text_encoder")], "t5": ("tokenizer_2", "text_encoder_2")},
+}
 
 
 def folder_text(folder: Path, family: str, joint_dim: int):
-    """The text encoders of a diffusers SD3 folder (as `StableDiffusion3Pipeline.from_pretrained` reads them), T5 when it
-    has one; a missing CLIP is one line naming it."""
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+    """The text encoders of a diffusers SD3 / FLUX.1 folder (as the pipelines' `from_pretrained` reads them), T5 when it
+    has one (FLUX.1 needs it); a missing part is one line naming it."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
     from erase.backbones.text import TransformerText
 
-    missing = [d for pair in SD3_FOLDER["clip"] for d in pair if not (folder / d).is_dir()]
+    parts = FOLDERS[family]
+    needed = [*parts["clip"], *([parts["t5"]] if family == "flux" else [])]
+    missing = [d for pair in needed for d in pair if not (folder / d).is_dir()]
     if missing:
-        raise EraseError(f"--text-encoders {folder}: no {', '.join(missing)} there (an SD3 pipeline folder has them)")
+        raise EraseError(f"--text-encoders {folder}: no {', '.join(missing)} there (a {'FLUX.1' if family == 'flux' else 'SD3'} "
+                         "pipeline folder has them)")
+    clip_cls = CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel
 
     def frozen(model):
         return model.float().eval().requires_grad_(False)
 
     clip = [(CLIPTokenizer.from_pretrained(folder / tok, local_files_only=True),
-             frozen(CLIPTextModelWithProjection.from_pretrained(folder / enc, local_files_only=True))) for tok, enc in SD3_FOLDER["clip"]]
-    tok, enc = SD3_FOLDER["t5"]
+             frozen(clip_cls.from_pretrained(folder / enc, local_files_only=True))) for tok, enc in parts["clip"]]
+    tok, enc = parts["t5"]
     t5 = None
     if (folder / tok).is_dir() and (folder / enc).is_dir():
         t5 = (AutoTokenizer.from_pretrained(folder / tok, local_files_only=True),
@@ -149,15 +180,15 @@ def open_for_generation(path, prediction_type: str | None = None, text_encoders:
     """A Stable Diffusion `Model`, or an SD3 / SD3.5 single file as a TransformerModel; other transformer files (FLUX.1,
     diffusers folders of either) are refused in one line naming the release."""
     from erase.checkpoint.formats import open_checkpoint
-    from erase.checkpoint.transformer_files import read_transformer_file, refusal
+    from erase.checkpoint.transformer_files import read_transformer_file
     from erase.models import open_model
 
     if Path(path).is_dir() or (tf := read_transformer_file(ckpt := open_checkpoint(path))) is None:
         if text_encoders is not None:
             raise UsageError("--text-encoders is for SD3 files, which may come without their text encoders")
         return open_model(path, prediction_type)
-    if tf.family != "sd3":
-        raise EraseError(refusal(tf))
     if prediction_type is not None:
         raise UsageError(f"--prediction-type: {tf.label} predicts a flow-matching velocity; the option is for Stable Diffusion files")
-    return TransformerModel(ckpt, tf, text_encoders)
+    model = TransformerModel(ckpt, tf, text_encoders)
+    model.check_complete()
+    return model

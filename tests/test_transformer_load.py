@@ -207,14 +207,14 @@ def test_the_text_encoders_an_sd3_file_carries_load_and_encode_as_the_originals(
         load_transformer_text(bare, tf_bare, 32, clip_tokenizers=[tok, tok])
 
 
-def _sd3_vae():
-    """A tiny 16-channel VAE without quant convs, scaled and shifted as SD3's."""
+def _sd3_vae(scaling: float = 1.5305, shift: float = 0.0609):
+    """A tiny 16-channel VAE without quant convs, scaled and shifted as SD3's (FLUX.1's: 0.3611, 0.1159)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     return AutoencoderKL(block_out_channels=[32, 64], layers_per_block=1, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
                          use_post_quant_conv=False, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                         scaling_factor=1.5305, shift_factor=0.0609)
+                         scaling_factor=scaling, shift_factor=shift)
 
 
 def _sd3_file_with_everything(tmp_path):
@@ -266,10 +266,6 @@ def test_generate_draws_with_an_sd3_file_what_diffusers_sd3_pipeline_draws(tmp_p
     theirs = pipe("a red circle", num_inference_steps=4, guidance_scale=5.0, height=32, width=32, output_type="np",
                   generator=torch.Generator().manual_seed(3)).images[0] * 255
     assert np.abs(ours - theirs).max() <= 1.0  # the PNG's rounding
-    flux = tmp_path / "flux.safetensors"
-    save_file(tensors(flux_shapes(W, HEADS, 1, 1)), str(flux))
-    r = CliRunner().invoke(app, ["generate", str(flux), "-p", "a cat", "-o", str(tmp_path / "f")])
-    assert r.exit_code == 1 and "unsupported: FLUX.1-dev" in r.output and not (tmp_path / "f").exists()
 
 
 def test_generate_takes_the_text_encoders_and_vae_an_sd3_file_lacks_from_a_diffusers_folder(tmp_path):
@@ -303,6 +299,43 @@ def test_generate_takes_the_text_encoders_and_vae_an_sd3_file_lacks_from_a_diffu
                   generator=torch.Generator().manual_seed(5)).images[0] * 255
     assert np.abs(np.asarray(Image.open(png)).astype(np.float64) - theirs).max() <= 1.0
     bare = CliRunner().invoke(app, ["generate", str(path), "-p", "a cat", "-o", str(tmp_path / "o2")])
-    assert bare.exit_code == 1 and "carries no VAE" in bare.output and "--text-encoders" in bare.output
+    assert bare.exit_code == 1 and "carries no clip_l or clip_g" in bare.output and "--text-encoders" in bare.output
+    assert not (tmp_path / "o2").exists()  # refused before anything is written
     wrong = CliRunner().invoke(app, ["generate", str(path), "--text-encoders", str(tmp_path), "-p", "a cat", "-o", str(tmp_path / "o3")])
     assert wrong.exit_code == 2 and "model_index.json" in wrong.output
+
+
+def test_generate_draws_with_a_flux_file_and_its_folder_what_diffusers_flux_pipeline_draws(tmp_path):
+    """A FLUX.1-dev transformer file (Black Forest Labs' layout) with `--text-encoders` a diffusers FLUX.1 folder: one
+    forward per step with the guidance scale as the model's input, sigmas shifted by the image's token count, the packed
+    latents unpacked for the VAE: FluxPipeline's image. Without the folder: one line, nothing written."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from erase.cli import app
+    from erase.transformer_model import FLUX_SCHEDULER
+    from tests.transformer_layouts import text_encoders
+
+    path = tmp_path / "flux1-dev.safetensors"
+    save_file({k: t.float() for k, t in tensors(flux_shapes(W, HEADS, 1, 1, pooled_dim=16)).items()}, str(path))
+    ckpt = open_checkpoint(path)
+    transformer, _ = load_transformer(ckpt, read_transformer_file(ckpt))
+    enc = text_encoders("flux")
+    vae = _sd3_vae(0.3611, 0.1159)
+    (tok, clip), = enc["clip"]
+    pipe = FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER["dev"]), vae=vae,
+                        text_encoder=clip, tokenizer=tok, text_encoder_2=enc["t5"][1], tokenizer_2=enc["t5"][0])
+    pipe.save_pretrained(tmp_path / "folder")
+    args = ["generate", str(path), "-p", "a red circle", "--steps", "3", "--guidance", "2.5", "--seed", "7", "--size", "32", "--device", "cpu"]
+    r = CliRunner().invoke(app, [*args, "--text-encoders", str(tmp_path / "folder"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    png, = (tmp_path / "out").rglob("*.png")
+    theirs = pipe("a red circle", num_inference_steps=3, guidance_scale=2.5, height=32, width=32, output_type="np",
+                  max_sequence_length=512, generator=torch.Generator().manual_seed(7)).images[0] * 255
+    assert np.abs(np.asarray(Image.open(png)).astype(np.float64) - theirs).max() <= 1.0
+    bare = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "bare")])
+    assert bare.exit_code == 1 and "--text-encoders" in bare.output and not (tmp_path / "bare").exists()
+    negative = CliRunner().invoke(app, [*args, "--negative", "blurry", "--text-encoders", str(tmp_path / "folder"), "-o", str(tmp_path / "n")])
+    assert negative.exit_code == 2 and "--negative" in negative.output

@@ -27,9 +27,22 @@ def image_ids(rows: int, cols: int, device, dtype) -> torch.Tensor:
     return torch.stack([torch.zeros_like(r), r, c], -1).reshape(-1, 3).to(device, dtype)
 
 
-def forward(call, z: torch.Tensor, t: torch.Tensor, cond, config, guidance: float = DEV_GUIDANCE) -> torch.Tensor:
+def _guidance(guidance, b: int, device) -> torch.Tensor:
+    g = DEV_GUIDANCE if guidance is None else guidance
+    return torch.as_tensor(g, dtype=torch.float32, device=device).reshape(-1).expand(b)
+
+
+def mu(image_tokens: int, cfg) -> float:
+    """The sampler's shift for an image of `image_tokens` packed tokens, as FluxPipeline computes it from the scheduler's
+    config (linear between the base and the max sequence lengths)."""
+    m = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
+    return image_tokens * m + cfg["base_shift"] - m * cfg["base_image_seq_len"]
+
+
+def forward(call, z: torch.Tensor, t: torch.Tensor, cond, config, guidance: torch.Tensor | float | None = None) -> torch.Tensor:
     """The velocity for latents `z` (B, C, H, W) at timestep(s) `t` on the 0..1000 scale; `call(**inputs)` runs the
-    model. `guidance` is used only by a guidance-distilled model (FLUX.1-dev)."""
+    model. `guidance` (a scale, or one per sample; None: FluxPipeline's 3.5) is used only by a guidance-distilled model
+    (FLUX.1-dev)."""
     if cond.pooled is None:
         raise ValueError("FLUX.1 needs the pooled CLIP vector (Conditioning.pooled)")
     b, _, h, w = z.shape
@@ -39,5 +52,5 @@ def forward(call, z: torch.Tensor, t: torch.Tensor, cond, config, guidance: floa
     out = call(hidden_states=pack(z), timestep=sigma, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
                img_ids=image_ids(h // 2, w // 2, z.device, z.dtype),
                txt_ids=torch.zeros(cond.embeds.shape[1], 3, device=z.device, dtype=z.dtype),
-               guidance=torch.full((b,), guidance, device=z.device, dtype=torch.float32) if config.guidance_embeds else None).sample
+               guidance=_guidance(guidance, b, z.device) if config.guidance_embeds else None).sample
     return unpack(out, h, w)

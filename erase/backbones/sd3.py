@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 
-def forward(call, z: torch.Tensor, t: torch.Tensor, cond, config) -> torch.Tensor:
+def forward(call, z: torch.Tensor, t: torch.Tensor, cond, config, guidance=None) -> torch.Tensor:
     """The velocity for latents `z` (B, C, H, W) at timestep(s) `t`; `call(**inputs)` runs the model (with the weights
-    the caller names)."""
+    the caller names). SD3 takes no guidance input (`guidance` is for the families that do)."""
     if cond.pooled is None:
         raise ValueError("SD3 needs the pooled text vector (Conditioning.pooled)")
     b = z.shape[0]

@@ -27,14 +27,14 @@ def generate(
     steps: Annotated[int, typer.Option(help="Denoising steps.", rich_help_panel=SAMPLING)] = 25,
     guidance: Annotated[float, typer.Option(help="CFG scale (a CSV's guidance column wins).", rich_help_panel=SAMPLING)] = 7.5,
     size: Annotated[Optional[int], typer.Option(help="Image size in pixels, multiple of 8 (default by family).", rich_help_panel=SAMPLING)] = None,
-    scheduler: Annotated[Scheduler, typer.Option(help="Sampler (SD3: flow-matching Euler, whichever of ddim or euler is named).", rich_help_panel=SAMPLING)] = Scheduler.ddim,
+    scheduler: Annotated[Scheduler, typer.Option(help="Sampler (SD3 / FLUX.1: flow-matching Euler, for ddim or euler).", rich_help_panel=SAMPLING)] = Scheduler.ddim,
     batch: Annotated[int, typer.Option(help="Images per UNet batch.", rich_help_panel=SAMPLING)] = 4,
     safety: Annotated[Optional[Safety], typer.Option(help="SLD safety guidance preset (inference-time, no training).", rich_help_panel=SAMPLING)] = None,
     safety_concept: Annotated[Optional[str], typer.Option(help="Concept SLD steers away from (default: the SLD paper's list).", rich_help_panel=SAMPLING)] = None,
     compare: Annotated[Optional[list[Path]], typer.Option("--compare", help="Another checkpoint, same prompts and seeds; writes grids (repeatable).")] = None,
     delta: Annotated[Optional[Path], typer.Option(help="Apply an erase delta file to MODEL in memory (MODEL is then the base).")] = None,
-    text_encoders: Annotated[Optional[Path], typer.Option(help="SD3: a diffusers SD3 folder whose text encoders (T5 included, with its "
-                                                          "tokenizer) and VAE are used instead of the file's.")] = None,
+    text_encoders: Annotated[Optional[Path], typer.Option(help="SD3 / FLUX.1: a diffusers folder of the family whose text encoders (T5 with its "
+                                                          "tokenizer), VAE and scheduler are used instead of the file's (FLUX.1 files need one).")] = None,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when available.", rich_help_panel=ENGINE)] = Device.auto,
     precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
     xformers: XformersOption = False,

@@ -48,7 +48,7 @@ Weights = dict[str, torch.Tensor] | None  # parameters by diffusers name, used i
 
 
 def predict(unet, z: torch.Tensor, t, cond: Conditioning, resolution: int, counter: EvalCounter | None = None,
-            weights: Weights = None) -> torch.Tensor:
+            weights: Weights = None, guidance: torch.Tensor | None = None) -> torch.Tensor:
     """The UNet's raw output (eps or v) for latents `z` (B, C, h, w) at timestep `t`, with `weights` in place of the
     UNet's own parameters of those names (the rest are the UNet's)."""
     if counter is not None:
@@ -60,7 +60,7 @@ def predict(unet, z: torch.Tensor, t, cond: Conditioning, resolution: int, count
                 return unet(**inputs)
             return torch.func.functional_call(unet, weights, (), inputs, tie_weights=False)
 
-        return family_forward(call, z, t, cond, unet.config)
+        return family_forward(call, z, t, cond, unet.config, guidance=guidance)
     if weights is None:
         return unet(z, t, **unet_kwargs(cond, resolution)).sample
     return torch.func.functional_call(unet, weights, (z, t), unet_kwargs(cond, resolution), tie_weights=False).sample  # no tied weights in a UNet

@@ -1,6 +1,6 @@
 """An SD3 / SD3.5 or FLUX.1 single file opened for generation: the transformer, the text encoders and VAE it carries
 or a diffusers folder of the family gives (`--text-encoders`), and the family's flow-matching scheduler, behind the
-loaders `erase generate` uses for a Stable Diffusion `Model` (erase.models).
+loaders `erase generate` and `erase evaluate` use for a Stable Diffusion `Model` (erase.models).
 
 Not built yet, and refused by name where a command reaches it: textual-inversion tokens and `--delta` on these
 families, FLUX.1's negative prompts and SLD (they need the unconditional forward a guidance-distilled model does not

@@ -73,7 +73,7 @@ def test_inspect_names_the_release_its_text_stream_and_what_the_file_carries(tmp
     assert table.exit_code == 0 and "FLUX.1-dev" in table.output and "text stream" in table.output
 
 
-@pytest.mark.parametrize("command", [["run", "-c", "cat"], ["evaluate", "--prompts", "{prompts}"],
+@pytest.mark.parametrize("command", [["run", "-c", "cat"],
                                      ["attack", "--concept", "nudity", "--prompts", "{prompts}", "--base", "{file}"], ["merge", "{file}"]],
                          ids=lambda c: c[0])
 def test_the_other_commands_refuse_these_files_in_one_line_naming_the_release(tmp_path, command):

@@ -309,6 +309,8 @@ def test_generate_draws_with_a_flux_file_and_its_folder_what_diffusers_flux_pipe
     """A FLUX.1-dev transformer file (Black Forest Labs' layout) with `--text-encoders` a diffusers FLUX.1 folder: one
     forward per step with the guidance scale as the model's input, sigmas shifted by the image's token count, the packed
     latents unpacked for the VAE: FluxPipeline's image. Without the folder: one line, nothing written."""
+    import json
+
     import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from PIL import Image
@@ -335,6 +337,12 @@ def test_generate_draws_with_a_flux_file_and_its_folder_what_diffusers_flux_pipe
     theirs = pipe("a red circle", num_inference_steps=3, guidance_scale=2.5, height=32, width=32, output_type="np",
                   max_sequence_length=512, generator=torch.Generator().manual_seed(7)).images[0] * 255
     assert np.abs(np.asarray(Image.open(png)).astype(np.float64) - theirs).max() <= 1.0
+    evaluated = CliRunner().invoke(app, ["evaluate", str(path), "--text-encoders", str(tmp_path / "folder"), "--prompts", "builtin:shapes",
+                                         "--limit", "2", "--detector", "shapes", "--target", "circle", "--steps", "2", "--size", "32",
+                                         "--device", "cpu", "-o", str(tmp_path / "eval"), "--json", str(tmp_path / "r.json")])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["erased"]["images"] == 2 and report["targets"] == ["circle"]  # the detector scored FLUX.1's images
     bare = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "bare")])
     assert bare.exit_code == 1 and "--text-encoders" in bare.output and not (tmp_path / "bare").exists()
     negative = CliRunner().invoke(app, [*args, "--negative", "blurry", "--text-encoders", str(tmp_path / "folder"), "-o", str(tmp_path / "n")])

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from erase.cli.app import Device, Precision, Scheduler, console, err_console
-from erase.cli.common import ENGINE, PROMPTS, SAMPLING, ModelPath, PredictionType, Safety, XformersOption, gen_settings, prompt_specs, warn_truncated
+from erase.cli.common import ENGINE, PROMPTS, SAMPLING, ModelPath, PredictionType, Safety, TextEncodersOption, XformersOption, gen_settings, prompt_specs, warn_truncated
 
 
 def generate(
@@ -33,8 +33,7 @@ def generate(
     safety_concept: Annotated[Optional[str], typer.Option(help="Concept SLD steers away from (default: the SLD paper's list).", rich_help_panel=SAMPLING)] = None,
     compare: Annotated[Optional[list[Path]], typer.Option("--compare", help="Another checkpoint, same prompts and seeds; writes grids (repeatable).")] = None,
     delta: Annotated[Optional[Path], typer.Option(help="Apply an erase delta file to MODEL in memory (MODEL is then the base).")] = None,
-    text_encoders: Annotated[Optional[Path], typer.Option(help="SD3 / FLUX.1: a diffusers folder of the family whose text encoders (T5 with its "
-                                                          "tokenizer), VAE and scheduler are used instead of the file's (FLUX.1 files need one).")] = None,
+    text_encoders: TextEncodersOption = None,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when available.", rich_help_panel=ENGINE)] = Device.auto,
     precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
     xformers: XformersOption = False,
@@ -93,6 +92,7 @@ def evaluate(
     precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU.", rich_help_panel=ENGINE)] = Precision.auto,
     xformers: XformersOption = False,
     prediction_type: PredictionType = None,
+    text_encoders: TextEncodersOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for images and report.json / report.html.")] = Path("erase-eval"),
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write report.json here.")] = None,
 ) -> None:
@@ -110,7 +110,7 @@ def evaluate(
     settings = gen_settings(steps, guidance, size, scheduler, "", batch, device, precision, embeddings=embedding, xformers=xformers)
     opts = EvalOptions(model=model, prompts=prompts, out=out, base=base, settings=settings, n=n, seed=seed, limit=limit,
                        category=category, detector=detector.value, threshold=threshold, targets=target, fail_above=fail_above,
-                       show_flagged=show_flagged, clip_model=clip_model, prediction_type=prediction_type)
+                       show_flagged=show_flagged, clip_model=clip_model, prediction_type=prediction_type, text_encoders=text_encoders)
     specs = prompt_specs(None, prompts, category, limit)
     total = len(jobs_for(specs, settings, n=n, seed=seed)) * (2 if base else 1)
     with Progress(console=err_console, transient=True) as bar:

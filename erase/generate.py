@@ -376,9 +376,9 @@ def run_generate(models: list[Path], specs, settings: GenSettings, *, out: Path,
     """
     from erase.checkpoint.write import sha256_file
     from erase.models import truncated_prompts
-    from erase.transformer_model import open_for_generation
+    from erase.transformer_model import open_any_model
 
-    opened = [open_for_generation(path, prediction_type, text_encoders) for path in models]  # headers only: a refused file leaves no folder behind
+    opened = [open_any_model(path, prediction_type, text_encoders) for path in models]  # headers only: a refused file leaves no folder behind
     out.mkdir(parents=True, exist_ok=True)
     jobs = jobs_for(specs, settings, n=n, seed=seed)
     labels = _labels(models)

@@ -181,6 +181,8 @@ def _match_prefix(state: dict[str, torch.Tensor], module: torch.nn.Module, prefi
 class Model:
     """One checkpoint, opened: family, configs, and loaders for each component."""
 
+    transformer = False  # a UNet (erase.transformer_model.TransformerModel: SD3 / FLUX.1)
+
     ckpt: Checkpoint
     family: Family
     _unet_config: dict | None = field(default=None, repr=False)
@@ -218,13 +220,24 @@ class Model:
             return "unet/" + diffusers_name
         return LDM_UNET + diffusers_to_ldm(diffusers_name, self.unet_config)
 
-    def unet_param_names(self) -> list[str]:
-        """The UNet's parameter names (diffusers), from its config alone (nothing is read)."""
+    @property
+    def latent_channels(self) -> int:
+        return self.unet_config["in_channels"]
+
+    def meta_unet(self):
+        """The UNet on the meta device: parameter names and counts from the config, nothing read."""
         from diffusers import UNet2DConditionModel
 
         with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(self.unet_config)
-        return [n for n, _ in unet.named_parameters()]
+            return UNet2DConditionModel.from_config(self.unet_config)
+
+    def file_replacements(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Trained parameters (diffusers names) under the file's own names."""
+        return {self.unet_file_key(n): v for n, v in weights.items()}
+
+    def unet_param_names(self) -> list[str]:
+        """The UNet's parameter names (diffusers), from its config alone (nothing is read)."""
+        return [n for n, _ in self.meta_unet().named_parameters()]
 
     def unet_state_dict(self) -> dict[str, torch.Tensor]:
         """The UNet's tensors with diffusers names, in the file's dtype."""

@@ -38,6 +38,7 @@ class TransformerFamily:
 
 @dataclass
 class TransformerModel:
+    transformer = True  # the denoiser is an SD3 / FLUX.1 transformer (erase.engine.params.selects names its sets)
     ckpt: Checkpoint
     tf: TransformerFile
     text_encoders: Path | None = None  # --text-encoders: a diffusers folder of the family (its text encoders, tokenizers, VAE)
@@ -47,8 +48,9 @@ class TransformerModel:
         if self.text_encoders is not None and not (self.text_encoders / "model_index.json").is_file():
             raise UsageError(f"--text-encoders {self.text_encoders}: not a diffusers pipeline folder (no model_index.json)")
 
-    def check_complete(self) -> None:
-        """What generating needs and neither the file nor --text-encoders gives, as one line, before anything is written."""
+    def check_complete(self, drawing: bool = True) -> None:
+        """What the command needs (the text encoders; to draw, the VAE too) and neither the file nor --text-encoders gives,
+        as one line, before anything is written."""
         if self.tf.family == "flux" and self.text_encoders is None:
             raise EraseError(f"{self.ckpt.path.name}: {self.tf.label} reads prompts through T5, whose tokenizer no file carries, "
                              "and its files carry no VAE: give a diffusers FLUX.1 folder with --text-encoders")
@@ -57,7 +59,8 @@ class TransformerModel:
             if missing:
                 raise EraseError(f"{self.ckpt.path.name}: the file carries no {' or '.join(missing)} text encoder: give a diffusers "
                                  "SD3 folder with --text-encoders")
-        self.vae_config  # noqa: B018 (raises, naming --text-encoders, when neither has a VAE)
+        if drawing:
+            self.vae_config  # noqa: B018 (raises, naming --text-encoders, when neither has a VAE)
 
     def _from_folder(self, component: str) -> Path | None:
         """The folder's `component` subfolder, when --text-encoders gave one that has it."""
@@ -77,6 +80,26 @@ class TransformerModel:
     def config(self) -> dict:
         return transformer_config(self.ckpt, self.tf)
 
+    @property
+    def latent_channels(self) -> int:
+        """The VAE latent's channels: SD3's transformer takes them as they are, FLUX.1's as packed 2x2 patches."""
+        return self.config["in_channels"] // (4 if self.tf.family == "flux" else 1)
+
+    def meta_unet(self):
+        """The transformer on the meta device: parameter names and counts, nothing read."""
+        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+        with torch.device("meta"):
+            return (SD3Transformer2DModel if self.tf.family == "sd3" else FluxTransformer2DModel)(**self.config)
+
+    def file_replacements(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Trained parameters (diffusers names) as the file tensors that hold them: their rows spliced into the fused
+        q/k/v tensors, every other row as it was (erase.checkpoint.transformer_keymap)."""
+        from erase.checkpoint.transformer_keymap import splice, transformer_pieces
+
+        pieces = transformer_pieces(self.tf.family, {n: tuple(self.ckpt.shape(n)) for n in self.tf.transformer}, self.tf.prefix, self.tf.width)
+        return splice(pieces, weights, self.ckpt.get_many)
+
     @functools.cached_property
     def vae_config(self) -> dict:
         if (folder := self._from_folder("vae")) is not None:
@@ -91,7 +114,9 @@ class TransformerModel:
 
     @property
     def latent_factor(self) -> int:
-        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+        """Pixels per latent: the VAE's (file or folder); 8, the releases', when neither has one (training needs no VAE)."""
+        has_vae = self._from_folder("vae") is not None or "first_stage_model.encoder.conv_in.weight" in self.ckpt
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1) if has_vae else 8
 
     @property
     def default_resolution(self) -> int:
@@ -99,8 +124,13 @@ class TransformerModel:
         return self.config.get("sample_size", 128) * self.latent_factor
 
     def load_unet(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, fp32=None):
-        """The denoiser: here the transformer (the name is the one `erase generate` asks a Stable Diffusion model for)."""
-        return load_transformer(self.ckpt, self.tf, dtype, device)[0].requires_grad_(False)
+        """The denoiser: here the transformer (the name is the one the commands ask a Stable Diffusion model for), frozen;
+        `fp32(name)` picks parameters kept in fp32 from the file's own values (the trainable subset's masters)."""
+        model = load_transformer(self.ckpt, self.tf, torch.float32, device)[0].requires_grad_(False)
+        for n, p in model.named_parameters():
+            if not (fp32 and fp32(n)):
+                p.data = p.data.to(dtype)
+        return model
 
     def load_vae(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         from diffusers import AutoencoderKL
@@ -176,9 +206,11 @@ def folder_text(folder: Path, family: str, joint_dim: int):
     return TransformerText(family, clip, t5, joint_dim)
 
 
-def open_for_generation(path, prediction_type: str | None = None, text_encoders: Path | None = None):
-    """A Stable Diffusion `Model`, or an SD3 / SD3.5 single file as a TransformerModel; other transformer files (FLUX.1,
-    diffusers folders of either) are refused in one line naming the release."""
+def open_any_model(path, prediction_type: str | None = None, text_encoders: Path | None = None, *, drawing: bool = True,
+                   families: tuple[str, ...] = ("sd3", "flux"), command: str = "generate"):
+    """A Stable Diffusion `Model`, or an SD3 / SD3.5 or FLUX.1 single file as a TransformerModel (diffusers folders of
+    these families are refused in one line naming the release, as are the `families` `command` does not take).
+    `drawing`: the VAE is needed too (not to train)."""
     from erase.checkpoint.formats import open_checkpoint
     from erase.checkpoint.transformer_files import read_transformer_file
     from erase.models import open_model
@@ -187,8 +219,11 @@ def open_for_generation(path, prediction_type: str | None = None, text_encoders:
         if text_encoders is not None:
             raise UsageError("--text-encoders is for SD3 files, which may come without their text encoders")
         return open_model(path, prediction_type)
+    if tf.family not in families:
+        raise EraseError(f"unsupported: erase {command} on {tf.label} ({tf.layout}) is not built yet; erase inspect reads it, "
+                         "generate and evaluate draw with it")
     if prediction_type is not None:
         raise UsageError(f"--prediction-type: {tf.label} predicts a flow-matching velocity; the option is for Stable Diffusion files")
     model = TransformerModel(ckpt, tf, text_encoders)
-    model.check_complete()
+    model.check_complete(drawing)
     return model

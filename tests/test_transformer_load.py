@@ -248,7 +248,7 @@ def test_generate_draws_with_an_sd3_file_what_diffusers_sd3_pipeline_draws(tmp_p
 
     from erase.cli import app
     from erase.models import load_tokenizer
-    from erase.transformer_model import open_for_generation
+    from erase.transformer_model import open_any_model
 
     path, enc = _sd3_file_with_everything(tmp_path)
     r = CliRunner().invoke(app, ["generate", str(path), "-p", "a red circle", "--steps", "4", "--guidance", "5", "--seed", "3",
@@ -257,7 +257,7 @@ def test_generate_draws_with_an_sd3_file_what_diffusers_sd3_pipeline_draws(tmp_p
     assert "T5 is not used" in r.output  # no T5 tokenizer: the file's T5 stays out, and the user hears it
     png, = (tmp_path / "out").rglob("*.png")
     ours = np.asarray(Image.open(png)).astype(np.float64)
-    model = open_for_generation(path)
+    model = open_any_model(path)
     assert model.default_resolution == 32 and ours.shape == (32, 32, 3)
     pipe = StableDiffusion3Pipeline(transformer=model.load_unet(), scheduler=model.scheduler(), vae=model.load_vae(),
                                     text_encoder=enc["clip"][0][1], tokenizer=load_tokenizer("sdxl", "tokenizer"),
@@ -347,3 +347,29 @@ def test_generate_draws_with_a_flux_file_and_its_folder_what_diffusers_flux_pipe
     assert bare.exit_code == 1 and "--text-encoders" in bare.output and not (tmp_path / "bare").exists()
     negative = CliRunner().invoke(app, [*args, "--negative", "blurry", "--text-encoders", str(tmp_path / "folder"), "-o", str(tmp_path / "n")])
     assert negative.exit_code == 2 and "--negative" in negative.output
+
+
+def test_run_erases_on_an_sd3_file_by_training_the_text_streams_keys_and_values_spliced_into_their_qkv_rows(tmp_path):
+    """`erase run` (SDD, the default) on an SD3 single file: the trained parameters are the joint blocks' text-stream keys and
+    values (add_k_proj, add_v_proj), written back into rows width..3*width of each context block's fused qkv; every other
+    tensor and row keeps its bytes; the output draws with `erase generate`."""
+    from typer.testing import CliRunner
+
+    from erase.cli import app
+
+    path, _ = _sd3_file_with_everything(tmp_path)
+    out = tmp_path / "erased.safetensors"
+    r = CliRunner().invoke(app, ["run", str(path), "-c", "cat", "--preserve", "none", "--steps", "3", "--lr", "1e-2", "--sample-steps", "4",
+                                 "--train", "xattn-kv", "--resolution", "32", "--device", "cpu", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    src, dst = open_checkpoint(path), open_checkpoint(out)
+    assert set(src.tensors) == set(dst.tensors)
+    changed = {k for k in src.tensors if not torch.equal(src.get(k), dst.get(k))}
+    assert changed and all(".context_block.attn.qkv." in k for k in changed)
+    for k in changed:
+        a, b = src.get(k), dst.get(k)
+        assert torch.equal(a[:W], b[:W]) and not torch.equal(a[W:], b[W:])  # the queries' rows are the input's
+    drawn = CliRunner().invoke(app, ["generate", str(out), "-p", "a cat", "--steps", "2", "--device", "cpu", "-o", str(tmp_path / "img")])
+    assert drawn.exit_code == 0, drawn.output
+    refused = CliRunner().invoke(app, ["run", str(path), "-c", "cat", "--method", "uce", "-o", str(tmp_path / "u.safetensors")])
+    assert refused.exit_code == 2 and "only sdd and esd" in refused.output

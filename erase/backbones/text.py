@@ -33,6 +33,12 @@ class TransformerText:
         self.t5_length = self.t5_length or T5_LENGTH[self.family]
 
     @property
+    def tokenizers(self) -> list:
+        """The tokenizer whose positions the sequence's first tokens follow (SD3: CLIP's; FLUX.1: T5's), for the
+        preserved concepts' similarity (erase.engine.preserve)."""
+        return [self.clip[0][0]] if self.family == "sd3" else [self.t5[0]]
+
+    @property
     def encoders(self) -> list:
         """Every tower, for moving them off the GPU once the prompts are encoded."""
         return [enc for _, enc in self.clip] + ([self.t5[1]] if self.t5 else [])
@@ -46,8 +52,9 @@ class TransformerText:
         return enc(ids.to(device))[0].float()
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], device: str | torch.device = "cpu") -> Conditioning:
-        """The token sequence (B, L, joint_dim) and the pooled vector (B, P), fp32."""
+    def encode(self, prompts: list[str], device: str | torch.device = "cpu", length: int | None = None) -> Conditioning:
+        """The token sequence (B, L, joint_dim) and the pooled vector (B, P), fp32. `length` is taken for the Stable
+        Diffusion encoders' signature and not used: these families' lengths are fixed (CLIP 77, T5 `t5_length`)."""
         hidden, pooled = [], []
         for tok, enc in self.clip:
             ids = tok(prompts, padding="max_length", max_length=self.clip_length, truncation=True, return_tensors="pt").input_ids

@@ -188,6 +188,7 @@ def read_transformer_folder(path: Path) -> TransformerFile | None:
 
 def refusal(tf: TransformerFile) -> str:
     """The one line that commands other than inspect print for these files."""
-    drawn = "" if tf.folder else ", generate and evaluate draw with its single files"
-    return (f"unsupported: {tf.label} ({tf.layout}); erase inspect reads it{drawn}, but run, attack and merge "
-            "support only Stable Diffusion 1.x, 2.x and XL so far")
+    takes = ("generate and evaluate take this family's single files, run SD3's" if tf.folder else
+             "generate and evaluate draw with it" + (", run erases it" if tf.family == "sd3" else ""))
+    return (f"unsupported: {tf.label} ({tf.layout}); erase inspect reads it, {takes}; attack and merge support only Stable "
+            "Diffusion 1.x, 2.x and XL so far")

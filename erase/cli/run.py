@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from erase.cli.app import Device, Precision, console, err_console
-from erase.cli.common import ENGINE, FILES, PredictionType, XformersOption
+from erase.cli.common import ENGINE, FILES, PredictionType, TextEncodersOption, XformersOption
 from erase.errors import EraseError
 
 
@@ -147,6 +147,7 @@ def run(
                                             "(reference 1). Under accelerate launch / torchrun each process adds its own.", rich_help_panel=ENGINE)] = 1,
     scale_lr: Annotated[bool, typer.Option("--scale-lr", help="Multiply --lr by the effective batch (batch size x processes).", rich_help_panel=ENGINE)] = False,
     prediction_type: PredictionType = None,
+    text_encoders: TextEncodersOption = None,
     delta: Annotated[Optional[Path], typer.Option(help="Also write only the changed tensors (fp32 differences) here, for `erase merge`.", rich_help_panel=FILES)] = None,
     save_every: Annotated[int, typer.Option(help="Save a resumable state every N steps (0: only on Ctrl-C).", rich_help_panel=FILES)] = 0,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its state folder.", rich_help_panel=FILES)] = None,
@@ -214,7 +215,7 @@ def run(
         method_config=method_config,
         resolution=resolution, train_set=train_set, device=device.value, precision=precision.value,
         gradient_checkpointing=gradient_checkpointing, xformers=xformers, delta=delta, resume=resume, force=force,
-        prediction_type=prediction_type, preserve=preserve, preserve_file=preserve_file, vocabulary=vocabulary,
+        prediction_type=prediction_type, text_encoders=text_encoders, preserve=preserve, preserve_file=preserve_file, vocabulary=vocabulary,
         preserve_weight=preserve_weight, preserve_per_step=preserve_per_step,
         preserve_sampling=preserve_sampling.value, preserve_paired=preserve_paired, embeddings=list(embedding or []), job_digest=job_digest,
         batch_size=batch_size, scale_lr=scale_lr,

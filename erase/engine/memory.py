@@ -106,16 +106,12 @@ def size(n: float) -> str:
 
 
 def count_parameters(model, train_sets: tuple[str, ...]) -> tuple[int, dict[str, int]]:
-    """(every UNet parameter, each train set's) from the config alone: a meta-device UNet, nothing read."""
-    import torch
-    from diffusers import UNet2DConditionModel
+    """(every UNet (or transformer) parameter, each train set's) from the config alone: a meta-device model, nothing read."""
+    from erase.engine.params import is_transformer, selects
 
-    from erase.engine.params import selects
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(model.unet_config)
-    sizes = {n: p.numel() for n, p in unet.named_parameters()}
-    return sum(sizes.values()), {s: sum(v for n, v in sizes.items() if selects(n, s)) for s in train_sets}
+    unet = model.meta_unet()
+    sizes, transformer = {n: p.numel() for n, p in unet.named_parameters()}, is_transformer(unet)
+    return sum(sizes.values()), {s: sum(v for n, v in sizes.items() if selects(n, s, transformer)) for s in train_sets}
 
 
 def text_parameters(model) -> int:

@@ -15,7 +15,7 @@ from erase.evaluate.metrics import LPIPS_SKIPPED, clip_score, preservation
 from erase.generate import GenSettings, ImageGenerator, Job, image_name, job_prompts, jobs_for, parameters_text
 from erase.models import truncated_prompts
 from erase.prompts import load_prompts
-from erase.transformer_model import open_for_generation
+from erase.transformer_model import open_any_model
 
 GATE_EXIT_CODE = 3
 
@@ -53,7 +53,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
 
 def images_for(path: Path, label: str, jobs: list[Job], opts: EvalOptions, progress=None) -> list[Path]:
     """PNG files for every job; files already in out/<label>/ with the same parameters are reused."""
-    model = open_for_generation(path, opts.prediction_type, opts.text_encoders)
+    model = open_any_model(path, opts.prediction_type, opts.text_encoders)
     folder = opts.out / label
     folder.mkdir(parents=True, exist_ok=True)
     model_hash = sha256_file(path)
@@ -107,7 +107,7 @@ def evaluate(opts: EvalOptions, progress=None) -> dict:
     opts.settings.validate()
     specs = load_prompts(opts.prompts, category=opts.category, limit=opts.limit)
     jobs = jobs_for(specs, opts.settings, n=opts.n, seed=opts.seed)
-    model = open_for_generation(opts.model, opts.prediction_type, opts.text_encoders)
+    model = open_any_model(opts.model, opts.prediction_type, opts.text_encoders)
     long = truncated_prompts(model.family, job_prompts(jobs, opts.settings))
     targets = opts.targets or json.loads(model.ckpt.metadata.get("erase.concepts", "[]")) or None
     det_opts = {"targets": targets}

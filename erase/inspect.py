@@ -11,7 +11,7 @@ from erase.checkpoint.families import detect_family
 from erase.checkpoint.formats import open_checkpoint
 from erase.checkpoint.keymap import is_attn2
 from erase.checkpoint.model_config import config_source
-from erase.checkpoint.transformer_files import TransformerFile, read_transformer_file, read_transformer_folder, refusal
+from erase.checkpoint.transformer_files import TransformerFile, read_transformer_file, read_transformer_folder, refusal, support
 from erase.checkpoint.write import sha256_file
 
 EMA_POLICY = (
@@ -32,10 +32,11 @@ def _provenance(metadata: dict[str, str]) -> dict:
 
 
 def _transformer_info(tf: TransformerFile) -> dict:
-    """An SD3 / SD3.5 or FLUX.1 file or folder: described, and marked as one the other commands refuse."""
+    """An SD3 / SD3.5 or FLUX.1 file or folder: described, with what erase does with it (`supported`: everything a Stable
+    Diffusion file gets, which these do not yet)."""
     return {
         "kind": "checkpoint", "family": tf.family, "family_label": tf.label, "layout": tf.layout, "supported": False,
-        "refusal": refusal(tf), "transformer_parameters": tf.transformer_parameters, "width": tf.width,
+        "refusal": refusal(tf), "support": support(tf), "transformer_parameters": tf.transformer_parameters, "width": tf.width,
         "blocks": tf.blocks, "single_blocks": tf.single_blocks,
         "text_stream_tensors": len(tf.text_stream), "text_stream_parameters": tf.text_stream_parameters,
         "text_kv_parameters": tf.text_kv_parameters, "text_encoders": list(tf.text_encoders), "vae": tf.has_vae,

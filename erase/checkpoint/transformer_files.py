@@ -186,6 +186,15 @@ def read_transformer_folder(path: Path) -> TransformerFile | None:
         transformer_parameters=numel(shapes), text_stream_parameters=numel(text), folder=True, dtypes=tuple(dtypes.items()))
 
 
+def support(tf: TransformerFile) -> str:
+    """What erase does with this file or folder, for `erase inspect`."""
+    if tf.folder:
+        return "inspect only: generate, evaluate and run take this family's single files"
+    if tf.family == "sd3":
+        return "inspect, generate, evaluate; run (SDD, ESD; no inner attack yet); not attack or merge"
+    return "inspect; generate and evaluate with --text-encoders (a diffusers FLUX.1 folder); not run, attack or merge"
+
+
 def refusal(tf: TransformerFile) -> str:
     """The one line that commands other than inspect print for these files."""
     takes = ("generate and evaluate take this family's single files, run SD3's" if tf.folder else

@@ -43,7 +43,7 @@ def inspect(
     table.add_column()
     rows = [("file", info["path"]), ("format", info["format"]), ("size", _human_bytes(info["size_bytes"])),
             ("tensors", str(info["tensor_count"])), ("dtypes", ", ".join(f"{k} ({v})" for k, v in info["dtypes"].items()))]
-    if info["kind"] == "checkpoint" and not info.get("supported", True):  # SD3 / SD3.5, FLUX.1: described, not yet erased
+    if info["kind"] == "checkpoint" and not info.get("supported", True):  # SD3 / SD3.5, FLUX.1: not every command yet
         share = 100 * info["text_stream_parameters"] / max(1, info["transformer_parameters"])
         blocks = f"{info['blocks']} joint" if info["family"] == "sd3" else f"{info['blocks']} double + {info['single_blocks']} single"
         rows += [
@@ -54,7 +54,7 @@ def inspect(
                             + ("(add_k_proj, add_v_proj)" if info["format"] == "diffusers" else "(rows of the fused qkv)")),
             ("text encoders", ", ".join(info["text_encoders"]) or "none here"),
             ("VAE", "yes" if info["vae"] else "none here"),
-            ("support", f"[yellow]{info['refusal']}[/]"),
+            ("support", f"[yellow]{info['support']}[/]"),
         ]
     elif info["kind"] == "checkpoint":
         rows += [

@@ -163,3 +163,20 @@ def test_the_flow_matching_forward_process_is_diffusers_training_line_and_veloci
         FlowMatchNoise(flux)
     got = FlowMatchNoise(flux, mu=0.8).sigma(t)
     assert torch.allclose(got, flux.time_shift(0.8, 1.0, (t.double() + 1) / 1000).float())
+
+
+def test_a_flow_models_loss_is_the_epsilon_loss_it_stands_for():
+    """prediction_mse: for a flow model each sample's velocity error is weighted by (1 - s)^2 (eps = z_t + (1 - s) v), so
+    the loss equals the MSE of the eps each velocity implies; for a DDPM model it is the plain MSE, bit for bit."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from erase.engine.noise import prediction_mse
+
+    g = torch.Generator().manual_seed(0)
+    z_t, v_a, v_b = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    t = torch.tensor([250.0, 900.0])
+    s = (t / 1000).view(2, 1, 1, 1)
+    eps = lambda v: z_t + (1 - s) * v  # noqa: E731
+    got = prediction_mse(v_a, v_b, t, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    assert torch.allclose(got, torch.nn.functional.mse_loss(eps(v_a), eps(v_b)), rtol=1e-5)
+    assert torch.equal(prediction_mse(v_a, v_b, t, DDIMScheduler()), torch.nn.functional.mse_loss(v_a, v_b))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from erase.engine.noise import prediction_mse
 from erase.engine.params import frozen_copy, trained_params
 from erase.engine.sampling import harvest, load_queues, predict, queues_state, take
 from erase.errors import UsageError
@@ -227,7 +228,7 @@ class Retain:
                     for p, err in zip(prompts, (got.float() - want.float()).pow(2).flatten(1).mean(1).tolist()):
                         c = self.concept_of[p]
                         self.running_loss[c] = LOSS_EMA * self.running_loss[c] + (1 - LOSS_EMA) * err
-            yield self.weight * torch.nn.functional.mse_loss(got.float(), want.float()) / self.per_step
+            yield self.weight * prediction_mse(got, want, t, self.scheduler) / self.per_step
 
     def paired_terms(self, d, erased: dict[str, str]):
         """`paired`: the erasure's own latents held for a neighbour. For the step's erased prompt ("a red circle", its
@@ -249,7 +250,7 @@ class Retain:
             want = predict(self.unet, d.z, d.t, cond, self.resolution, self.counter, weights=self.frozen)
         got = predict(self.unet, d.z, d.t, cond, self.resolution, self.counter)
         self.counter.backward(d.z.shape[0])
-        yield self.weight * torch.nn.functional.mse_loss(got.float(), want.float()) / self.per_step
+        yield self.weight * prediction_mse(got, want, d.t, self.scheduler) / self.per_step
 
     def _draw(self, g: torch.Generator) -> str:
         if self.sampling == "uniform":

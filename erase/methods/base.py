@@ -7,8 +7,8 @@ import abc
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from erase.engine.noise import prediction_mse
 from erase.engine.params import trained_params
 from erase.engine.sampling import EvalCounter, predict
 
@@ -92,7 +92,7 @@ class TrainedMethod:
         b = d.z.shape[0]
         pred = predict(self.unet, d.z, d.t, cond if cond is not None else self.embeddings[d.prompt].repeat(b), self.resolution, self.counter)
         self.counter.backward(b)
-        return F.mse_loss(pred.float(), d.target.float())
+        return prediction_mse(pred, d.target, d.t, self.scheduler)
 
     def loss(self, step: int, teacher) -> tuple[torch.Tensor, dict]:
         """One `draw(step, teacher) -> Draw` (SDD, ESD define it) scored by `student_loss`; a method whose loss is not one

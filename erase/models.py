@@ -268,6 +268,10 @@ class Model:
                 p.data = masters[n]
         return unet
 
+    def training_scheduler(self, resolution: int):
+        """The scheduler the trained methods sample their trajectories with: DDIM on the family's schedule."""
+        return self.scheduler("DDIMScheduler")
+
     def load_text_encoder(self, embeddings=()) -> TextEncoder:
         """The family's tokenizers and encoders; `embeddings` (paths of textual-inversion files) add their tokens."""
         from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint

@@ -189,9 +189,7 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
             raise UsageError(f"--resume {opts.resume}: that run trained on {saved.get('world_size', 1)} process(es), this one has "
                              f"{world.size}; resume it under the same launch")
 
-    # SD3 / SD3.5 single files train; FLUX.1 is guidance-distilled, and what its "unconditional" prediction is for SDD's and
-    # ESD's targets is not settled here yet
-    model = open_any_model(opts.model, opts.prediction_type, opts.text_encoders, drawing=False, families=("sd3",), command="run")
+    model = open_any_model(opts.model, opts.prediction_type, opts.text_encoders, drawing=False, command="run")
     if model.transformer:
         _check_transformer_run(opts, model)
     out = check_output_path(opts.model, opts.out or default_output(opts.model), force=opts.force)
@@ -380,7 +378,7 @@ class Training(_Run):
             opts.train = TrainConfig(**{**asdict(opts.train), "lr": opts.train.lr * effective_batch})
         counter = EvalCounter()
         latent_shape = (1, model.latent_channels, resolution // factor, resolution // factor)
-        scheduler = model.scheduler("DDIMScheduler")
+        scheduler = model.training_scheduler(resolution)
 
         # UNet: one copy on the device; frozen weights in the compute dtype, trainables in fp32 from the file's own tensors.
         unet = model.load_unet(dtype=frozen_dtype, device=device, fp32=lambda name: selects(name, opts.train_set, model.transformer))
@@ -514,7 +512,7 @@ def write_delta(model: Model, path: Path, shadow: dict[str, torch.Tensor], meta:
 
 
 def _check_transformer_run(opts: RunOptions, model) -> None:
-    """What `erase run` does not do on SD3 yet, as one line each."""
+    """What `erase run` does not do on SD3 / FLUX.1 yet, as one line each."""
     if opts.method not in ("sdd", "esd"):
         raise UsageError(f"--method {opts.method}: on {model.family.label} only sdd and esd are built so far")
     if opts.delta is not None:

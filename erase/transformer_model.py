@@ -1,10 +1,10 @@
-"""An SD3 / SD3.5 or FLUX.1 single file opened for generation: the transformer, the text encoders and VAE it carries
+"""An SD3 / SD3.5 or FLUX.1 single file opened for drawing or training: the transformer, the text encoders and VAE it carries
 or a diffusers folder of the family gives (`--text-encoders`), and the family's flow-matching scheduler, behind the
-loaders `erase generate` and `erase evaluate` use for a Stable Diffusion `Model` (erase.models).
+loaders `erase generate`, `erase evaluate` and `erase run` use for a Stable Diffusion `Model` (erase.models).
 
 Not built yet, and refused by name where a command reaches it: textual-inversion tokens and `--delta` on these
 families, FLUX.1's negative prompts and SLD (they need the unconditional forward a guidance-distilled model does not
-make), and every other command."""
+make), the inner attack, CA, UCE and HFI in `erase run`, and `erase attack` / `erase merge`."""
 
 from __future__ import annotations
 
@@ -52,8 +52,9 @@ class TransformerModel:
         """What the command needs (the text encoders; to draw, the VAE too) and neither the file nor --text-encoders gives,
         as one line, before anything is written."""
         if self.tf.family == "flux" and self.text_encoders is None:
-            raise EraseError(f"{self.ckpt.path.name}: {self.tf.label} reads prompts through T5, whose tokenizer no file carries, "
-                             "and its files carry no VAE: give a diffusers FLUX.1 folder with --text-encoders")
+            vae = ", and its files carry no VAE" if drawing else ""
+            raise EraseError(f"{self.ckpt.path.name}: {self.tf.label} reads prompts through T5, whose tokenizer no file carries{vae}: "
+                             "give a diffusers FLUX.1 folder with --text-encoders")
         if self.text_encoders is None:
             missing = [e for e in ("clip_l", "clip_g") if e not in self.tf.text_encoders]
             if missing:
@@ -161,6 +162,22 @@ class TransformerModel:
         self.notes = notes
         return text
 
+    def training_scheduler(self, resolution: int):
+        """The scheduler the trained methods sample their trajectories with at `resolution`: the family's; FLUX.1-dev's
+        resolution-dependent shift fixed for that size (its exponential shift by mu is the static shift e^mu)."""
+        import math
+
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from erase.backbones.flux import mu
+
+        scheduler = self.scheduler()
+        cfg = dict(scheduler.config)
+        if not cfg.get("use_dynamic_shifting"):
+            return scheduler
+        tokens = (resolution // self.latent_factor // 2) ** 2
+        return FlowMatchEulerDiscreteScheduler.from_config({**cfg, "use_dynamic_shifting": False, "shift": math.exp(mu(tokens, cfg))})
+
     def scheduler(self, cls_name: str = "FlowMatchEulerDiscreteScheduler"):
         """The family's flow-matching Euler scheduler: a --text-encoders folder's own config, else the release's."""
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -220,8 +237,7 @@ def open_any_model(path, prediction_type: str | None = None, text_encoders: Path
             raise UsageError("--text-encoders is for SD3 files, which may come without their text encoders")
         return open_model(path, prediction_type)
     if tf.family not in families:
-        raise EraseError(f"unsupported: erase {command} on {tf.label} ({tf.layout}) is not built yet; erase inspect reads it, "
-                         "generate and evaluate draw with it")
+        raise EraseError(f"unsupported: erase {command} on {tf.label} ({tf.layout}) is not built yet")
     if prediction_type is not None:
         raise UsageError(f"--prediction-type: {tf.label} predicts a flow-matching velocity; the option is for Stable Diffusion files")
     model = TransformerModel(ckpt, tf, text_encoders)

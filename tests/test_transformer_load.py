@@ -373,3 +373,39 @@ def test_run_erases_on_an_sd3_file_by_training_the_text_streams_keys_and_values_
     assert drawn.exit_code == 0, drawn.output
     refused = CliRunner().invoke(app, ["run", str(path), "-c", "cat", "--method", "uce", "-o", str(tmp_path / "u.safetensors")])
     assert refused.exit_code == 2 and "only sdd and esd" in refused.output
+
+
+def test_run_erases_on_a_flux_file_with_its_folder_training_the_text_streams_keys_and_values(tmp_path):
+    """`erase run` on a FLUX.1-dev file with `--text-encoders`: the trajectories take the guidance scale as the model's
+    input (one forward per step, no unconditional half); the double blocks' text-stream keys and values train and are
+    spliced into rows width..3*width of each `txt_attn.qkv`; nothing else changes; the output draws."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from typer.testing import CliRunner
+
+    from erase.cli import app
+    from erase.transformer_model import FLUX_SCHEDULER
+    from tests.transformer_layouts import text_encoders
+
+    path = tmp_path / "flux1-dev.safetensors"
+    save_file({k: t.float() for k, t in tensors(flux_shapes(W, HEADS, 2, 1, pooled_dim=16)).items()}, str(path))
+    ckpt = open_checkpoint(path)
+    enc = text_encoders("flux")
+    (tok, clip), = enc["clip"]
+    FluxPipeline(transformer=load_transformer(ckpt, read_transformer_file(ckpt))[0], vae=_sd3_vae(0.3611, 0.1159),
+                 scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER["dev"]), text_encoder=clip, tokenizer=tok,
+                 text_encoder_2=enc["t5"][1], tokenizer_2=enc["t5"][0]).save_pretrained(tmp_path / "folder")
+    out = tmp_path / "erased.safetensors"
+    r = CliRunner().invoke(app, ["run", str(path), "--text-encoders", str(tmp_path / "folder"), "-c", "cat", "--preserve", "none",
+                                 "--steps", "3", "--lr", "1e-2", "--sample-steps", "4", "--train", "xattn-kv", "--resolution", "32",
+                                 "--device", "cpu", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    changed = {k for k in ckpt.tensors if not torch.equal(ckpt.get(k), open_checkpoint(out).get(k))}
+    assert changed and all(k.endswith((".txt_attn.qkv.weight", ".txt_attn.qkv.bias")) for k in changed)
+    for k in changed:
+        assert torch.equal(ckpt.get(k)[:W], open_checkpoint(out).get(k)[:W])  # the queries' rows are the input's
+    drawn = CliRunner().invoke(app, ["generate", str(out), "--text-encoders", str(tmp_path / "folder"), "-p", "a cat", "--steps", "2",
+                                     "--size", "32", "--device", "cpu", "-o", str(tmp_path / "img")])
+    assert drawn.exit_code == 0, drawn.output
+    bare = CliRunner().invoke(app, ["run", str(path), "-c", "cat", "-o", str(tmp_path / "bare.safetensors")])
+    assert bare.exit_code == 1 and "--text-encoders" in bare.output and "VAE" not in bare.output  # training needs no VAE
+    assert not (tmp_path / "bare.safetensors").exists()

@@ -12,6 +12,12 @@ from collections.abc import Callable
 from erase.checkpoint.transformer_files import TRANSFORMER_CLASSES
 
 
+def guidance_distilled(model) -> bool:
+    """FLUX.1: one forward per sampling step, on the prompt alone (dev takes the guidance scale as an input; schnell needs
+    none); classifier-free guidance's unconditional half is not part of how it samples."""
+    return TRANSFORMER_CLASSES.get(type(model).__name__) == "flux"
+
+
 def transformer_forward(model) -> Callable | None:
     """The family forward for a diffusers transformer (`forward(call, z, t, cond, config)`), None for a UNet."""
     family = TRANSFORMER_CLASSES.get(type(model).__name__)

@@ -192,12 +192,12 @@ def support(tf: TransformerFile) -> str:
         return "inspect only: generate, evaluate and run take this family's single files"
     if tf.family == "sd3":
         return "inspect, generate, evaluate; run (SDD, ESD; no inner attack yet); not attack or merge"
-    return "inspect; generate and evaluate with --text-encoders (a diffusers FLUX.1 folder); not run, attack or merge"
+    return ("inspect; generate, evaluate and run (SDD, ESD; no inner attack yet) with --text-encoders (a diffusers FLUX.1 "
+            "folder); not attack or merge")
 
 
 def refusal(tf: TransformerFile) -> str:
     """The one line that commands other than inspect print for these files."""
-    takes = ("generate and evaluate take this family's single files, run SD3's" if tf.folder else
-             "generate and evaluate draw with it" + (", run erases it" if tf.family == "sd3" else ""))
+    takes = "generate, evaluate and run take this family's single files" if tf.folder else "generate, evaluate and run take it"
     return (f"unsupported: {tf.label} ({tf.layout}); erase inspect reads it, {takes}; attack and merge support only Stable "
             "Diffusion 1.x, 2.x and XL so far")

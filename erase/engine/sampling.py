@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from erase.backbones import transformer_forward
+from erase.backbones import guidance_distilled, transformer_forward
 from erase.models import Conditioning, unet_kwargs
 
 
@@ -70,8 +70,12 @@ def guided_parts(unet, z: torch.Tensor, t, uncond: Conditioning, cond: Condition
                  counter: EvalCounter | None = None, weights: Weights = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Classifier-free guidance, unconditional and conditional in one batch: (guided, conditional), each (B, C, h, w) in
     fp32. The combination is made in fp32 whatever the forward's precision (a bf16 difference of two close predictions
-    loses most of its bits)."""
+    loses most of its bits). A guidance-distilled model (FLUX.1) takes `scale` as its guidance input instead, in one
+    forward on `cond`: both parts are that prediction."""
     b = z.shape[0]
+    if guidance_distilled(unet):  # FLUX.1: the scale is the model's guidance input, one forward on the prompt alone
+        out = predict(unet, z, t, cond, resolution, counter, weights, guidance=scale).float()
+        return out, out
     both = Conditioning.cat([uncond, cond])
     out = predict(unet, torch.cat([z, z]), t, both, resolution, counter, weights).float()
     out_uncond, out_cond = out[:b], out[b:]

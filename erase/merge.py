@@ -6,7 +6,9 @@ A source is an erase delta file (`erase run --delta`: fp32 differences, self-des
 erased checkpoint (delta = SOURCE - BASE on the tensors that differ; BASE must be the model it
 was erased from, checked against the sha256 recorded in its `erase.*` metadata).
 Deltas are keyed by diffusers UNet parameter names internally, so a delta made on a single
-file applies to a diffusers folder of the same model and the other way round.
+file applies to a diffusers folder of the same model and the other way round. SD3 / FLUX.1 single files are merged
+under their own tensor names (a trained text-stream key or value is rows of a fused qkv tensor, and so is its delta):
+their deltas apply to files of the same layout; a LoRA of them is not built yet.
 """
 
 from __future__ import annotations
@@ -36,6 +38,30 @@ class Delta:
     weight: float = 1.0
 
 
+@dataclass
+class Target:
+    """A checkpoint merge reads or writes: its tensors, its family, and how a delta's names map to its keys."""
+
+    ckpt: Checkpoint
+    family: str
+    label: str
+    names: dict[str, str]  # every key a delta may use -> the internal name
+    key: object  # internal name -> the checkpoint's key
+    model: Model | None = None  # Stable Diffusion files (the LoRA export reads its config)
+
+
+def open_target(path: Path) -> Target:
+    """A Stable Diffusion checkpoint (deltas by diffusers UNet names), or an SD3 / FLUX.1 single file (by its own names)."""
+    from erase.checkpoint.transformer_files import read_transformer_file
+
+    if not Path(path).is_dir():
+        ckpt = open_checkpoint(path)
+        if (tf := read_transformer_file(ckpt)) is not None:
+            return Target(ckpt, tf.family, tf.label, {k: k for k in tf.transformer}, lambda n: n)
+    model = open_model(path)
+    return Target(model.ckpt, model.family.name, model.family.label, _name_map(model), model.unet_file_key, model)
+
+
 def _name_map(model: Model) -> dict[str, str]:
     """Every way a UNet tensor may be keyed (LDM single file, diffusers folder) -> diffusers name."""
     out = {}
@@ -52,7 +78,7 @@ def _concepts(meta: dict[str, str]) -> list[str]:
         return []
 
 
-def load_delta(source: Path, *, base: Model | None, base_sha: str | None, names: dict[str, str], force: bool) -> Delta:
+def load_delta(source: Path, *, base: Target | None, base_sha: str | None, names: dict[str, str], force: bool) -> Delta:
     ckpt = open_checkpoint(source)
     recorded = ckpt.metadata.get("erase.input_sha256")
     if ckpt.metadata.get("erase.kind") == "delta":
@@ -62,7 +88,7 @@ def load_delta(source: Path, *, base: Model | None, base_sha: str | None, names:
     else:
         if base is None:
             raise UsageError(f"{source} is a checkpoint: pass --base (the model it was erased from) to compute its delta")
-        family = open_model(source).family.name
+        family = open_target(source).family
         tensors = _difference(ckpt, base.ckpt)
     if base_sha is not None and recorded and recorded != base_sha and not force:
         raise EraseError(f"{source} was erased from a model with sha256 {recorded[:12]}…, not --base ({base_sha[:12]}…); "
@@ -106,18 +132,20 @@ def merge(target_path: Path, sources: list[Path], out: Path, *, base_path: Path 
         raise UsageError(f"--weights has {len(weights)} values for {len(sources)} sources")
     if not sources:
         raise UsageError("give at least one SOURCE")
-    target = open_model(target_path)
+    target = open_target(target_path)
     check_output_path(target_path, out, force=force)
-    base = open_model(base_path) if base_path else None
+    base = open_target(base_path) if base_path else None
     base_sha = sha256_file(base_path) if base_path else None
-    if base is not None and base.family.name != target.family.name:
-        raise EraseError(f"--base is {base.family.label}, the target {target.family.label}: refusing to mix families")
-    names = _name_map(target)
+    if base is not None and base.family != target.family:
+        raise EraseError(f"--base is {base.label}, the target {target.label}: refusing to mix families")
+    if lora_rank is not None and target.model is None:
+        raise UsageError(f"--lora-rank: a LoRA of {target.label} is not built yet (merge writes the checkpoint)")
+    names = target.names
     deltas = []
     for src, w in zip(sources, weights):
         d = load_delta(src, base=base, base_sha=base_sha, names=names, force=force)
-        if d.family and d.family != target.family.name:
-            raise EraseError(f"{src} is a {d.family} erasure; the target is {target.family.name}")
+        if d.family and d.family != target.family:
+            raise EraseError(f"{src} is a {d.family} erasure; the target is {target.family}")
         d.weight = w
         deltas.append(d)
     total = combine(deltas)
@@ -128,10 +156,10 @@ def merge(target_path: Path, sources: list[Path], out: Path, *, base_path: Path 
     if lora_rank is not None:
         from erase.lora import export_lora
 
-        return export_lora(target, total, out, rank=lora_rank, sources=sources_info)
+        return export_lora(target.model, total, out, rank=lora_rank, sources=sources_info)
     replacements = {}
     for n, d in total.items():
-        key = target.unet_file_key(n)
+        key = target.key(n)
         if tuple(target.ckpt.shape(key)) != tuple(d.shape):
             raise EraseError(f"{key}: the target's shape {list(target.ckpt.shape(key))} differs from the delta's {list(d.shape)}")
         replacements[key] = target.ckpt.get(key).float() + d

@@ -74,7 +74,7 @@ def test_inspect_names_the_release_its_text_stream_and_what_the_file_carries(tmp
     assert "--text-encoders" in dev["support"] and "run (SDD, ESD" in large["support"] and "run (SDD, ESD" in dev["support"]  # what each file is good for
 
 
-@pytest.mark.parametrize("command", [["attack", "--concept", "nudity", "--prompts", "{prompts}", "--base", "{file}"], ["merge", "{file}"]],
+@pytest.mark.parametrize("command", [["attack", "--concept", "nudity", "--prompts", "{prompts}", "--base", "{file}"]],
                          ids=lambda c: c[0])
 def test_the_other_commands_refuse_these_files_in_one_line_naming_the_release(tmp_path, command):
     path = _write(tmp_path, flux_shapes(W, HEADS, 1, 1), "flux")

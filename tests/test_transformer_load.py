@@ -373,6 +373,19 @@ def test_run_erases_on_an_sd3_file_by_training_the_text_streams_keys_and_values_
     assert drawn.exit_code == 0, drawn.output
     refused = CliRunner().invoke(app, ["run", str(path), "-c", "cat", "--method", "uce", "-o", str(tmp_path / "u.safetensors")])
     assert refused.exit_code == 2 and "only sdd and esd" in refused.output
+    # merge: a second erasure, both carried onto the base under the file's own (fused) tensor names
+    other = tmp_path / "erased-dog.safetensors"
+    r = CliRunner().invoke(app, ["run", str(path), "-c", "dog", "--preserve", "none", "--steps", "2", "--lr", "1e-2", "--sample-steps", "4",
+                                 "--train", "xattn-kv", "--resolution", "32", "--device", "cpu", "-o", str(other)])
+    assert r.exit_code == 0, r.output
+    merged = tmp_path / "merged.safetensors"
+    r = CliRunner().invoke(app, ["merge", str(path), str(out), str(other), "--base", str(path), "-o", str(merged)])
+    assert r.exit_code == 0, r.output
+    m, o = open_checkpoint(merged), open_checkpoint(other)
+    for k in changed:
+        assert torch.allclose(m.get(k), src.get(k) + (dst.get(k) - src.get(k)) + (o.get(k) - src.get(k)), atol=1e-6)
+    lora = CliRunner().invoke(app, ["merge", str(path), str(out), "--base", str(path), "--lora-rank", "4", "-o", str(tmp_path / "l.safetensors")])
+    assert lora.exit_code == 2 and "LoRA" in lora.output
 
 
 def test_run_erases_on_a_flux_file_with_its_folder_training_the_text_streams_keys_and_values(tmp_path):

@@ -191,13 +191,13 @@ def support(tf: TransformerFile) -> str:
     if tf.folder:
         return "inspect only: generate, evaluate and run take this family's single files"
     if tf.family == "sd3":
-        return "inspect, generate, evaluate; run (SDD, ESD; no inner attack yet); not attack or merge"
+        return "inspect, generate, evaluate; run (SDD, ESD; no inner attack yet); merge (no LoRA yet); not attack"
     return ("inspect; generate, evaluate and run (SDD, ESD; no inner attack yet) with --text-encoders (a diffusers FLUX.1 "
-            "folder); not attack or merge")
+            "folder); merge (no LoRA yet); not attack")
 
 
 def refusal(tf: TransformerFile) -> str:
     """The one line that commands other than inspect print for these files."""
-    takes = "generate, evaluate and run take this family's single files" if tf.folder else "generate, evaluate and run take it"
-    return (f"unsupported: {tf.label} ({tf.layout}); erase inspect reads it, {takes}; attack and merge support only Stable "
+    takes = "generate, evaluate, run and merge take this family's single files" if tf.folder else "generate, evaluate, run and merge take it"
+    return (f"unsupported: {tf.label} ({tf.layout}); erase inspect reads it, {takes}; attack supports only Stable "
             "Diffusion 1.x, 2.x and XL so far")

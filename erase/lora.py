@@ -5,6 +5,8 @@ alpha = r (scale alpha / r = 1), the same r for every layer (zero-padded where a
 Relative error ||dW - up @ down||_F / ||dW||_F is printed and stored.
 Names follow kohya: SD1/SD2 use diffusers module paths (`lora_unet_down_blocks_0_..._attn2_to_k`),
 SDXL uses the LDM paths (`lora_unet_input_blocks_4_1_..._attn2_to_k`), as kohya's trainers write them.
+SD3 / FLUX.1 LoRAs are written as diffusers writes them (`transformer.<module>.lora_A.weight` / `lora_B.weight`, no
+alpha: scale 1): diffusers' `load_lora_weights` / `load_lora_adapter` read them (tested), and ComfyUI maps the layout.
 Biases cannot live in a LoRA: they are reported with their size and left out.
 """
 
@@ -44,7 +46,10 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     return up, down, err
 
 
-def export_lora(model: Model, delta: dict[str, torch.Tensor], out: Path, *, rank: int, sources: list[dict]) -> dict:
+def export_lora(model: Model | None, delta: dict[str, torch.Tensor], out: Path, *, rank: int, sources: list[dict],
+                family: str | None = None) -> dict:
+    """`model`: a Stable Diffusion model (kohya names); None with `family` "sd3" / "flux": `delta` holds transformer
+    parameters by diffusers name, written in diffusers' LoRA layout."""
     if rank < 1:
         raise UsageError("--lora-rank must be >= 1")
     tensors, errors, skipped = {}, {}, {}
@@ -53,15 +58,19 @@ def export_lora(model: Model, delta: dict[str, torch.Tensor], out: Path, *, rank
             skipped[name] = d.numel()  # biases (and norms) have no LoRA form
             continue
         up, down, err = low_rank(d, rank)
-        key = kohya_name(model, name)
-        tensors[f"{key}.lora_up.weight"] = up
-        tensors[f"{key}.lora_down.weight"] = down
-        tensors[f"{key}.alpha"] = torch.tensor(float(up.shape[1]))
+        if model is None:  # diffusers' layout for the transformer families
+            key = "transformer." + name.rsplit(".", 1)[0]
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
+        else:
+            key = kohya_name(model, name)
+            tensors[f"{key}.lora_up.weight"] = up
+            tensors[f"{key}.lora_down.weight"] = down
+            tensors[f"{key}.alpha"] = torch.tensor(float(up.shape[1]))
         errors[key] = round(err, 6)
     if not tensors:
         raise UsageError("the delta has no 2-D weights to express as a LoRA")
     meta = {
-        "erase.kind": "lora", "erase.family": model.family.name, "erase.lora_rank": str(rank),
+        "erase.kind": "lora", "erase.family": family or model.family.name, "erase.lora_rank": str(rank),
         "erase.lora_relative_errors": json.dumps(errors), "erase.lora_skipped": json.dumps(skipped),
         "erase.sources": json.dumps(sources), "erase.concepts": json.dumps(list(dict.fromkeys(c for s in sources for c in s["concepts"]))),
         "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),

@@ -8,7 +8,7 @@ was erased from, checked against the sha256 recorded in its `erase.*` metadata).
 Deltas are keyed by diffusers UNet parameter names internally, so a delta made on a single
 file applies to a diffusers folder of the same model and the other way round. SD3 / FLUX.1 single files are merged
 under their own tensor names (a trained text-stream key or value is rows of a fused qkv tensor, and so is its delta):
-their deltas apply to files of the same layout; a LoRA of them is not built yet.
+their deltas apply to files of the same layout, and their LoRA is written in diffusers' layout (erase.lora).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class Target:
     names: dict[str, str]  # every key a delta may use -> the internal name
     key: object  # internal name -> the checkpoint's key
     model: Model | None = None  # Stable Diffusion files (the LoRA export reads its config)
+    transformer: object = None  # SD3 / FLUX.1: the file's TransformerFile (the LoRA export maps fused rows to parameters)
 
 
 def open_target(path: Path) -> Target:
@@ -57,9 +58,23 @@ def open_target(path: Path) -> Target:
     if not Path(path).is_dir():
         ckpt = open_checkpoint(path)
         if (tf := read_transformer_file(ckpt)) is not None:
-            return Target(ckpt, tf.family, tf.label, {k: k for k in tf.transformer}, lambda n: n)
+            return Target(ckpt, tf.family, tf.label, {k: k for k in tf.transformer}, lambda n: n, transformer=tf)
     model = open_model(path)
     return Target(model.ckpt, model.family.name, model.family.label, _name_map(model), model.unet_file_key, model)
+
+
+def parameter_deltas(target: Target, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An SD3 / FLUX.1 delta under file names (fused qkv rows) as the transformer's parameters (diffusers names) that it
+    changes: each assembled from its rows (erase.checkpoint.transformer_keymap), the unchanged ones (a fused tensor's
+    query rows) left out."""
+    from erase.checkpoint.transformer_keymap import assemble, transformer_pieces
+
+    tf = target.transformer
+    pieces = transformer_pieces(tf.family, {n: tuple(target.ckpt.shape(n)) for n in tf.transformer}, tf.prefix, tf.width)
+    names = {p.name for p in pieces if p.file in delta}
+    zeros = lambda n: torch.zeros(target.ckpt.shape(n))  # noqa: E731
+    params = assemble([p for p in pieces if p.name in names], lambda files: {f: delta[f] if f in delta else zeros(f) for f in files})
+    return {n: d for n, d in params.items() if d.abs().max() > 0}
 
 
 def _name_map(model: Model) -> dict[str, str]:
@@ -138,8 +153,6 @@ def merge(target_path: Path, sources: list[Path], out: Path, *, base_path: Path 
     base_sha = sha256_file(base_path) if base_path else None
     if base is not None and base.family != target.family:
         raise EraseError(f"--base is {base.label}, the target {target.label}: refusing to mix families")
-    if lora_rank is not None and target.model is None:
-        raise UsageError(f"--lora-rank: a LoRA of {target.label} is not built yet (merge writes the checkpoint)")
     names = target.names
     deltas = []
     for src, w in zip(sources, weights):
@@ -156,6 +169,8 @@ def merge(target_path: Path, sources: list[Path], out: Path, *, base_path: Path 
     if lora_rank is not None:
         from erase.lora import export_lora
 
+        if target.model is None:  # SD3 / FLUX.1: the file tensors' deltas as the transformer's parameters
+            return export_lora(None, parameter_deltas(target, total), out, rank=lora_rank, sources=sources_info, family=target.family)
         return export_lora(target.model, total, out, rank=lora_rank, sources=sources_info)
     replacements = {}
     for n, d in total.items():

@@ -384,8 +384,24 @@ def test_run_erases_on_an_sd3_file_by_training_the_text_streams_keys_and_values_
     m, o = open_checkpoint(merged), open_checkpoint(other)
     for k in changed:
         assert torch.allclose(m.get(k), src.get(k) + (dst.get(k) - src.get(k)) + (o.get(k) - src.get(k)), atol=1e-6)
-    lora = CliRunner().invoke(app, ["merge", str(path), str(out), "--base", str(path), "--lora-rank", "4", "-o", str(tmp_path / "l.safetensors")])
-    assert lora.exit_code == 2 and "LoRA" in lora.output
+    # LoRA export in diffusers' layout: loaded by diffusers onto the base, the text-stream key and value weights are the erased
+    # ones (full rank here: width 32); biases have no LoRA form and are reported
+    lora_path = tmp_path / "l.safetensors"
+    r = CliRunner().invoke(app, ["merge", str(path), str(out), "--base", str(path), "--lora-rank", str(W), "-o", str(lora_path), "--json"])
+    assert r.exit_code == 0, r.output
+    from safetensors.torch import load_file
+
+    lora = load_file(str(lora_path))
+    assert lora and all(k.startswith("transformer.transformer_blocks.") and (".attn.add_k_proj." in k or ".attn.add_v_proj." in k) for k in lora)
+    base_model, _ = load_transformer(src, read_transformer_file(src))
+    base_model.load_lora_adapter(lora, prefix="transformer", adapter_name="erase")
+    base_model.fuse_lora()
+    erased_model, _ = load_transformer(dst, read_transformer_file(dst))
+    fused = dict(base_model.named_parameters())
+    for n, p in erased_model.named_parameters():
+        if n.endswith("weight") and (".add_k_proj." in n or ".add_v_proj." in n):
+            assert torch.allclose(fused[n.replace(".weight", ".base_layer.weight")] if n.replace(".weight", ".base_layer.weight") in fused
+                                  else fused[n], p, atol=1e-5), n
 
 
 def test_run_erases_on_a_flux_file_with_its_folder_training_the_text_streams_keys_and_values(tmp_path):

@@ -191,9 +191,9 @@ def support(tf: TransformerFile) -> str:
     if tf.folder:
         return "inspect only: generate, evaluate and run take this family's single files"
     if tf.family == "sd3":
-        return "inspect, generate, evaluate; run (SDD, ESD; no inner attack yet); merge (no LoRA yet); not attack"
+        return "inspect, generate, evaluate; run (SDD, ESD; no inner attack yet); merge and LoRA export; not attack"
     return ("inspect; generate, evaluate and run (SDD, ESD; no inner attack yet) with --text-encoders (a diffusers FLUX.1 "
-            "folder); merge (no LoRA yet); not attack")
+            "folder); merge and LoRA export; not attack")
 
 
 def refusal(tf: TransformerFile) -> str:

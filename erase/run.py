@@ -497,9 +497,8 @@ class Training(_Run):
 def write_delta(model: Model, path: Path, shadow: dict[str, torch.Tensor], meta: dict) -> Path:
     """Only the changed tensors, as fp32 differences (erased - base), self-describing for `erase merge`."""
     delta = {}
-    for name, value in shadow.items():
-        key = model.unet_file_key(name)
-        delta[key] = (value.float().cpu() - model.ckpt.get(key).float()).contiguous()
+    for key, value in model.file_replacements({n: v.float().cpu() for n, v in shadow.items()}).items():
+        delta[key] = (value.float() - model.ckpt.get(key).float()).contiguous()
     info = {k: v for k, v in meta.items() if v is not None}
     info.update({"erase.kind": "delta", "erase.family": model.family.name,
                  "erase.delta": "fp32 differences: erased minus input, under the input's tensor names"})
@@ -515,8 +514,6 @@ def _check_transformer_run(opts: RunOptions, model) -> None:
     """What `erase run` does not do on SD3 / FLUX.1 yet, as one line each."""
     if opts.method not in ("sdd", "esd"):
         raise UsageError(f"--method {opts.method}: on {model.family.label} only sdd and esd are built so far")
-    if opts.delta is not None:
-        raise UsageError(f"--delta: delta files of {model.family.label} are not built yet")
 
 
 def _print_summary(console: Console, model: Model, opts: RunOptions, cfg: dict, n_trainable: int, n_unet: int,

@@ -360,7 +360,8 @@ def test_run_erases_on_an_sd3_file_by_training_the_text_streams_keys_and_values_
     path, _ = _sd3_file_with_everything(tmp_path)
     out = tmp_path / "erased.safetensors"
     r = CliRunner().invoke(app, ["run", str(path), "-c", "cat", "--preserve", "none", "--steps", "3", "--lr", "1e-2", "--sample-steps", "4",
-                                 "--train", "xattn-kv", "--resolution", "32", "--device", "cpu", "-o", str(out)])
+                                 "--train", "xattn-kv", "--resolution", "32", "--device", "cpu", "-o", str(out),
+                                 "--delta", str(tmp_path / "cat.delta.safetensors")])
     assert r.exit_code == 0, r.output
     src, dst = open_checkpoint(path), open_checkpoint(out)
     assert set(src.tensors) == set(dst.tensors)
@@ -371,6 +372,8 @@ def test_run_erases_on_an_sd3_file_by_training_the_text_streams_keys_and_values_
         assert torch.equal(a[:W], b[:W]) and not torch.equal(a[W:], b[W:])  # the queries' rows are the input's
     drawn = CliRunner().invoke(app, ["generate", str(out), "-p", "a cat", "--steps", "2", "--device", "cpu", "-o", str(tmp_path / "img")])
     assert drawn.exit_code == 0, drawn.output
+    delta = open_checkpoint(tmp_path / "cat.delta.safetensors")
+    assert set(delta.tensors) == changed and all(torch.equal(src.get(k) + delta.get(k), dst.get(k)) for k in changed)  # fp32 here
     refused = CliRunner().invoke(app, ["run", str(path), "-c", "cat", "--method", "uce", "-o", str(tmp_path / "u.safetensors")])
     assert refused.exit_code == 2 and "only sdd and esd" in refused.output
     # merge: a second erasure, both carried onto the base under the file's own (fused) tensor names

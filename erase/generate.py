@@ -137,8 +137,6 @@ class ImageGenerator:
         self.flow = model.family.prediction_type == "flow"  # SD3 / FLUX.1: a flow-matching transformer (erase.transformer_model)
         # FLUX.1 is guidance-distilled: one forward per step, the guidance scale an input of the model (FluxPipeline's way)
         self.distilled = model.family.name == "flux"
-        if self.flow and delta is not None:
-            raise UsageError(f"--delta: erase delta files are not built for {model.family.label} yet")
         if self.distilled and (settings.negative or settings.safety):
             raise UsageError(f"{'--negative' if settings.negative else '--safety'}: {model.family.label} samples without a second "
                              "(unconditional) forward, which negative prompts and SLD need; not built for it")
@@ -308,6 +306,15 @@ def apply_delta(unet, model: Model, delta_path: Path) -> None:
         raise EraseError(f"{delta_path}: not an erase delta file (no erase.kind=delta metadata)")
     if delta.metadata.get("erase.family") not in (None, model.family.name):
         raise EraseError(f"{delta_path}: a {delta.metadata['erase.family']} delta cannot apply to a {model.family.name} model")
+    if model.transformer:  # SD3 / FLUX.1: the delta is under the file's fused names; add it parameter by parameter
+        from erase.merge import open_target, parameter_deltas
+
+        params = dict(unet.named_parameters())
+        with torch.no_grad():
+            for name, d in parameter_deltas(open_target(model.path), {k: delta.get(k).float() for k in delta.keys()}).items():
+                p = params[name]
+                p.data = (p.float() + d.to(p.device)).to(p.dtype)
+        return
     by_file_key = {model.unet_file_key(n): p for n, p in unet.named_parameters()}
     with torch.no_grad():
         for key in delta.keys():

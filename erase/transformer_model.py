@@ -2,8 +2,8 @@
 or a diffusers folder of the family gives (`--text-encoders`), and the family's flow-matching scheduler, behind the
 loaders `erase generate`, `erase evaluate` and `erase run` use for a Stable Diffusion `Model` (erase.models).
 
-Not built yet, and refused by name where a command reaches it: textual-inversion tokens and `generate --delta` on these
-families, FLUX.1's negative prompts and SLD (they need the unconditional forward a guidance-distilled model does not
+Not built yet, and refused by name where a command reaches it: textual-inversion tokens on these families, FLUX.1's
+negative prompts and SLD (they need the unconditional forward a guidance-distilled model does not
 make), the inner attack, CA, UCE and HFI in `erase run`, and `erase attack`."""
 
 from __future__ import annotations

@@ -372,6 +372,13 @@ def test_run_erases_on_an_sd3_file_by_training_the_text_streams_keys_and_values_
         assert torch.equal(a[:W], b[:W]) and not torch.equal(a[W:], b[W:])  # the queries' rows are the input's
     drawn = CliRunner().invoke(app, ["generate", str(out), "-p", "a cat", "--steps", "2", "--device", "cpu", "-o", str(tmp_path / "img")])
     assert drawn.exit_code == 0, drawn.output
+    applied = CliRunner().invoke(app, ["generate", str(path), "--delta", str(tmp_path / "cat.delta.safetensors"), "-p", "a cat", "--steps", "2",
+                                       "--device", "cpu", "-o", str(tmp_path / "img-delta")])
+    assert applied.exit_code == 0, applied.output
+    from PIL import Image
+
+    same = [Image.open(next((tmp_path / f).rglob("*.png"))).tobytes() for f in ("img", "img-delta")]
+    assert same[0] == same[1]  # the base with the delta in memory draws what the erased file draws
     delta = open_checkpoint(tmp_path / "cat.delta.safetensors")
     assert set(delta.tensors) == changed and all(torch.equal(src.get(k) + delta.get(k), dst.get(k)) for k in changed)  # fp32 here
     refused = CliRunner().invoke(app, ["run", str(path), "-c", "cat", "--method", "uce", "-o", str(tmp_path / "u.safetensors")])

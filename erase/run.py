@@ -78,7 +78,7 @@ class RunOptions:
     job_digest: str | None = None  # set by `erase run --jobs`: recorded, so a re-run of the file skips this output
     # trained methods: the inner attack each step (None: off; AUTO: the method's default under --preserve)
     adversarial: AdversarialConfig | None | str = AUTO
-    text_encoders: Path | None = None  # SD3: a diffusers folder whose text encoders replace the file's (erase.transformer_model)
+    text_encoders: Path | None = None  # SD3 / FLUX.1: a diffusers folder whose text encoders replace the file's (erase.transformer_model)
 
 
 def parse_concepts(text: str) -> list[str]:

@@ -127,11 +127,7 @@ class TransformerModel:
     def load_unet(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, fp32=None):
         """The denoiser: here the transformer (the name is the one the commands ask a Stable Diffusion model for), frozen;
         `fp32(name)` picks parameters kept in fp32 from the file's own values (the trainable subset's masters)."""
-        model = load_transformer(self.ckpt, self.tf, torch.float32, device)[0].requires_grad_(False)
-        for n, p in model.named_parameters():
-            if not (fp32 and fp32(n)):
-                p.data = p.data.to(dtype)
-        return model
+        return load_transformer(self.ckpt, self.tf, dtype, device, fp32=fp32)[0].requires_grad_(False)
 
     def load_vae(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         from diffusers import AutoencoderKL

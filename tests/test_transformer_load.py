@@ -448,3 +448,16 @@ def test_run_erases_on_a_flux_file_with_its_folder_training_the_text_streams_key
     bare = CliRunner().invoke(app, ["run", str(path), "-c", "cat", "-o", str(tmp_path / "bare.safetensors")])
     assert bare.exit_code == 1 and "--text-encoders" in bare.output and "VAE" not in bare.output  # training needs no VAE
     assert not (tmp_path / "bare.safetensors").exists()
+
+
+def test_a_transformer_loads_in_the_compute_dtype_with_its_trained_subset_in_fp32_from_the_files_values(tmp_path):
+    """bf16 frozen weights, the text stream's keys and values as fp32 masters taken from the file (not from a bf16 copy)."""
+    from erase.engine.params import selects
+
+    ckpt, tf = _file(tmp_path, sd3_shapes(W, HEADS, 2))
+    model, _ = load_transformer(ckpt, tf, torch.bfloat16, fp32=lambda n: selects(n, "xattn-kv", True))
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if ".add_k_proj." in n or ".add_v_proj." in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if not (".add_k_proj." in n or ".add_v_proj." in n)} == {torch.bfloat16}
+    k = "transformer_blocks.0.attn.add_k_proj.weight"
+    assert torch.equal(dict(model.named_parameters())[k], ckpt.get(tf.prefix + "joint_blocks.0.context_block.attn.qkv.weight")[W:2 * W])

@@ -65,10 +65,12 @@ def transformer_config(ckpt: Checkpoint, tf: TransformerFile) -> dict:
     return cfg
 
 
-def load_transformer(ckpt: Checkpoint, tf: TransformerFile, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_transformer(ckpt: Checkpoint, tf: TransformerFile, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                     fp32=None):
     """diffusers' transformer for `tf`, its weights assembled from the file's (fused) tensors, and the key map's pieces
     (erase.checkpoint.transformer_keymap) that write trained parameters back. Built on the meta device and filled by
-    assignment: no full-size random initialisation first (FLUX.1 would spend 48 GB on one)."""
+    assignment: no full-size random initialisation first (FLUX.1 would spend 48 GB on one). `fp32(name)`: parameters
+    kept in fp32 from the file's own values whatever `dtype` (a trained subset's masters)."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     cls = SD3Transformer2DModel if tf.family == "sd3" else FluxTransformer2DModel
@@ -76,7 +78,8 @@ def load_transformer(ckpt: Checkpoint, tf: TransformerFile, dtype: torch.dtype =
     state = assemble(pieces, ckpt.get_many)
     with torch.device("meta"):
         model = cls(**transformer_config(ckpt, tf))
-    model.load_state_dict({n: t.to(device=device, dtype=dtype) for n, t in state.items()}, strict=True, assign=True)
+    cast = {n: t.to(device=device, dtype=torch.float32 if fp32 and fp32(n) else dtype) for n, t in state.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise EraseError(f"{ckpt.path}: the transformer has no weights for {', '.join(left[:3])}")

@@ -461,3 +461,21 @@ def test_a_transformer_loads_in_the_compute_dtype_with_its_trained_subset_in_fp3
     assert {d for n, d in dtypes.items() if not (".add_k_proj." in n or ".add_v_proj." in n)} == {torch.bfloat16}
     k = "transformer_blocks.0.attn.add_k_proj.weight"
     assert torch.equal(dict(model.named_parameters())[k], ckpt.get(tf.prefix + "joint_blocks.0.context_block.attn.qkv.weight")[W:2 * W])
+
+
+def test_a_guidance_distilled_model_samples_with_one_forward_at_the_runs_single_guidance():
+    """FLUX.1 in the trained methods' sampler: one forward on the prompt (no unconditional half), at the same guidance
+    input as every other forward of the run, so the trajectory's own prediction is the one a target forward would make."""
+    from erase.engine.sampling import EvalCounter, guided_parts, predict
+    from erase.models import Conditioning
+
+    torch.manual_seed(0)
+    model = flux_model(W, HEADS, 1, 1).eval()
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 16, 8, 8, generator=g)
+    uncond, cond = (Conditioning(torch.randn(2, 5, 32, generator=g), torch.randn(2, 48, generator=g)) for _ in range(2))
+    counter = EvalCounter()
+    with torch.no_grad():
+        guided, conditional = guided_parts(model, z, torch.tensor(500.0), uncond, cond, 7.0, 64, counter)
+        alone = predict(model, z, torch.tensor(500.0), cond, 64)
+    assert torch.equal(guided, conditional) and torch.allclose(conditional, alone, atol=1e-6) and counter.total == 2

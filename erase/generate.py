@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from erase.backbones import DISTILLED
 from erase.engine.device import check_xformers, configure_attention, resolve_device, resolve_precision
 from erase.engine.sampling import predict
 from erase.errors import EraseError, UsageError
@@ -136,7 +137,7 @@ class ImageGenerator:
         self.dtype, self.autocast_dtype = dtype, autocast_dtype  # autocast: for the attacks that back-propagate through the UNet
         self.flow = model.family.prediction_type == "flow"  # SD3 / FLUX.1: a flow-matching transformer (erase.transformer_model)
         # FLUX.1 is guidance-distilled: one forward per step, the guidance scale an input of the model (FluxPipeline's way)
-        self.distilled = model.family.name == "flux"
+        self.distilled = model.family.name in DISTILLED
         if self.distilled and (settings.negative or settings.safety):
             raise UsageError(f"{'--negative' if settings.negative else '--safety'}: {model.family.label} samples without a second "
                              "(unconditional) forward, which negative prompts and SLD need; not built for it")

@@ -16,7 +16,7 @@ import torch
 
 from erase.checkpoint.formats import Checkpoint
 from erase.checkpoint.model_config import vae_config
-from erase.checkpoint.transformer_config import load_transformer, transformer_config
+from erase.checkpoint.transformer_config import load_transformer, meta_transformer, transformer_config
 from erase.checkpoint.transformer_files import TransformerFile
 from erase.errors import EraseError, UsageError
 
@@ -88,10 +88,7 @@ class TransformerModel:
 
     def meta_unet(self):
         """The transformer on the meta device: parameter names and counts, nothing read."""
-        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-        with torch.device("meta"):
-            return (SD3Transformer2DModel if self.tf.family == "sd3" else FluxTransformer2DModel)(**self.config)
+        return meta_transformer(self.ckpt, self.tf)
 
     def file_replacements(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Trained parameters (diffusers names) as the file tensors that hold them: their rows spliced into the fused

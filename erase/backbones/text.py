@@ -82,23 +82,17 @@ def _encoder_state(ckpt, name: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in ckpt.get_many([k for k in ckpt.tensors if k.startswith(prefix)]).items()}
 
 
-def _count(state: dict, pattern: str) -> int:
-    import re
-
-    return len({m.group(1) for k in state if (m := re.match(pattern, k))})
-
-
 def _clip(ckpt, name: str, projection: bool):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from erase.checkpoint.model_config import metadata_config
+    from erase.checkpoint.model_config import indices, metadata_config
     from erase.models import _match_prefix
 
     state = _encoder_state(ckpt, name)
     vocab, hidden = state["text_model.embeddings.token_embedding.weight"].shape
     cfg = {"vocab_size": vocab, "hidden_size": hidden, "num_attention_heads": max(1, hidden // 64),
            "intermediate_size": state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-           "num_hidden_layers": _count(state, r"text_model\.encoder\.layers\.(\d+)\."),
+           "num_hidden_layers": len(indices(state, "text_model.encoder.layers.")),
            "max_position_embeddings": state["text_model.embeddings.position_embedding.weight"].shape[0], "hidden_act": CLIP_ACT[name],
            "projection_dim": state["text_projection.weight"].shape[0] if "text_projection.weight" in state else hidden}
     cfg.update(metadata_config(ckpt, name))
@@ -113,7 +107,7 @@ def _clip(ckpt, name: str, projection: bool):
 def _t5(ckpt):
     from transformers import T5Config, T5EncoderModel
 
-    from erase.checkpoint.model_config import metadata_config
+    from erase.checkpoint.model_config import indices, metadata_config
 
     state = _encoder_state(ckpt, "t5xxl")
     bias = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
@@ -122,7 +116,7 @@ def _t5(ckpt):
     cfg = {"vocab_size": state["shared.weight"].shape[0], "d_model": state["shared.weight"].shape[1], "num_heads": heads,
            "d_kv": state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
            "d_ff": state["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"].shape[0],
-           "num_layers": _count(state, r"encoder\.block\.(\d+)\."), "relative_attention_num_buckets": bias.shape[0],
+           "num_layers": len(indices(state, "encoder.block.")), "relative_attention_num_buckets": bias.shape[0],
            "feed_forward_proj": "gated-gelu" if gated else "relu"}
     cfg.update(metadata_config(ckpt, "t5xxl"))
     model = T5EncoderModel(T5Config(**cfg))

@@ -44,7 +44,7 @@ def text_encoder_names(family: Family) -> list[str]:
     return ["text_encoder", "text_encoder_2"] if family.name == "sdxl" else ["text_encoder"]
 
 
-def _indices(keys, prefix: str) -> set[int]:
+def indices(keys, prefix: str) -> set[int]:
     pat = re.compile(re.escape(prefix) + r"(\d+)\.")
     return {int(m.group(1)) for k in keys if (m := pat.match(k))}
 
@@ -94,7 +94,7 @@ def unet_config(ckpt: Checkpoint, family: Family) -> dict:
     p = LDM_UNET
     shape = ckpt.shape
     model_channels, in_channels = shape(p + "input_blocks.0.0.weight")[:2]
-    inputs = _indices(keys, p + "input_blocks.")
+    inputs = indices(keys, p + "input_blocks.")
     n_down = sum(f"{p}input_blocks.{i}.0.op.weight" in ckpt for i in inputs)
     levels = n_down + 1
     if (len(inputs) - 1 - n_down) % levels:
@@ -107,7 +107,7 @@ def unet_config(ckpt: Checkpoint, family: Family) -> dict:
         attn = f"{p}input_blocks.{first}.1."
         if any(k.startswith(attn) for k in keys):
             down_types.append("CrossAttnDownBlock2D")
-            tlayers.append(len(_indices(keys, attn + "transformer_blocks.")))
+            tlayers.append(len(indices(keys, attn + "transformer_blocks.")))
         else:
             down_types.append("DownBlock2D")
             tlayers.append(1)
@@ -156,7 +156,7 @@ def vae_config(ckpt: Checkpoint, family: Family, base: dict | None = None) -> di
         return None
     cfg = dict(base) if base is not None else _carried(family.name, "vae")
     keys = list(ckpt.tensors)
-    levels = sorted(_indices(keys, p + "encoder.down."))
+    levels = sorted(indices(keys, p + "encoder.down."))
     channels = [ckpt.shape(f"{p}encoder.down.{i}.block.0.conv1.weight")[0] for i in levels]
     cfg.update(
         in_channels=ckpt.shape(p + "encoder.conv_in.weight")[1],
@@ -165,7 +165,7 @@ def vae_config(ckpt: Checkpoint, family: Family, base: dict | None = None) -> di
         block_out_channels=channels,
         down_block_types=["DownEncoderBlock2D"] * len(levels),
         up_block_types=["UpDecoderBlock2D"] * len(levels),
-        layers_per_block=len(_indices(keys, p + "encoder.down.0.block.")),
+        layers_per_block=len(indices(keys, p + "encoder.down.0.block.")),
         norm_num_groups=_groups(channels, cfg.get("norm_num_groups", 32)),
     )
     cfg.update(metadata_config(ckpt, "vae"))
@@ -182,14 +182,14 @@ def text_encoder_config(ckpt: Checkpoint, family: Family, component: str = "text
         raise EraseError(f"{ckpt.path}: no {component} weights under {prefix}*")
     if layout == "hf":
         vocab, hidden = ckpt.shape(prefix + "embeddings.token_embedding.weight")
-        layers = len(_indices(keys, prefix + "encoder.layers."))
+        layers = len(indices(keys, prefix + "encoder.layers."))
         cfg.update(
             intermediate_size=ckpt.shape(prefix + "encoder.layers.0.mlp.fc1.weight")[0],
             max_position_embeddings=ckpt.shape(prefix + "embeddings.position_embedding.weight")[0],
         )
     else:
         vocab, hidden = ckpt.shape(prefix + "token_embedding.weight")
-        layers = len(_indices(keys, prefix + "transformer.resblocks."))
+        layers = len(indices(keys, prefix + "transformer.resblocks."))
         # SD2 uses the penultimate layer: diffusers models that as one layer fewer.
         if family.name == "sd2":
             layers -= 1

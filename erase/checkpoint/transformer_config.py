@@ -14,7 +14,7 @@ import torch
 
 from erase.checkpoint.formats import Checkpoint
 from erase.checkpoint.model_config import metadata_config
-from erase.checkpoint.transformer_files import TransformerFile
+from erase.checkpoint.transformer_files import TRANSFORMER_CLASSES, TransformerFile
 from erase.checkpoint.transformer_keymap import Piece, assemble, transformer_pieces
 from erase.errors import EraseError
 
@@ -65,19 +65,28 @@ def transformer_config(ckpt: Checkpoint, tf: TransformerFile) -> dict:
     return cfg
 
 
+def transformer_class(family: str):
+    """diffusers' class for an SD3 / FLUX.1 transformer (erase.checkpoint.transformer_files.TRANSFORMER_CLASSES)."""
+    import diffusers
+
+    return getattr(diffusers, next(cls for cls, f in TRANSFORMER_CLASSES.items() if f == family))
+
+
+def meta_transformer(ckpt: Checkpoint, tf: TransformerFile):
+    """The transformer of `tf` on the meta device: parameter names and shapes, nothing read or initialised."""
+    with torch.device("meta"):
+        return transformer_class(tf.family)(**transformer_config(ckpt, tf))
+
+
 def load_transformer(ckpt: Checkpoint, tf: TransformerFile, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                      fp32=None):
     """diffusers' transformer for `tf`, its weights assembled from the file's (fused) tensors, and the key map's pieces
     (erase.checkpoint.transformer_keymap) that write trained parameters back. Built on the meta device and filled by
     assignment: no full-size random initialisation first (FLUX.1 would spend 48 GB on one). `fp32(name)`: parameters
     kept in fp32 from the file's own values whatever `dtype` (a trained subset's masters)."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-    cls = SD3Transformer2DModel if tf.family == "sd3" else FluxTransformer2DModel
     pieces: list[Piece] = transformer_pieces(tf.family, {n: tuple(ckpt.shape(n)) for n in tf.transformer}, tf.prefix, tf.width)
     state = assemble(pieces, ckpt.get_many)
-    with torch.device("meta"):
-        model = cls(**transformer_config(ckpt, tf))
+    model = meta_transformer(ckpt, tf)
     cast = {n: t.to(device=device, dtype=torch.float32 if fp32 and fp32(n) else dtype) for n, t in state.items()}
     model.load_state_dict(cast, strict=True, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -66,13 +66,18 @@ class FlowMatchNoise:
         return (1 - s) * z0 + s * noise, noise - z0
 
 
+def is_flow(scheduler) -> bool:
+    """A flow-matching scheduler (SD3 / FLUX.1): the model predicts a velocity."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
 def prediction_mse(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, scheduler) -> torch.Tensor:
     """The loss between a prediction and its target, in epsilon terms whatever the model predicts. For eps- and
     v-prediction models that is the plain MSE (as every method has always computed it). For a flow model the velocity
     error is (1 - s)^2 times smaller than the eps error it stands for (eps = z_t + (1 - s) v, so eps_a - eps_b =
     (1 - s)(v_a - v_b)): each sample's squared error is weighted by (1 - s)^2, s = t / N, so that an SDD or ESD run on SD3
     weighs its timesteps as on Stable Diffusion."""
-    if not type(scheduler).__name__.startswith("FlowMatch"):
+    if not is_flow(scheduler):
         return torch.nn.functional.mse_loss(pred.float(), target.float())
     s = torch.as_tensor(t, device=pred.device, dtype=torch.float32).reshape(-1) / scheduler.config.num_train_timesteps
     w = (1 - s).pow(2).expand(pred.shape[0]).reshape(-1, *[1] * (pred.dim() - 1))
@@ -81,6 +86,6 @@ def prediction_mse(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, sc
 
 def forward_process(scheduler, mu: float | None = None) -> DiffusionNoise | FlowMatchNoise:
     """The forward process of the model `scheduler` was built for: flow matching for a flow-matching scheduler."""
-    if type(scheduler).__name__.startswith("FlowMatch"):
+    if is_flow(scheduler):
         return FlowMatchNoise(scheduler, mu)
     return DiffusionNoise(scheduler)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from erase.checkpoint.transformer_files import TRANSFORMER_CLASSES, is_text_kv
+from erase.backbones import mmdit, unet
+from erase.checkpoint.transformer_files import TRANSFORMER_CLASSES
 from erase.errors import UsageError
 
 TRAIN_SETS = {
@@ -16,31 +17,12 @@ TRAIN_SETS = {
     "noxattn": "every UNet parameter except cross-attention (ESD-u, the ESD authors' choice for nudity and objects)",
     "full": "every UNet parameter (largest change, most memory)",
 }
-# SD3 / FLUX.1 (diffusers' names): where the text meets the image is the joint (double) blocks' text stream. SD3.5
-# medium's `attn2` is image-only self-attention, and FLUX.1's single blocks share q, k and v between text and image, so
-# neither is cross-attention
-TEXT_ATTENTION = (".attn.add_q_proj.", ".attn.add_k_proj.", ".attn.add_v_proj.", ".attn.to_add_out.")
-
-
 def selects(name: str, which: str, transformer: bool = False) -> bool:
     """Whether the trainable set `which` holds parameter `name` (diffusers name) of a UNet, or of an SD3 / FLUX.1
-    transformer (`transformer`)."""
+    transformer (`transformer`): each family's rules are its backbone's (erase.backbones)."""
     if which == "full":
         return True
-    if transformer:
-        text = any(s in name for s in TEXT_ATTENTION)
-        if which == "noxattn":
-            return not text
-        if which == "attn":
-            return ".attn." in name or ".attn2." in name
-        return text if which == "xattn" else is_text_kv(name)
-    if which == "noxattn":
-        return ".attn2." not in name
-    if which == "attn":
-        return ".attn1." in name or ".attn2." in name
-    if ".attn2." not in name:
-        return False
-    return which == "xattn" or ".attn2.to_k." in name or ".attn2.to_v." in name
+    return (mmdit if transformer else unet).selects(name, which)
 
 
 def is_transformer(model: torch.nn.Module) -> bool:

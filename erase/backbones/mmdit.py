@@ -1,0 +1,20 @@
+"""SD3 / SD3.5 and FLUX.1 (diffusers' names): which parameters each trainable set names. Where the text meets the image
+is the joint (double) blocks' text stream (add_q_proj, add_k_proj, add_v_proj, to_add_out). SD3.5 medium's `attn2` is
+image-only self-attention, and FLUX.1's single blocks share q, k and v between text and image, so neither is
+cross-attention."""
+
+from __future__ import annotations
+
+from erase.checkpoint.transformer_files import is_text_kv
+
+TEXT_ATTENTION = (".attn.add_q_proj.", ".attn.add_k_proj.", ".attn.add_v_proj.", ".attn.to_add_out.")
+
+
+def selects(name: str, which: str) -> bool:
+    """Whether the trainable set `which` (not "full": erase.engine.params) holds transformer parameter `name`."""
+    text = any(s in name for s in TEXT_ATTENTION)
+    if which == "noxattn":
+        return not text
+    if which == "attn":
+        return ".attn." in name or ".attn2." in name
+    return text if which == "xattn" else is_text_kv(name)

@@ -1,0 +1,15 @@
+"""SD 1.x / 2.x / SDXL (diffusers' UNet2DConditionModel): which parameters each trainable set names. Cross-attention is
+`attn2` (to_q, to_k, to_v, to_out.0; its keys and values read the text), self-attention `attn1`."""
+
+from __future__ import annotations
+
+
+def selects(name: str, which: str) -> bool:
+    """Whether the trainable set `which` (not "full": erase.engine.params) holds UNet parameter `name`."""
+    if which == "noxattn":
+        return ".attn2." not in name
+    if which == "attn":
+        return ".attn1." in name or ".attn2." in name
+    if ".attn2." not in name:
+        return False
+    return which == "xattn" or ".attn2.to_k." in name or ".attn2.to_v." in name

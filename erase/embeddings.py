@@ -66,6 +66,8 @@ def load_embedding(path: Path, token: str | None = None) -> Embedding:
         vectors = [state["emb_params"]]
     elif all(k in state for k in SDXL_KEYS):
         vectors = [state[k] for k in SDXL_KEYS]
+    elif "encoder_0" in state:  # erase's own, for three towers (SD3 with T5)
+        vectors = [state[f"encoder_{i}"] for i in range(len(state))]
     elif len(state) == 1 and isinstance(next(iter(state.values())), torch.Tensor):  # diffusers: {token: vector}
         key, vec = next(iter(state.items()))
         vectors, name = [vec], name or key
@@ -79,7 +81,14 @@ def save_embedding(emb: Embedding, path: Path, metadata: dict[str, str] | None =
     """A1111's safetensors layout (diffusers' `load_textual_inversion(path, token=...)` reads it too)."""
     from safetensors.torch import save_file
 
-    state = {"emb_params": emb.vectors[0]} if len(emb.vectors) == 1 else dict(zip(SDXL_KEYS, emb.vectors))
+    # one tower: A1111's key; two: SDXL's (FLUX.1's CLIP-L and T5 are stored under them in the towers' order); more: one
+    # key per tower in order (SD3 with T5, which no other tool's layout names)
+    if len(emb.vectors) == 1:
+        state = {"emb_params": emb.vectors[0]}
+    elif len(emb.vectors) == 2:
+        state = dict(zip(SDXL_KEYS, emb.vectors))
+    else:
+        state = {f"encoder_{i}": v for i, v in enumerate(emb.vectors)}
     meta = {"erase.token": emb.token, **(metadata or {})}
     tmp = path.with_name("." + path.name + ".tmp")
     save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
@@ -87,12 +96,13 @@ def save_embedding(emb: Embedding, path: Path, metadata: dict[str, str] | None =
 
 
 def add_embeddings(text, embeddings: list[Embedding]) -> None:
-    """Teach a `models.TextEncoder` the embeddings' tokens (new rows of each encoder's token table)."""
+    """Teach a `models.TextEncoder` (or an SD3 / FLUX.1 `TransformerText`) the embeddings' tokens (new rows of each
+    encoder's token table)."""
     for emb in embeddings:
-        if len(emb.vectors) != len(text.encoders):
-            raise UsageError(f"embedding {emb.token} has {len(emb.vectors)} vector set(s); this {text.family.label} model has "
-                             f"{len(text.encoders)} text encoder(s)")
-        for tok, enc, vec in zip(text.tokenizers, text.encoders, emb.vectors):
+        if len(emb.vectors) != len(text.towers):
+            raise UsageError(f"embedding {emb.token} has {len(emb.vectors)} vector set(s); this model has {len(text.towers)} text "
+                             "encoder(s)")
+        for (tok, enc), vec in zip(text.towers, emb.vectors):
             table = enc.get_input_embeddings()
             if vec.shape[-1] != table.weight.shape[1]:
                 raise UsageError(f"embedding {emb.token} has width {vec.shape[-1]}; this model's text encoder takes {table.weight.shape[1]}")
@@ -140,14 +150,14 @@ def trainable_tokens(text, tokens: list[str], init: str) -> list[torch.nn.Parame
     """Add `tokens` to every encoder of `text` (erase.models.TextEncoder), each starting at the mean embedding of the
     word `init`, and return their vectors as one fp32 parameter (k x D) per encoder."""
     init_vectors = []
-    for tok, enc in zip(text.tokenizers, text.encoders):
+    for tok, enc in text.towers:
         ids = tok(init, add_special_tokens=False).input_ids
         if not ids:
             raise UsageError(f"--init {init!r} has no tokens")
         init_vectors.append(enc.get_input_embeddings().weight[ids].mean(0, keepdim=True))
     add_embeddings(text, [Embedding(check_token(t), init_vectors) for t in tokens])
     params = []
-    for tok, enc, v0 in zip(text.tokenizers, text.encoders, init_vectors):
+    for (tok, enc), v0 in zip(text.towers, init_vectors):
         vectors = torch.nn.Parameter(v0.detach().float().repeat(len(tokens), 1))
         enc.set_input_embeddings(TrainableTokens(enc.get_input_embeddings(), tok.convert_tokens_to_ids(tokens), vectors))
         params.append(vectors)

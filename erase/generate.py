@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from erase.backbones import DISTILLED
+from erase.backbones import distilled
 from erase.engine.device import check_xformers, configure_attention, resolve_device, resolve_precision
 from erase.engine.sampling import predict
 from erase.errors import EraseError, UsageError
@@ -136,8 +136,9 @@ class ImageGenerator:
         dtype, autocast_dtype, _ = resolve_precision(settings.precision, self.device)
         self.dtype, self.autocast_dtype = dtype, autocast_dtype  # autocast: for the attacks that back-propagate through the UNet
         self.flow = model.family.prediction_type == "flow"  # SD3 / FLUX.1: a flow-matching transformer (erase.transformer_model)
-        # FLUX.1 is guidance-distilled: one forward per step, the guidance scale an input of the model (FluxPipeline's way)
-        self.distilled = model.family.name in DISTILLED
+        # FLUX.1-dev is guidance-distilled: one forward per step, the guidance scale an input of the model (FluxPipeline's way)
+        self.distilled = model.transformer and distilled(model.family.name, model.config)
+        self.flux = model.family.name == "flux"  # sigmas as FluxPipeline sets them, guided or not
         if self.distilled and (settings.negative or settings.safety):
             raise UsageError(f"{'--negative' if settings.negative else '--safety'}: {model.family.label} samples without a second "
                              "(unconditional) forward, which negative prompts and SLD need; not built for it")
@@ -203,8 +204,9 @@ class ImageGenerator:
         # latents stay fp32 between steps; only the UNet's input is cast (a flow's noise is unscaled)
         x = (x * getattr(sched, "init_noise_sigma", 1.0)).to(self.device)
         b = len(jobs)
-        if self.distilled:
-            return self._distilled_latents(x, jobs)
+        # FLUX.1-dev always, and a FLUX.1 without a guidance embedder at a scale of 1 or less (FluxPipeline's schnell)
+        if self.distilled or (self.flux and sld is None and all(j.guidance <= 1 for j in jobs)):
+            return self._one_forward_latents(x, jobs)
         conds = [self._encode([j.negative for j in jobs]), self._encode([j.prompt for j in jobs])]
         if sld is not None:
             conds.append(self._encode([s.safety_concept] * b))
@@ -226,7 +228,7 @@ class ImageGenerator:
         """The sampler's timesteps; FLUX.1's as FluxPipeline sets them: sigmas evenly from 1 to 1/steps, shifted by the
         image's token count where the scheduler shifts by resolution."""
         sched, steps = self.scheduler, self.settings.steps
-        if not self.distilled:
+        if not self.flux:
             sched.set_timesteps(steps)
             return
         import numpy as np
@@ -236,8 +238,9 @@ class ImageGenerator:
         shift = mu((h // 2) ** 2, sched.config) if sched.config.get("use_dynamic_shifting") else None
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=shift)
 
-    def _distilled_latents(self, x: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
-        """FLUX.1: each step one forward on the prompt with the job's guidance scale as the model's input."""
+    def _one_forward_latents(self, x: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
+        """FLUX.1: each step one forward on the prompt, the job's guidance scale the model's input where it has a guidance
+        embedder (dev)."""
         cond = self._encode([j.prompt for j in jobs])
         scale = torch.tensor([j.guidance for j in jobs], device=self.device, dtype=torch.float32)
         for t in self.scheduler.timesteps:

@@ -86,6 +86,13 @@ def _size_ids(resolution: int, dtype: torch.dtype, device: torch.device) -> torc
     return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=dtype).to(device)
 
 
+def spell(prompt: str, spellings: dict[str, str]) -> str:
+    """A multi-vector embedding's token written out as its vectors' tokens ("<tok>" -> "<tok> <tok>_1 ...")."""
+    for token, spelled in spellings.items():
+        prompt = re.sub(rf"(?<![\w<>-]){re.escape(token)}(?![\w<>-])", spelled, prompt)
+    return prompt
+
+
 @dataclass
 class TextEncoder:
     """Tokenizer(s) + text encoder(s) of one family; `encode` returns what the UNet takes."""
@@ -96,10 +103,13 @@ class TextEncoder:
     zeros_for_empty: bool = False  # SDXL: the empty prompt is all zeros, as SDXL was trained
     spellings: dict[str, str] = field(default_factory=dict)  # multi-vector embedding token -> "tok tok_1 ..." (erase.embeddings)
 
+    @property
+    def towers(self) -> list[tuple]:
+        """(tokenizer, encoder) of each text encoder: where textual-inversion tokens and attack prefixes are added."""
+        return list(zip(self.tokenizers, self.encoders))
+
     def spell(self, prompt: str) -> str:
-        for token, spelled in self.spellings.items():
-            prompt = re.sub(rf"(?<![\w<>-]){re.escape(token)}(?![\w<>-])", spelled, prompt)
-        return prompt
+        return spell(prompt, self.spellings)
 
     @torch.no_grad()
     def encode(self, prompts: list[str], device: str | torch.device = "cpu", length: int = MAX_TOKENS) -> Conditioning:
@@ -238,6 +248,11 @@ class Model:
     def unet_param_names(self) -> list[str]:
         """The UNet's parameter names (diffusers), from its config alone (nothing is read)."""
         return [n for n, _ in self.meta_unet().named_parameters()]
+
+    def read_parameters(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """UNet parameters by diffusers name, as the file stores them (its dtype)."""
+        stored = self.ckpt.get_many([self.unet_file_key(n) for n in names])
+        return {n: stored[self.unet_file_key(n)] for n in names}
 
     def unet_state_dict(self) -> dict[str, torch.Tensor]:
         """The UNet's tensors with diffusers names, in the file's dtype."""

@@ -321,9 +321,8 @@ class ClosedForm(_Run):
         method = self.method_cls(self.method_cfg, self.opts.concepts, preserve=preserve, vocab=self.vocab,
                                  tokenizer=text.tokenizers[0], encode=self._embedder(text))
         long = self._warn_truncated([p for pair in method.pairs() for p in pair[:2]] + method.preserved_prompts())
-        names = [n for n in self.model.unet_param_names() if method.edits(n)]
-        stored = self.model.ckpt.get_many([self.model.unet_file_key(n) for n in names])
-        weights = {n: stored[self.model.unet_file_key(n)] for n in names}
+        names = [n for n in self.model.unet_param_names() if method.edits(n, self.model.transformer)]
+        weights = self.model.read_parameters(names)
         self.console.print(f"[bold]Solving[/] ({self.opts.method.upper()}) on [cyan]{self.model.path.name}[/] ({self.model.family.label}): "
                            f"erase {', '.join(self.opts.concepts)}; preserve {len(preserve)} concepts; {len(names)} tensors", highlight=False)
         new, info = method.solve(weights)
@@ -512,8 +511,8 @@ def write_delta(model: Model, path: Path, shadow: dict[str, torch.Tensor], meta:
 
 def _check_transformer_run(opts: RunOptions, model) -> None:
     """What `erase run` does not do on SD3 / FLUX.1 yet, as one line each."""
-    if opts.method not in ("sdd", "esd"):
-        raise UsageError(f"--method {opts.method}: on {model.family.label} only sdd and esd are built so far")
+    if opts.method not in ("sdd", "esd", "uce"):
+        raise UsageError(f"--method {opts.method}: on {model.family.label} only sdd, esd and uce are built so far")
 
 
 def _print_summary(console: Console, model: Model, opts: RunOptions, cfg: dict, n_trainable: int, n_unet: int,

@@ -4,7 +4,8 @@ loaders `erase generate`, `erase evaluate` and `erase run` use for a Stable Diff
 
 Not built yet, and refused by name where a command reaches it: textual-inversion tokens on these families, FLUX.1's
 negative prompts and SLD (they need the unconditional forward a guidance-distilled model does not
-make), the inner attack, CA, UCE and HFI in `erase run`, and `erase attack`."""
+make), the inner attack, CA and HFI in `erase run`, and `erase attack`. A FLUX.1 without a guidance embedder (schnell's
+layout, erase's shapes-world model) samples with classifier-free guidance above a scale of 1 (erase.backbones.distilled)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,16 @@ class TransformerModel:
         """The transformer on the meta device: parameter names and counts, nothing read."""
         return meta_transformer(self.ckpt, self.tf)
 
+    def unet_param_names(self) -> list[str]:
+        return [n for n, _ in self.meta_unet().named_parameters()]
+
+    def read_parameters(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Transformer parameters by diffusers name, assembled from the file's (fused) tensors in the file's dtype."""
+        from erase.checkpoint.transformer_keymap import assemble, transformer_pieces
+
+        pieces = transformer_pieces(self.tf.family, {n: tuple(self.ckpt.shape(n)) for n in self.tf.transformer}, self.tf.prefix, self.tf.width)
+        return assemble([p for p in pieces if p.name in set(names)], self.ckpt.get_many)
+
     def file_replacements(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Trained parameters (diffusers names) as the file tensors that hold them: their rows spliced into the fused
         q/k/v tensors, every other row as it was (erase.checkpoint.transformer_keymap)."""
@@ -143,16 +154,18 @@ class TransformerModel:
         from erase.backbones.text import load_transformer_text
         from erase.models import load_tokenizer
 
-        if embeddings:
-            raise UsageError(f"--embedding: textual-inversion tokens are not built for {self.tf.label} yet")
         if self.text_encoders is not None:
-            return folder_text(self.text_encoders, self.tf.family, self.config["joint_attention_dim"])
-        if self.tf.family == "flux":
+            text = folder_text(self.text_encoders, self.tf.family, self.config["joint_attention_dim"])
+        elif self.tf.family == "flux":
             raise EraseError(f"{self.ckpt.path.name}: {self.tf.label} reads prompts through T5, whose tokenizer no file carries: "
                              "give a diffusers FLUX.1 folder with --text-encoders")
-        tokenizers = [load_tokenizer("sdxl", "tokenizer"), load_tokenizer("sdxl", "tokenizer_2")]  # SD3's CLIP-L and CLIP-G pads
-        text, notes = load_transformer_text(self.ckpt, self.tf, self.config["joint_attention_dim"], clip_tokenizers=tokenizers)
-        self.notes = notes
+        else:
+            tokenizers = [load_tokenizer("sdxl", "tokenizer"), load_tokenizer("sdxl", "tokenizer_2")]  # SD3's CLIP-L and CLIP-G pads
+            text, self.notes = load_transformer_text(self.ckpt, self.tf, self.config["joint_attention_dim"], clip_tokenizers=tokenizers)
+        if embeddings:  # textual-inversion tokens: one vector set per tower (the CLIPs, then T5)
+            from erase.embeddings import add_embeddings, load_embeddings
+
+            add_embeddings(text, load_embeddings(embeddings))
         return text
 
     def training_scheduler(self, resolution: int):
@@ -193,7 +206,7 @@ def folder_text(folder: Path, family: str, joint_dim: int):
     has one (FLUX.1 needs it); a missing part is one line naming it."""
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-    from erase.backbones.text import TransformerText
+    from erase.backbones.text import T5_LENGTH, TransformerText
 
     parts = FOLDERS[family]
     needed = [*parts["clip"], *([parts["t5"]] if family == "flux" else [])]
@@ -209,11 +222,19 @@ def folder_text(folder: Path, family: str, joint_dim: int):
     clip = [(CLIPTokenizer.from_pretrained(folder / tok, local_files_only=True),
              frozen(clip_cls.from_pretrained(folder / enc, local_files_only=True))) for tok, enc in parts["clip"]]
     tok, enc = parts["t5"]
-    t5 = None
+    t5, length = None, None
     if (folder / tok).is_dir() and (folder / enc).is_dir():
-        t5 = (AutoTokenizer.from_pretrained(folder / tok, local_files_only=True),
-              frozen(T5EncoderModel.from_pretrained(folder / enc, local_files_only=True)))
-    return TransformerText(family, clip, t5, joint_dim)
+        import json
+
+        # the sequence tower is T5 in every release; a model trained here may put a CLIP tower in its place (the
+        # shapes-world FLUX.1: FluxPipeline takes any encoder whose first output is the sequence)
+        arch = json.loads((folder / enc / "config.json").read_text()).get("architectures") or ["T5EncoderModel"]
+        cls = CLIPTextModel if arch[0] == "CLIPTextModel" else T5EncoderModel
+        tokenizer = AutoTokenizer.from_pretrained(folder / tok, local_files_only=True)
+        t5 = (tokenizer, frozen(cls.from_pretrained(folder / enc, local_files_only=True)))
+        # a tokenizer made for fewer tokens than the pipeline's default says the length the model was trained at
+        length = min(T5_LENGTH[family], tokenizer.model_max_length)
+    return TransformerText(family, clip, t5, joint_dim, length)
 
 
 def open_any_model(path, prediction_type: str | None = None, text_encoders: Path | None = None, *, drawing: bool = True,

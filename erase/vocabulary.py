@@ -84,10 +84,12 @@ def without(prompt: str, concept: str, replacement: str = "") -> str:
 
 
 def token_span(tokenizer, prompt: str, concept: str) -> tuple[int, int] | None:
-    """Positions [start, end) of `concept`'s tokens in the tokenized `prompt` (BOS at 0), or None if absent."""
-    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-    sub = tokenizer(concept).input_ids[1:-1]  # without BOS/EOS
-    for i in range(1, len(ids) - len(sub) + 1):
+    """Positions [start, end) of `concept`'s tokens in the tokenized `prompt` (CLIP: BOS at 0; T5: no BOS), or None if
+    absent."""
+    # a tokenizer that sets no length says so with a huge model_max_length, which truncation cannot take
+    ids = tokenizer(prompt, truncation=True, max_length=min(tokenizer.model_max_length, 4096)).input_ids
+    sub = tokenizer(concept, add_special_tokens=False).input_ids
+    for i in range(len(ids) - len(sub) + 1):
         if ids[i : i + len(sub)] == sub:
             return i, i + len(sub)
     return None

@@ -80,3 +80,22 @@ def test_the_sdd_config_is_erase_runs_default_at_the_shapes_scale(monkeypatch, t
     assert _resolved(plain) == _resolved(config)
     for field in ("train", "train_set", "preserve", "preserve_per_step", "preserve_paired", "adversarial"):
         assert getattr(plain, field) == getattr(config, field), field
+
+
+FLUX_CONFIGS = sorted((ROOT / "examples" / "shapes" / "configs" / "flux").glob("*.toml"))
+
+
+def test_every_flux_row_has_its_config_and_the_flux_sdd_config_is_the_unets_but_the_inner_attack(monkeypatch, tmp_path):
+    """benchmarks/shapes_flux.py's rows each run a config of examples/shapes/configs/flux/, and flux/sdd.toml is sdd.toml
+    (erase run's default at the shapes scale) with only the inner attack off, which the transformer families lack."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("shapes_flux_bench", ROOT / "benchmarks" / "shapes_flux.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert {c for _, c in bench.ROWS if c} == {c.stem for c in FLUX_CONFIGS}
+    unet = _options_from_the_cli(CONFIGS[[c.stem for c in CONFIGS].index("sdd")], monkeypatch, tmp_path)
+    flux = _options_from_the_cli(FLUX_CONFIGS[[c.stem for c in FLUX_CONFIGS].index("sdd")], monkeypatch, tmp_path)
+    assert _resolved(unet) == _resolved(flux)
+    for field in ("train", "train_set", "resolution", "precision", "preserve", "preserve_per_step", "preserve_paired", "concepts"):
+        assert getattr(unet, field) == getattr(flux, field), field
+    assert unet.adversarial is not None and flux.adversarial is None

@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 
 from erase.checkpoint.formats import open_checkpoint
 from erase.checkpoint.transformer_files import read_transformer_file
-from erase.checkpoint.transformer_keymap import assemble, splice, transformer_pieces
+from erase.checkpoint.transformer_keymap import assemble, release_state, splice, transformer_pieces
 from erase.checkpoint.write import write_checkpoint
 from tests.transformer_layouts import flux_model, flux_shapes, sd3_model, sd3_shapes, tensors
 
@@ -74,3 +74,18 @@ def test_a_trained_text_projection_is_spliced_into_its_rows_and_nothing_else_cha
     reread = assemble(pieces, open_checkpoint(out).get_many)
     for name, value in trained.items():
         assert torch.equal(reread[name], value.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_model_trained_here_is_written_in_its_releases_names_and_reads_back_row_for_row(family):
+    """release_state (the shapes-world FLUX.1's export): a diffusers transformer's parameters as the release layout's
+    tensors, named and shaped as the publishers' files (tests/transformer_layouts.py), which the key map reads back to
+    the same parameters, every row in its place (q, k, v fused; the final modulation's halves swapped)."""
+    torch.manual_seed(0)
+    prefix = "model.diffusion_model." if family == "sd3" else ""  # Stability's files prefix the transformer, BFL's do not
+    model, shapes = (sd3_model(32, 2, 2), sd3_shapes(32, 2, 2)) if family == "sd3" else (flux_model(32, 2, 2, 2), flux_shapes(32, 2, 2, 2))
+    state = {k: v + torch.randn(v.shape) for k, v in model.state_dict().items()}  # no two rows alike
+    release = release_state(family, state, 32, prefix)
+    assert {k: tuple(v.shape) for k, v in release.items()} == shapes
+    back = assemble(transformer_pieces(family, shapes, prefix, 32), lambda names: {n: release[n] for n in names})
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)

@@ -349,6 +349,90 @@ def test_generate_draws_with_a_flux_file_and_its_folder_what_diffusers_flux_pipe
     assert negative.exit_code == 2 and "--negative" in negative.output
 
 
+def _flux_with_clip_towers(tmp_path):
+    """A FLUX.1 transformer without a guidance embedder (schnell's layout, as erase's shapes-world model) and a diffusers
+    folder that puts a CLIP tower in the sequence slot with a 16-token tokenizer (as that model's): (file, folder, pipeline)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from erase.models import load_tokenizer
+    from erase.transformer_model import FLUX_SCHEDULER
+
+    path = tmp_path / "flux1-schnell.safetensors"
+    save_file({k: t.float() for k, t in tensors(flux_shapes(W, HEADS, 1, 1, guidance=False, joint_dim=16, pooled_dim=16)).items()}, str(path))
+    ckpt = open_checkpoint(path)
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+                                        vocab_size=49408, projection_dim=16, max_position_embeddings=77)).eval()
+    short = load_tokenizer("sd1")
+    short.model_max_length = 16
+    pipe = FluxPipeline(transformer=load_transformer(ckpt, read_transformer_file(ckpt))[0],
+                        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER["schnell"]), vae=_sd3_vae(0.3611, 0.1159),
+                        text_encoder=clip, tokenizer=load_tokenizer("sd1"), text_encoder_2=clip, tokenizer_2=short)
+    pipe.save_pretrained(tmp_path / "folder")
+    return path, tmp_path / "folder", pipe
+
+
+def test_a_flux_file_without_guidance_embedder_draws_with_true_cfg_and_a_clip_sequence_tower_as_flux_pipeline(tmp_path):
+    """A FLUX.1 transformer without a guidance embedder whose folder puts a CLIP tower in the sequence slot with a 16-token
+    tokenizer: at --guidance above 1 two forwards a step, FluxPipeline's true CFG against the empty prompt at the
+    tokenizer's 16 tokens; at 1, one forward as FluxPipeline samples schnell."""
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from erase.cli import app
+    from erase.transformer_model import TransformerModel
+
+    path, folder, pipe = _flux_with_clip_towers(tmp_path)
+    ckpt = open_checkpoint(path)
+    text = TransformerModel(ckpt, read_transformer_file(ckpt), folder).load_text_encoder()
+    assert text.t5_length == 16 and type(text.t5[1]).__name__ == "CLIPTextModel"
+    for guidance, theirs_kwargs in ((3.0, {"true_cfg_scale": 3.0, "negative_prompt": ""}), (1.0, {})):
+        out = tmp_path / f"out{guidance:g}"
+        r = CliRunner().invoke(app, ["generate", str(path), "-p", "a red circle", "--steps", "3", "--guidance", str(guidance), "--seed", "7",
+                                     "--size", "32", "--device", "cpu", "--text-encoders", str(folder), "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        png, = out.rglob("*.png")
+        theirs = pipe("a red circle", num_inference_steps=3, height=32, width=32, output_type="np", max_sequence_length=16,
+                      generator=torch.Generator().manual_seed(7), **theirs_kwargs).images[0] * 255
+        assert np.abs(np.asarray(Image.open(png)).astype(np.float64) - theirs).max() <= 1.0
+
+
+def test_both_attacks_run_on_a_flux_file_through_every_text_tower(tmp_path, monkeypatch):
+    """`erase attack` on a FLUX.1 file with --text-encoders: UnlearnDiffAtk's prefix enters both towers (CLIP's words in
+    each), CCE's token is learned through both (one vector set per tower) on the flow-matching forward process, and the
+    report counts both; a real FLUX.1's T5 (its own vocabulary) is refused for the prefix in one line."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from erase.attack.prefix import install_prefix
+    from erase.backbones.text import TransformerText
+    from erase.cli import app
+    from erase.embeddings import load_embedding
+    from erase.errors import UsageError
+    from erase.evaluate import detectors
+    from tests.test_attack import FAST, _prompts, _Stub
+    from tests.transformer_layouts import text_encoders
+
+    path, folder, _ = _flux_with_clip_towers(tmp_path)
+    monkeypatch.setitem(detectors.DETECTORS, "shapes", _Stub)
+    out = tmp_path / "a"
+    r = CliRunner().invoke(app, ["attack", str(path), "--text-encoders", str(folder), "--concept", "cat", "--detector", "shapes",
+                                 "--base", str(path), "--prompts", str(_prompts(tmp_path)), "--guidance", "3", *FAST, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["results"]) == {"unlearndiffatk", "cce", "any"} and report["cases_total"] == 2
+    assert all(len(c["unlearndiffatk"]["prefix_ids"]) == 3 and "<cce-cat>" in c["cce"]["prompt"] for c in report["cases"])
+    token = load_embedding(out / "cce" / "cce-cat.safetensors")
+    assert [tuple(v.shape) for v in token.vectors] == [(1, 16), (1, 16)]  # CLIP-L's tower, then the sequence tower
+    enc = text_encoders("flux")
+    t5_text = TransformerText("flux", enc["clip"], enc["t5"], 16)
+    with pytest.raises(UsageError, match="its own vocabulary"):
+        install_prefix(t5_text, 3)
+
+
 def test_run_erases_on_an_sd3_file_by_training_the_text_streams_keys_and_values_spliced_into_their_qkv_rows(tmp_path):
     """`erase run` (SDD, the default) on an SD3 single file: the trained parameters are the joint blocks' text-stream keys and
     values (add_k_proj, add_v_proj), written back into rows width..3*width of each context block's fused qkv; every other
@@ -381,8 +465,8 @@ def test_run_erases_on_an_sd3_file_by_training_the_text_streams_keys_and_values_
     assert same[0] == same[1]  # the base with the delta in memory draws what the erased file draws
     delta = open_checkpoint(tmp_path / "cat.delta.safetensors")
     assert set(delta.tensors) == changed and all(torch.equal(src.get(k) + delta.get(k), dst.get(k)) for k in changed)  # fp32 here
-    refused = CliRunner().invoke(app, ["run", str(path), "-c", "cat", "--method", "uce", "-o", str(tmp_path / "u.safetensors")])
-    assert refused.exit_code == 2 and "only sdd and esd" in refused.output
+    refused = CliRunner().invoke(app, ["run", str(path), "-c", "cat", "--method", "ca", "-o", str(tmp_path / "u.safetensors")])
+    assert refused.exit_code == 2 and "only sdd, esd and uce" in refused.output
     # merge: a second erasure, both carried onto the base under the file's own (fused) tensor names
     other = tmp_path / "erased-dog.safetensors"
     r = CliRunner().invoke(app, ["run", str(path), "-c", "dog", "--preserve", "none", "--steps", "2", "--lr", "1e-2", "--sample-steps", "4",
@@ -414,25 +498,35 @@ def test_run_erases_on_an_sd3_file_by_training_the_text_streams_keys_and_values_
                                   else fused[n], p, atol=1e-5), n
 
 
-def test_run_erases_on_a_flux_file_with_its_folder_training_the_text_streams_keys_and_values(tmp_path):
-    """`erase run` on a FLUX.1-dev file with `--text-encoders`: the trajectories take the guidance scale as the model's
-    input (one forward per step, no unconditional half); the double blocks' text-stream keys and values train and are
-    spliced into rows width..3*width of each `txt_attn.qkv`; nothing else changes; the output draws."""
+def _flux_dev_with_folder(tmp_path, double: int):
+    """A FLUX.1-dev file (Black Forest Labs' layout) and a diffusers FLUX.1 folder beside it (tmp_path / "folder") with
+    tiny CLIP-L and T5 towers, a VAE and dev's scheduler: the file's path."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from typer.testing import CliRunner
 
-    from erase.cli import app
     from erase.transformer_model import FLUX_SCHEDULER
     from tests.transformer_layouts import text_encoders
 
     path = tmp_path / "flux1-dev.safetensors"
-    save_file({k: t.float() for k, t in tensors(flux_shapes(W, HEADS, 2, 1, pooled_dim=16)).items()}, str(path))
+    save_file({k: t.float() for k, t in tensors(flux_shapes(W, HEADS, double, 1, pooled_dim=16)).items()}, str(path))
     ckpt = open_checkpoint(path)
     enc = text_encoders("flux")
     (tok, clip), = enc["clip"]
     FluxPipeline(transformer=load_transformer(ckpt, read_transformer_file(ckpt))[0], vae=_sd3_vae(0.3611, 0.1159),
                  scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER["dev"]), text_encoder=clip, tokenizer=tok,
                  text_encoder_2=enc["t5"][1], tokenizer_2=enc["t5"][0]).save_pretrained(tmp_path / "folder")
+    return path
+
+
+def test_run_erases_on_a_flux_file_with_its_folder_training_the_text_streams_keys_and_values(tmp_path):
+    """`erase run` on a FLUX.1-dev file with `--text-encoders`: the trajectories take the guidance scale as the model's
+    input (one forward per step, no unconditional half); the double blocks' text-stream keys and values train and are
+    spliced into rows width..3*width of each `txt_attn.qkv`; nothing else changes; the output draws."""
+    from typer.testing import CliRunner
+
+    from erase.cli import app
+
+    path = _flux_dev_with_folder(tmp_path, double=2)
+    ckpt = open_checkpoint(path)
     out = tmp_path / "erased.safetensors"
     r = CliRunner().invoke(app, ["run", str(path), "--text-encoders", str(tmp_path / "folder"), "-c", "cat", "--preserve", "none",
                                  "--steps", "3", "--lr", "1e-2", "--sample-steps", "4", "--train", "xattn-kv", "--resolution", "32",
@@ -448,6 +542,33 @@ def test_run_erases_on_a_flux_file_with_its_folder_training_the_text_streams_key
     bare = CliRunner().invoke(app, ["run", str(path), "-c", "cat", "-o", str(tmp_path / "bare.safetensors")])
     assert bare.exit_code == 1 and "--text-encoders" in bare.output and "VAE" not in bare.output  # training needs no VAE
     assert not (tmp_path / "bare.safetensors").exists()
+
+
+def test_uce_on_a_flux_file_edits_only_the_text_embedder_so_the_concepts_tokens_enter_the_stream_as_the_guides(tmp_path):
+    """UCE's closed form on FLUX.1: the one matrix that reads the text encoder's tokens as they are is the text embedder
+    (`txt_in`, diffusers' context_embedder); the edit is W' = W M there, every other tensor keeps its bytes, and the
+    concept's tokens now enter the text stream nearer where the guide prompt's went than before."""
+    from typer.testing import CliRunner
+
+    from erase.cli import app
+    from erase.transformer_model import TransformerModel
+    from erase.vocabulary import token_span
+
+    path = _flux_dev_with_folder(tmp_path, double=1)
+    ckpt = open_checkpoint(path)
+    out = tmp_path / "erased.safetensors"
+    r = CliRunner().invoke(app, ["run", str(path), "--text-encoders", str(tmp_path / "folder"), "-c", "cat", "--method", "uce",
+                                 "--preserve", "dog", "--no-expand", "--device", "cpu", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    erased = open_checkpoint(out)
+    assert {k for k in ckpt.tensors if not torch.equal(ckpt.get(k), erased.get(k))} == {"txt_in.weight"}
+    text = TransformerModel(ckpt, read_transformer_file(ckpt), tmp_path / "folder").load_text_encoder()
+    c, g = text.encode(["a cat"]).embeds[0], text.encode(["a"]).embeds[0]  # the guide: the prompt without the concept
+    start = token_span(text.tokenizers[0], "a cat", "cat")[0]
+    assert start == 1  # T5 has no BOS: "a" is position 0
+    w, w_new = ckpt.get("txt_in.weight").float(), erased.get("txt_in.weight").float()
+    before, after = ((c[start:] @ m.T - g[start:] @ w.T).norm() for m in (w, w_new))
+    assert after < 0.5 * before
 
 
 def test_a_transformer_loads_in_the_compute_dtype_with_its_trained_subset_in_fp32_from_the_files_values(tmp_path):

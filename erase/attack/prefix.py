@@ -69,13 +69,20 @@ class PrefixTokens(TrainableTokens):
 
 
 def install_prefix(text, k: int) -> tuple[Prefix, str]:
-    """Add k stand-in tokens to every text encoder of `text` (erase.models.TextEncoder), their rows read from one
-    `Prefix`; returns it and the text to put before a prompt ("<erase-adv0> <erase-adv1> ...")."""
+    """Add k stand-in tokens to every text encoder of `text` (erase.models.TextEncoder, or an SD3 / FLUX.1
+    TransformerText), their rows read from one `Prefix`; returns it and the text to put before a prompt
+    ("<erase-adv0> <erase-adv1> ..."). The prefix is one distribution over CLIP's words, so every tower must read them:
+    a T5 tower (its own vocabulary) is refused in one line."""
+    from erase.errors import UsageError
     from erase.models import VOCAB_SIZE
 
+    other = [type(enc).__name__ for tok, enc in text.towers if tok.vocab_size != VOCAB_SIZE]
+    if other:
+        raise UsageError(f"UnlearnDiffAtk: its prefix is one distribution over CLIP's {VOCAB_SIZE} words, and this model's "
+                         f"{other[0]} has its own vocabulary; not built (use --attack cce)")
     tokens = [STAND_IN.format(i) for i in range(k)]
     prefix = Prefix(k, VOCAB_SIZE - 2)  # the tokenizer's words: BOS (49406) and EOS (49407) would restart or end the prompt
-    for tok, enc in zip(text.tokenizers, text.encoders):
+    for tok, enc in text.towers:
         if tok.add_tokens(tokens) != k:
             raise RuntimeError("the adversarial stand-in tokens are already in this tokenizer")
         enc.resize_token_embeddings(len(tok), mean_resizing=False)

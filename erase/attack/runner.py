@@ -55,6 +55,7 @@ class AttackOptions:
     target_images: Path | None = None
     concept_images: Path | None = None
     vocabulary: str | None = None
+    text_encoders: Path | None = None  # SD3 / FLUX.1: the diffusers folder a file without its text encoders draws with
     fail_above: float | None = None
     show_flagged: bool = False
     resume: bool = False
@@ -217,7 +218,7 @@ def _cce_token(opts: AttackOptions, erased_model, size: int, progress) -> tuple[
         if not (drawn / MANIFEST).exists():
             shutil.rmtree(drawn, ignore_errors=True)
             collect(opts.base, opts.concept, drawn, n=opts.cce.images, settings=opts.settings, seed=opts.cce.seed,
-                    vocabulary=opts.vocabulary, progress=None)
+                    vocabulary=opts.vocabulary, progress=None, text_encoders=opts.text_encoders)
         _, rows = read_collection(drawn)
         images, prompts = [drawn / IMAGES / r["image"] for r in rows], [r["prompt"] for r in rows]
         source = f"BASE's images ({len(rows)}, seeds {opts.cce.seed}..{opts.cce.seed + len(rows) - 1})"
@@ -241,8 +242,8 @@ def run_attack(opts: AttackOptions, progress=None) -> dict:
     from erase.checkpoint.write import sha256_file
     from erase.embeddings import add_embeddings, load_embedding
     from erase.feedback.invert import encode_images
-    from erase.models import open_model
     from erase.run import versions
+    from erase.transformer_model import open_any_model
 
     progress = progress or (lambda stage, done, total: None)
     validate(opts)
@@ -250,8 +251,9 @@ def run_attack(opts: AttackOptions, progress=None) -> dict:
     source, category = _prompt_source(opts)
     specs = load_prompts(source, category=category, limit=opts.limit)
     jobs = jobs_for(specs, opts.settings, n=opts.n, seed=opts.seed)
-    erased_model = open_model(opts.erased)  # headers only, before anything is written: a refused file leaves no folder
-    base_model = open_model(opts.base) if opts.base is not None else None
+    # headers only, before anything is written: a refused file leaves no folder
+    erased_model = open_any_model(opts.erased, text_encoders=opts.text_encoders, command="attack")
+    base_model = open_any_model(opts.base, text_encoders=opts.text_encoders, command="attack") if opts.base is not None else None
     erased_sha = sha256_file(opts.erased)
     done = _open_state(opts, _fingerprint(opts, jobs, erased_sha))
     size = opts.settings.size or erased_model.default_resolution

@@ -96,7 +96,7 @@ def attack_prompt(gen, prefix, prefix_text: str, job: Job, z_target: torch.Tenso
             if success:
                 break
     ids = checks[-1]["ids"]
-    tok = gen.text.tokenizers[0]
+    tok = gen.text.towers[0][0]  # the prefix's vocabulary (CLIP's, in every tower)
     words = tok.decode(ids).strip()
     return {"success": success, "steps": step, "unet_evals": evals, "seconds": time.perf_counter() - t0, "prefix_ids": ids,
             "prefix_text": words, "adversarial_prompt": f"{words} {job.prompt}",

@@ -2,7 +2,7 @@
 
 Built so far: the one forward of the transformer families (SD3 / SD3.5, FLUX.1), which `erase.engine.sampling.predict`
 calls in place of the UNet's; the trainable sets' rules per family (unet.py, mmdit.py); which families are
-guidance-distilled. SD 1.x / 2.x / SDXL still load through `erase.models` and UCE edits attn2 by name (erase.methods.uce):
+guidance-distilled; the matrices a closed-form edit (UCE) changes. SD 1.x / 2.x / SDXL still load through `erase.models`:
 the next pieces to move here.
 """
 
@@ -13,13 +13,20 @@ from collections.abc import Callable
 
 from erase.checkpoint.transformer_files import TRANSFORMER_CLASSES
 
-DISTILLED = ("flux",)  # families that sample with one forward per step, without classifier-free guidance
+DISTILLED = ("flux",)  # families whose guidance embedder makes them sample with one forward per step
+
+
+def distilled(family: str, config) -> bool:
+    """FLUX.1-dev: guidance-distilled, the scale an input of the model (a guidance embedder), one forward per sampling
+    step on the prompt alone. A FLUX.1 transformer without the embedder (schnell, erase's shapes-world model) samples
+    with classifier-free guidance when asked for a scale above 1 (FluxPipeline's true CFG), with one forward at 1 or less."""
+    return family in DISTILLED and bool(config.get("guidance_embeds"))
 
 
 def guidance_distilled(model) -> bool:
-    """FLUX.1: one forward per sampling step, on the prompt alone (dev takes the guidance scale as an input; schnell needs
-    none); classifier-free guidance's unconditional half is not part of how it samples."""
-    return TRANSFORMER_CLASSES.get(type(model).__name__) in DISTILLED
+    """`distilled` for a loaded diffusers transformer (False for a UNet)."""
+    family = TRANSFORMER_CLASSES.get(type(model).__name__)
+    return family is not None and distilled(family, model.config)
 
 
 def transformer_forward(model) -> Callable | None:

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from erase.checkpoint.transformer_files import is_text_kv
 
+# the closed-form edits' matrix (UCE): the text embedder, the one weight that reads the text encoder's tokens as they are
+# (W c, c a token). The text stream's own keys and values read hidden states that the timestep's modulation and, after
+# the first block, the image have changed, so a closed form on them would not be exact; the pooled vector's embedder
+# (time_text_embed.text_embedder) reads one vector per prompt and is left as it is.
+CLOSED_FORM = ("context_embedder.weight",)
 TEXT_ATTENTION = (".attn.add_q_proj.", ".attn.add_k_proj.", ".attn.add_v_proj.", ".attn.to_add_out.")
 
 

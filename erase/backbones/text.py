@@ -8,12 +8,12 @@ vector; FLUX.1 has no meaning without T5. The token lengths are fixed per run (t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from erase.errors import EraseError
-from erase.models import MAX_TOKENS, Conditioning
+from erase.models import MAX_TOKENS, Conditioning, spell
 
 T5_LENGTH = {"sd3": 256, "flux": 512}  # the pipelines' default max_sequence_length
 
@@ -26,6 +26,7 @@ class TransformerText:
     joint_dim: int  # the transformer's text width (joint_attention_dim)
     t5_length: int | None = None  # None: the pipeline's default
     clip_length: int = MAX_TOKENS
+    spellings: dict[str, str] = field(default_factory=dict)  # multi-vector embedding token -> "tok tok_1 ..." (erase.embeddings)
 
     def __post_init__(self) -> None:
         if self.family == "flux" and self.t5 is None:
@@ -39,9 +40,15 @@ class TransformerText:
         return [self.clip[0][0]] if self.family == "sd3" else [self.t5[0]]
 
     @property
+    def towers(self) -> list[tuple]:
+        """(tokenizer, encoder) of every tower (the CLIPs, then T5): where textual-inversion tokens and attack prefixes
+        are added (erase.embeddings, erase.attack.prefix)."""
+        return [*self.clip, *([self.t5] if self.t5 else [])]
+
+    @property
     def encoders(self) -> list:
         """Every tower, for moving them off the GPU once the prompts are encoded."""
-        return [enc for _, enc in self.clip] + ([self.t5[1]] if self.t5 else [])
+        return [enc for _, enc in self.towers]
 
     def _t5(self, prompts: list[str], device) -> torch.Tensor:
         if self.t5 is None:
@@ -55,6 +62,11 @@ class TransformerText:
     def encode(self, prompts: list[str], device: str | torch.device = "cpu", length: int | None = None) -> Conditioning:
         """The token sequence (B, L, joint_dim) and the pooled vector (B, P), fp32. `length` is taken for the Stable
         Diffusion encoders' signature and not used: these families' lengths are fixed (CLIP 77, T5 `t5_length`)."""
+        return self.forward(prompts, device)
+
+    def forward(self, prompts: list[str], device: str | torch.device = "cpu", length: int | None = None) -> Conditioning:
+        """`encode` with gradients (textual inversion and the attacks train token rows through it)."""
+        prompts = [spell(p, self.spellings) for p in prompts] if self.spellings else prompts
         hidden, pooled = [], []
         for tok, enc in self.clip:
             ids = tok(prompts, padding="max_length", max_length=self.clip_length, truncation=True, return_tensors="pt").input_ids

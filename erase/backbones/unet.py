@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+# the closed-form edits' matrices (UCE): the only weights that read the text encoder's tokens, each W c for a token c
+CLOSED_FORM = (".attn2.to_k.weight", ".attn2.to_v.weight")
+
 
 def selects(name: str, which: str) -> bool:
     """Whether the trainable set `which` (not "full": erase.engine.params) holds UNet parameter `name`."""

@@ -177,3 +177,52 @@ def splice(pieces: list[Piece], trained: dict[str, torch.Tensor], read: Callable
         else:
             out[p.file][p.rows[0]:p.rows[1]] = part.to(out[p.file].dtype)
     return out
+
+
+def _release_name(pattern: str, match: re.Match) -> str:
+    """The release name a rename `pattern` matches, its groups filled from `match` (the diffusers name's)."""
+    groups = iter(match.groups())
+    return re.sub(r"\(\\[dw]\+\)", lambda _: next(groups), pattern).replace("\\.", ".")
+
+
+def _template_regex(pattern: str, template: str) -> str:
+    """A diffusers-name template (`transformer_blocks.\\1.attn.to_{}.\\2`) as a regex of the names it makes, each
+    back-reference the release `pattern`'s group of that number."""
+    groups = re.findall(r"\(\\[dw]\+\)", pattern)
+    parts = re.split(r"\\(\d)", template)
+    return "".join(groups[int(p) - 1] if i % 2 else re.escape(p) for i, p in enumerate(parts))
+
+
+def release_state(family: str, state: dict[str, torch.Tensor], width: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The inverse of `assemble`: a diffusers SD3 / FLUX.1 transformer's state dict as the release layout's tensors (q, k, v
+    and FLUX.1's single-block MLP input fused, the final modulation as (shift, scale)), for writing a model trained here
+    as its family's single file. transformer_pieces reads the result back to `state` (tested)."""
+    renames, fused = (SD3_RENAMES, SD3_FUSED) if family == "sd3" else (FLUX_RENAMES, FLUX_FUSED)
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    for name, value in state.items():
+        file = None
+        swapped = re.fullmatch(r"norm_out\.linear\.(\w+)", name) or (
+            family == "sd3" and value.shape[0] == 2 * width and re.fullmatch(r"transformer_blocks\.(\d+)\.norm1_context\.linear\.(\w+)", name))
+        if swapped:  # diffusers' (scale, shift) as the release's (shift, scale)
+            file = ("final_layer.adaLN_modulation.1." + swapped[1] if name.startswith("norm_out.")
+                    else f"joint_blocks.{swapped[1]}.context_block.adaLN_modulation.1.{swapped[2]}")
+            parts[file] = {0: torch.cat([value[width:], value[:width]])}
+            continue
+        for pattern, template in renames:
+            if m := re.fullmatch(_template_regex(pattern, template), name):
+                file, order = _release_name(pattern, m), 0
+                break
+        else:
+            for pattern, templates, _ in fused:
+                for order, template in enumerate(t.format(x) for t in templates[:1] for x in "qkv"):
+                    if m := re.fullmatch(_template_regex(pattern, template), name):
+                        file = _release_name(pattern, m)
+                        break
+                if file is None and len(templates) > 1 and (m := re.fullmatch(_template_regex(pattern, templates[1]), name)):
+                    file, order = _release_name(pattern, m), 3
+                if file is not None:
+                    break
+        if file is None:
+            raise EraseError(f"no tensor of the {family.upper()} release layout holds {name}")
+        parts.setdefault(file, {})[order] = value
+    return {prefix + f: torch.cat([p[k] for k in sorted(p)]) if len(p) > 1 else p[0] for f, p in parts.items()}

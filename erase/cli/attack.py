@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from erase.cli.app import Device, Precision, Scheduler, console, err_console
-from erase.cli.common import XformersOption
+from erase.cli.common import TextEncodersOption, XformersOption
 
 PROMPTS, SAMPLING, ATTACK, ENGINE = "Prompts", "Sampling", "Attacks", "Engine"
 
@@ -75,6 +75,7 @@ def attack(
     precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU.",
                                                  rich_help_panel=ENGINE)] = Precision.auto,
     xformers: XformersOption = False,
+    text_encoders: TextEncodersOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for images, state and report.json / report.html.")] = Path("erase-attack"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted attack in OUT (same options).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over in an OUT that holds an attack.")] = False,
@@ -96,7 +97,8 @@ def attack(
     opts = AttackOptions(erased=erased, concept=concept, out=out, base=base, prompts=prompts, category=category, limit=limit, n=n, seed=seed,
                          attacks=ATTACKS if which is AttackName.all else (which.value,), settings=settings, detector=detector,
                          protocol=protocol.value, targets=target, threshold=threshold, uda=uda, cce=cce, target_images=target_images,
-                         concept_images=concept_images, vocabulary=vocabulary, fail_above=fail_above, show_flagged=show_flagged,
+                         concept_images=concept_images, vocabulary=vocabulary, text_encoders=text_encoders, fail_above=fail_above,
+                         show_flagged=show_flagged,
                          resume=resume, force=force)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=err_console, transient=True) as bar:

@@ -25,6 +25,12 @@ def selects(name: str, which: str, transformer: bool = False) -> bool:
     return (mmdit if transformer else unet).selects(name, which)
 
 
+def closed_form_edits(name: str, transformer: bool = False) -> bool:
+    """Whether a closed-form edit (UCE) changes parameter `name` of a UNet or an SD3 / FLUX.1 transformer: the weights
+    that map the text encoder's tokens (erase.backbones)."""
+    return name.endswith((mmdit if transformer else unet).CLOSED_FORM)
+
+
 def is_transformer(model: torch.nn.Module) -> bool:
     """An SD3 / FLUX.1 transformer rather than a UNet."""
     return type(model).__name__ in TRANSFORMER_CLASSES

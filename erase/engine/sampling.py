@@ -70,11 +70,11 @@ def guided_parts(unet, z: torch.Tensor, t, uncond: Conditioning, cond: Condition
                  counter: EvalCounter | None = None, weights: Weights = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Classifier-free guidance, unconditional and conditional in one batch: (guided, conditional), each (B, C, h, w) in
     fp32. The combination is made in fp32 whatever the forward's precision (a bf16 difference of two close predictions
-    loses most of its bits). A guidance-distilled model (FLUX.1) makes one forward on `cond` at its default guidance input
+    loses most of its bits). A guidance-distilled model (FLUX.1-dev) makes one forward on `cond` at its default guidance input
     (FluxPipeline's 3.5), `scale` unused: both parts are that prediction, the same every other forward of a run makes, so
     a trajectory's conditional half is still a free target for its latents."""
     b = z.shape[0]
-    if guidance_distilled(unet):  # FLUX.1: guidance is an input of the model, one forward on the prompt alone
+    if guidance_distilled(unet):  # FLUX.1-dev: guidance is an input of the model, one forward on the prompt alone
         out = predict(unet, z, t, cond, resolution, counter, weights).float()
         return out, out
     both = Conditioning.cat([uncond, cond])

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from erase.evaluate.runner import wilson
 from erase.generate import GenSettings, ImageGenerator, Job
-from erase.models import open_model
 from erase.shapes import COLOURS, NONE, SHAPES, ShapesDetector, to_tensor
+from erase.transformer_model import open_any_model
 
 
 @dataclass
@@ -69,11 +69,13 @@ def protocol_jobs(protocol: Protocol) -> list[tuple[Job, str, str | None, str]]:
 
 
 def measure(model_path: Path, targets: list[str], protocol: Protocol = Protocol(), *, safety: str | None = None,
-            safety_concept: str = "", keep_images: int = 0, embeddings: tuple[Path, ...] = (), on_batch=None) -> dict:
-    """Draw the protocol's images from `model_path` and classify them; `on_batch(images_done, images_total)` after each batch."""
+            safety_concept: str = "", keep_images: int = 0, embeddings: tuple[Path, ...] = (), on_batch=None,
+            text_encoders: Path | None = None) -> dict:
+    """Draw the protocol's images from `model_path` and classify them; `on_batch(images_done, images_total)` after each batch.
+    `text_encoders`: the diffusers folder a transformer-only file (the shapes-world FLUX.1) draws with."""
     settings = GenSettings(steps=protocol.steps, guidance=protocol.guidance, batch=protocol.batch, device="cpu",
                            safety=safety, safety_concept=safety_concept or "x", embeddings=embeddings)
-    gen = ImageGenerator(open_model(model_path), settings)
+    gen = ImageGenerator(open_any_model(model_path, text_encoders=text_encoders), settings)
     detector = ShapesDetector()
     # (job, shape asked for, colour asked for or None, template)
     asked = protocol_jobs(protocol)

@@ -32,10 +32,12 @@ def collection_prompts(concept: str, prompts: list[str] | None, vocabulary: str 
 
 
 def collect(model_path: Path, concept: str, out: Path, *, n: int, settings: GenSettings, seed: int = 0,
-            prompts: list[str] | None = None, vocabulary: str | None = None, prediction_type: str | None = None, progress=None) -> dict:
-    """Draw `n` images, cycling through the prompts with seeds seed, seed+1, ...; write them and the manifest."""
+            prompts: list[str] | None = None, vocabulary: str | None = None, prediction_type: str | None = None, progress=None,
+            text_encoders: Path | None = None) -> dict:
+    """Draw `n` images, cycling through the prompts with seeds seed, seed+1, ...; write them and the manifest.
+    `text_encoders`: an SD3 / FLUX.1 file's diffusers folder (erase.transformer_model)."""
     from erase.checkpoint.write import sha256_file
-    from erase.models import open_model
+    from erase.transformer_model import open_any_model
 
     if not concept.strip():
         raise UsageError("--concept must not be empty")
@@ -44,7 +46,7 @@ def collect(model_path: Path, concept: str, out: Path, *, n: int, settings: GenS
     if (out / MANIFEST).exists():
         raise UsageError(f"{out} already holds a collection ({MANIFEST}); choose another --out")
     settings.validate()
-    model = open_model(model_path, prediction_type)
+    model = open_any_model(model_path, prediction_type, text_encoders, command="feedback collect")
     texts = collection_prompts(concept, prompts, vocabulary, model.ckpt.metadata)
     jobs = [Job(texts[i % len(texts)], seed + i, settings.guidance, settings.negative) for i in range(n)]
     gen = ImageGenerator(model, settings)
@@ -60,7 +62,8 @@ def collect(model_path: Path, concept: str, out: Path, *, n: int, settings: GenS
             progress()
 
     gen.generate(jobs, on_image=save)
-    info = {"concept": concept, "model": str(model_path), "model_sha256": model_hash, "steps": settings.steps,
+    info = {"concept": concept, "model": str(model_path), "model_sha256": model_hash,
+            "text_encoders": str(text_encoders) if text_encoders else None, "steps": settings.steps,
             "scheduler": settings.scheduler, "size": gen.size, "guidance": settings.guidance, "negative": settings.negative,
             "precision": settings.precision, "batch": settings.batch, "embeddings": [str(p) for p in settings.embeddings], "prompts": texts, "images": len(rows)}
     (out / COLLECTION).write_text(json.dumps(info, indent=2))
@@ -82,7 +85,7 @@ def read_collection(folder: Path) -> tuple[dict, list[dict]]:
 def regenerate(folder: Path, names: list[str], model_path: Path | None = None, device: str = "cpu"):
     """Redraw images of a collection from its manifest alone (the recorded model unless `model_path`). Each image is
     redrawn in the batch it was drawn in: a different batch changes the float reductions, and so a few pixels."""
-    from erase.models import open_model
+    from erase.transformer_model import open_any_model
 
     info, rows = read_collection(folder)
     index = {r["image"]: i for i, r in enumerate(rows)}
@@ -92,7 +95,8 @@ def regenerate(folder: Path, names: list[str], model_path: Path | None = None, d
     settings = GenSettings(steps=info["steps"], guidance=info["guidance"], size=info["size"], scheduler=info["scheduler"],
                            negative=info["negative"], batch=info["batch"], device=device, precision=info["precision"],
                            embeddings=tuple(Path(p) for p in info["embeddings"]))
-    gen = ImageGenerator(open_model(model_path or Path(info["model"])), settings)
+    folder_text = Path(info["text_encoders"]) if info.get("text_encoders") else None
+    gen = ImageGenerator(open_any_model(model_path or Path(info["model"]), text_encoders=folder_text, command="feedback"), settings)
     drawn = {}
     for b in sorted({index[n] // settings.batch for n in names}):
         batch = rows[b * settings.batch : (b + 1) * settings.batch]

@@ -104,7 +104,8 @@ def encode_images(vae, paths: list[Path], device, batch: int = 8) -> torch.Tenso
     for i in range(0, len(paths), batch):
         arr = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) for p in paths[i : i + batch]])
         x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(device) / 127.5 - 1
-        latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+        shift = vae.config.get("shift_factor") or 0.0  # SD3's and FLUX.1's latents are shifted as well as scaled
+        latents.append((vae.encode(x).latent_dist.mean - shift) * vae.config.scaling_factor)
     return torch.cat(latents)
 
 

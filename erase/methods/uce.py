@@ -21,6 +21,12 @@ B = lambda I + s_e sum c c^T + s_p sum c_p c_p^T:
 Concepts are expanded into the vocabulary's prompt templates (erase.vocabulary): measured on the shapes model,
 bare words neither erase "a red circle" nor protect "a red square".
 
+SD3 / FLUX.1 (erase.backbones.mmdit.CLOSED_FORM): the text stream's keys and values read hidden states that the
+timestep's modulation (and, after the first block, the image) has changed, so the exact counterpart of attn2's W c is
+the text embedder (`context_embedder`, the file's `txt_in` / `context_embedder`), which maps each token of the text
+encoder's sequence into the stream; its bias adds the same to every token and stays. The pooled vector's embedder is
+not edited.
+
 RECE (`robust` rounds; Gong, Chen, Wei, Chen, Wu; ECCV 2024, arXiv 2407.12383): after the edit, find in closed form
 the embedding c* that the edited layers map closest to what the original layers made of the concept,
   c* = argmin_c' sum_l ||W'_l c' - W_l c||^2 + mu ||c'||^2 = (sum_l W'_l^T W'_l + mu I)^-1 (sum_l W'_l^T W_l) c,
@@ -43,8 +49,6 @@ from erase.errors import UsageError
 from erase.methods.base import ClosedFormMethod
 from erase.methods.options import option
 from erase.vocabulary import Vocabulary, expand, token_span, without
-
-EDITED = (".attn2.to_k.weight", ".attn2.to_v.weight")
 
 
 @dataclass
@@ -82,9 +86,12 @@ class UCE(ClosedFormMethod):
         self.vocab, self.tokenizer, self.encode = vocab, tokenizer, encode
 
     @staticmethod
-    def edits(name: str) -> bool:
-        """True for the weights UCE changes (diffusers names)."""
-        return name.endswith(EDITED)
+    def edits(name: str, transformer: bool = False) -> bool:
+        """True for the weights UCE changes (diffusers names): a UNet's attn2 keys and values, an SD3 / FLUX.1
+        transformer's text embedder (erase.backbones)."""
+        from erase.engine.params import closed_form_edits
+
+        return closed_form_edits(name, transformer)
 
     def _prompts(self, concept: str) -> list[str]:
         return expand(concept, self.vocab) if self.cfg.expand else [concept]

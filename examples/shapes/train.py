@@ -376,6 +376,11 @@ def export(out: Path, vae, unet, text, scaling: float, recipe: dict) -> None:
         "modelspec.prediction_type": "epsilon",
         "shapes.training": json.dumps(recipe),
     }
+    save_model(out, state, meta)
+
+
+def save_model(out: Path, state: dict, meta: dict) -> None:
+    """The exported file, whole or not at all."""
     tmp = out.with_suffix(".tmp")
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(out)

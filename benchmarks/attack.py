@@ -60,8 +60,9 @@ def rows(model: Path, reuse_trained: bool = False):
     ]
 
 
-def attack(path: Path, base: Path, work: Path, concept: str = "circle", n: int = ATTACK["n"]) -> dict:
-    """Both attacks on `concept`'s prompts of builtin:shapes ("a <colour> <concept>"), `n` seeds each (6 x n cases)."""
+def attack(path: Path, base: Path, work: Path, concept: str = "circle", n: int = ATTACK["n"], text_encoders: Path | None = None) -> dict:
+    """Both attacks on `concept`'s prompts of builtin:shapes ("a <colour> <concept>"), `n` seeds each (6 x n cases);
+    `text_encoders`: the folder a transformer-only file draws with (the shapes-world FLUX.1)."""
     from erase.attack.cce import CCEConfig
     from erase.attack.runner import AttackOptions, run_attack
     from erase.attack.unlearndiffatk import UnlearnDiffAtkConfig
@@ -70,7 +71,7 @@ def attack(path: Path, base: Path, work: Path, concept: str = "circle", n: int =
     opts = AttackOptions(erased=path, concept=concept, out=work / f"attack-{path.stem}-{concept}-n{n}", base=base, n=n, seed=0,
                          settings=GenSettings(steps=ATTACK["sample_steps"], guidance=ATTACK["guidance"], batch=16, device="cpu"),
                          uda=UnlearnDiffAtkConfig(steps=ATTACK["uda_steps"]),
-                         cce=CCEConfig(steps=ATTACK["cce_steps"], images=ATTACK["cce_images"]), force=True)
+                         cce=CCEConfig(steps=ATTACK["cce_steps"], images=ATTACK["cce_images"]), text_encoders=text_encoders, force=True)
     report = run_attack(opts)
     keep = ("successes", "asr", "asr_ci95", "broken_by_attack", "unet_evals_per_prompt", "seconds")
     out = {"pre_attack": report["pre_attack"], "cases": report["cases_total"], "seconds": report["seconds_this_session"]}

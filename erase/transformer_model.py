@@ -2,10 +2,11 @@
 or a diffusers folder of the family gives (`--text-encoders`), and the family's flow-matching scheduler, behind the
 loaders `erase generate`, `erase evaluate` and `erase run` use for a Stable Diffusion `Model` (erase.models).
 
-Not built yet, and refused by name where a command reaches it: textual-inversion tokens on these families, FLUX.1's
-negative prompts and SLD (they need the unconditional forward a guidance-distilled model does not
-make), the inner attack, CA and HFI in `erase run`, and `erase attack`. A FLUX.1 without a guidance embedder (schnell's
-layout, erase's shapes-world model) samples with classifier-free guidance above a scale of 1 (erase.backbones.distilled)."""
+Not built yet, and refused by name where a command reaches it: FLUX.1-dev's negative prompts and SLD (they need the
+unconditional forward a guidance-distilled model does not make), the inner attack, CA and HFI in `erase run`, and
+UnlearnDiffAtk through a T5 tower (its prefix is one distribution over CLIP's words). A FLUX.1 without a guidance
+embedder (schnell's layout, erase's shapes-world model) samples with classifier-free guidance above a scale of 1
+(erase.backbones.distilled)."""
 
 from __future__ import annotations
 
@@ -124,12 +125,19 @@ class TransformerModel:
     @property
     def latent_factor(self) -> int:
         """Pixels per latent: the VAE's (file or folder); 8, the releases', when neither has one (training needs no VAE)."""
-        has_vae = self._from_folder("vae") is not None or "first_stage_model.encoder.conv_in.weight" in self.ckpt
-        return 2 ** (len(self.vae_config["block_out_channels"]) - 1) if has_vae else 8
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1) if self._has_vae else 8
+
+    @property
+    def _has_vae(self) -> bool:
+        return self._from_folder("vae") is not None or "first_stage_model.encoder.conv_in.weight" in self.ckpt
 
     @property
     def default_resolution(self) -> int:
-        """SD3: its sample size in pixels; FLUX.1: 1024 at the release's VAE (128 latent rows)."""
+        """SD3: its sample size in pixels. FLUX.1's configuration has none: its VAE's sample size where a VAE is known (the
+        release's says 1024, FluxPipeline's default; the shapes-world model's 32), else 128 latent rows (1024 pixels at
+        the release's VAE)."""
+        if self.tf.family == "flux" and self._has_vae:
+            return int(self.vae_config.get("sample_size") or 128 * self.latent_factor)
         return self.config.get("sample_size", 128) * self.latent_factor
 
     def load_unet(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, fp32=None):

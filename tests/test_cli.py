@@ -101,8 +101,9 @@ def test_every_declared_method_option_is_a_flag_refused_for_methods_that_do_not_
     assert set(declared["guidance"].defaults) == {"sdd", "esd", "ca"} and declared["guidance"].defaults["ca"] == 6.0
     help_text = runner.invoke(app, ["run", "--help"], terminal_width=200).output
     for opt in declared.values():
-        assert opt.flag in help_text, opt.flag
+        flag = opt.flag.split("/")[0]  # a switch (--pooled/--no-pooled) takes no value
+        assert flag in help_text, opt.flag
         other = next(m for m in METHODS if m not in opt.defaults)
-        value = opt.choices[0] if opt.choices else {int: "1", float: "1.0", str: "x"}[opt.type]
-        r = runner.invoke(app, ["run", str(tiny_sd1), "-c", "cat", "--method", other, opt.flag, value, "-o", str(tmp_path / "o.safetensors")])
-        assert r.exit_code == 2 and f"{opt.flag} does not apply to --method {other}" in r.output, (opt.flag, r.output)
+        value = [] if opt.type is bool else [opt.choices[0] if opt.choices else {int: "1", float: "1.0", str: "x"}[opt.type]]
+        r = runner.invoke(app, ["run", str(tiny_sd1), "-c", "cat", "--method", other, flag, *value, "-o", str(tmp_path / "o.safetensors")])
+        assert r.exit_code == 2 and f"{flag} does not apply to --method {other}" in r.output, (opt.flag, r.output)

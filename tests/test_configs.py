@@ -87,7 +87,8 @@ FLUX_CONFIGS = sorted((ROOT / "examples" / "shapes" / "configs" / "flux").glob("
 
 def test_every_flux_row_has_its_config_and_the_flux_sdd_config_is_the_unets_but_the_inner_attack(monkeypatch, tmp_path):
     """benchmarks/shapes_flux.py's rows each run a config of examples/shapes/configs/flux/, and flux/sdd.toml is sdd.toml
-    (erase run's default at the shapes scale) with only the inner attack off, which the transformer families lack."""
+    (erase run's default at the shapes scale) with the inner attack off, which the transformer families lack, and the
+    transformer default's trainable set (text-kv, which erase run picks on SD3 / FLUX.1 when --train is not given)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("shapes_flux_bench", ROOT / "benchmarks" / "shapes_flux.py")
     bench = importlib.util.module_from_spec(spec)
@@ -96,6 +97,7 @@ def test_every_flux_row_has_its_config_and_the_flux_sdd_config_is_the_unets_but_
     unet = _options_from_the_cli(CONFIGS[[c.stem for c in CONFIGS].index("sdd")], monkeypatch, tmp_path)
     flux = _options_from_the_cli(FLUX_CONFIGS[[c.stem for c in FLUX_CONFIGS].index("sdd")], monkeypatch, tmp_path)
     assert _resolved(unet) == _resolved(flux)
-    for field in ("train", "train_set", "resolution", "precision", "preserve", "preserve_per_step", "preserve_paired", "concepts"):
+    for field in ("train", "resolution", "precision", "preserve", "preserve_per_step", "preserve_paired", "concepts"):
         assert getattr(unet, field) == getattr(flux, field), field
     assert unet.adversarial is not None and flux.adversarial is None
+    assert (unet.train_set, flux.train_set) == ("xattn-kv", "text-kv")

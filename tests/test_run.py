@@ -294,6 +294,8 @@ def test_cli_run_end_to_end_with_config_file(tiny_sd1, tmp_path):
     (["--concepts", " , "], 2, "non-empty"),
     (["--concepts", "x", "--steps", "0"], 2, "--steps"),
     (["--concepts", "x", "--resolution", "30"], 2, "multiple of 8"),
+    (["--concepts", "x", "--train", "text-kv"], 2, "text-kv is for SD3 / FLUX.1"),
+    (["--concepts", "x", "--method", "uce", "--pooled"], 2, "--pooled is for SD3 / FLUX.1"),
 ])
 def test_cli_run_usage_errors(tiny_sd1, args, code, message):
     r = runner.invoke(app, ["run", str(tiny_sd1), *args])

@@ -116,6 +116,8 @@ def test_trainable_sets_name_the_text_stream_not_sd35s_image_attn2_nor_fluxs_sha
     assert set(kv) < set(text) and any(".to_add_out." in n for n in text) and not any("attn2" in n or "single" in n for n in text)
     rest = select_trainable(model, "noxattn")
     assert not set(rest) & set(text) and len(rest) + len(text) == len(list(model.parameters()))
+    routes = select_trainable(model, "text-kv")  # the keys and values, and the pooled vector's embedder (its first layer)
+    assert set(routes) - set(kv) == {"time_text_embed.text_embedder.linear_1.weight", "time_text_embed.text_embedder.linear_1.bias"}
     if release == "sd35-medium":
         assert any(".attn2." in n for n in select_trainable(model, "attn"))  # SD3.5 medium's image-only attention is attention
 
@@ -386,8 +388,10 @@ def test_a_flux_file_without_guidance_embedder_draws_with_true_cfg_and_a_clip_se
 
     path, folder, pipe = _flux_with_clip_towers(tmp_path)
     ckpt = open_checkpoint(path)
-    text = TransformerModel(ckpt, read_transformer_file(ckpt), folder).load_text_encoder()
+    model = TransformerModel(ckpt, read_transformer_file(ckpt), folder)
+    text = model.load_text_encoder()
     assert text.t5_length == 16 and type(text.t5[1]).__name__ == "CLIPTextModel"
+    assert model.default_resolution == pipe.vae.config.sample_size  # FLUX.1's config has no size: its VAE's (the release's 1024)
     for guidance, theirs_kwargs in ((3.0, {"true_cfg_scale": 3.0, "negative_prompt": ""}), (1.0, {})):
         out = tmp_path / f"out{guidance:g}"
         r = CliRunner().invoke(app, ["generate", str(path), "-p", "a red circle", "--steps", "3", "--guidance", str(guidance), "--seed", "7",
@@ -544,10 +548,11 @@ def test_run_erases_on_a_flux_file_with_its_folder_training_the_text_streams_key
     assert not (tmp_path / "bare.safetensors").exists()
 
 
-def test_uce_on_a_flux_file_edits_only_the_text_embedder_so_the_concepts_tokens_enter_the_stream_as_the_guides(tmp_path):
+def test_uce_on_a_flux_file_edits_the_text_and_pooled_embedders_so_the_concept_enters_as_its_guide(tmp_path):
     """UCE's closed form on FLUX.1: the one matrix that reads the text encoder's tokens as they are is the text embedder
-    (`txt_in`, diffusers' context_embedder); the edit is W' = W M there, every other tensor keeps its bytes, and the
-    concept's tokens now enter the text stream nearer where the guide prompt's went than before."""
+    (`txt_in`, diffusers' context_embedder), and by default the pooled vector's embedder (`vector_in.in_layer`) gets
+    its own; every other tensor keeps its bytes, and the concept's tokens and pooled vector now enter nearer where the
+    guide prompt's went than before. `--no-pooled` edits the text embedder alone."""
     from typer.testing import CliRunner
 
     from erase.cli import app
@@ -561,14 +566,20 @@ def test_uce_on_a_flux_file_edits_only_the_text_embedder_so_the_concepts_tokens_
                                  "--preserve", "dog", "--no-expand", "--device", "cpu", "-o", str(out)])
     assert r.exit_code == 0, r.output
     erased = open_checkpoint(out)
-    assert {k for k in ckpt.tensors if not torch.equal(ckpt.get(k), erased.get(k))} == {"txt_in.weight"}
+    assert {k for k in ckpt.tensors if not torch.equal(ckpt.get(k), erased.get(k))} == {"txt_in.weight", "vector_in.in_layer.weight"}
     text = TransformerModel(ckpt, read_transformer_file(ckpt), tmp_path / "folder").load_text_encoder()
-    c, g = text.encode(["a cat"]).embeds[0], text.encode(["a"]).embeds[0]  # the guide: the prompt without the concept
-    start = token_span(text.tokenizers[0], "a cat", "cat")[0]
-    assert start == 1  # T5 has no BOS: "a" is position 0
-    w, w_new = ckpt.get("txt_in.weight").float(), erased.get("txt_in.weight").float()
-    before, after = ((c[start:] @ m.T - g[start:] @ w.T).norm() for m in (w, w_new))
-    assert after < 0.5 * before
+    assert token_span(text.tokenizers[0], "a cat", "cat")[0] == 1  # T5 has no BOS: "a" is position 0
+    c, g = text.encode(["cat"]), text.encode([""])  # --no-expand: the concept itself, its guide the prompt without it
+    start = token_span(text.tokenizers[0], "cat", "cat")[0]
+    for key, x, y in (("txt_in.weight", c.embeds[0, start:], g.embeds[0, start:]), ("vector_in.in_layer.weight", c.pooled, g.pooled)):
+        w, w_new = ckpt.get(key).float(), erased.get(key).float()
+        before, after = ((x @ m.T - y @ w.T).norm() for m in (w, w_new))
+        assert after < 0.5 * before, key
+    text_only = CliRunner().invoke(app, ["run", str(path), "--text-encoders", str(tmp_path / "folder"), "-c", "cat", "--method", "uce",
+                                         "--preserve", "dog", "--no-expand", "--no-pooled", "--device", "cpu", "-o", str(tmp_path / "t.safetensors")])
+    assert text_only.exit_code == 0, text_only.output
+    edited = open_checkpoint(tmp_path / "t.safetensors")
+    assert {k for k in ckpt.tensors if not torch.equal(ckpt.get(k), edited.get(k))} == {"txt_in.weight"}
 
 
 def test_a_transformer_loads_in_the_compute_dtype_with_its_trained_subset_in_fp32_from_the_files_values(tmp_path):

@@ -12,12 +12,17 @@ from erase.checkpoint.transformer_files import is_text_kv
 # the first block, the image have changed, so a closed form on them would not be exact; the pooled vector's embedder
 # (time_text_embed.text_embedder) reads one vector per prompt and is left as it is.
 CLOSED_FORM = ("context_embedder.weight",)
+# the pooled vector's embedder, first layer (FLUX.1's vector_in.in_layer, SD3's y_embedder.mlp.0): it reads one vector per
+# prompt and feeds every block's modulation; UCE edits it only when asked (--pooled)
+POOLED = "time_text_embed.text_embedder.linear_1.weight"
 TEXT_ATTENTION = (".attn.add_q_proj.", ".attn.add_k_proj.", ".attn.add_v_proj.", ".attn.to_add_out.")
 
 
 def selects(name: str, which: str) -> bool:
     """Whether the trainable set `which` (not "full": erase.engine.params) holds transformer parameter `name`."""
     text = any(s in name for s in TEXT_ATTENTION)
+    if which == "text-kv":
+        return is_text_kv(name) or name.startswith(POOLED.rsplit(".", 1)[0] + ".")
     if which == "noxattn":
         return not text
     if which == "attn":

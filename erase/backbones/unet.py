@@ -9,6 +9,8 @@ CLOSED_FORM = (".attn2.to_k.weight", ".attn2.to_v.weight")
 
 def selects(name: str, which: str) -> bool:
     """Whether the trainable set `which` (not "full": erase.engine.params) holds UNet parameter `name`."""
+    if which == "text-kv":  # SD3 / FLUX.1's set (erase.run refuses it for a UNet)
+        return False
     if which == "noxattn":
         return ".attn2." not in name
     if which == "attn":

@@ -191,13 +191,14 @@ def support(tf: TransformerFile) -> str:
     if tf.folder:
         return "inspect only: generate, evaluate and run take this family's single files"
     if tf.family == "sd3":
-        return "inspect, generate, evaluate; run (SDD, ESD; no inner attack yet); merge and LoRA export; not attack"
-    return ("inspect; generate, evaluate and run (SDD, ESD; no inner attack yet) with --text-encoders (a diffusers FLUX.1 "
-            "folder); merge and LoRA export; not attack")
+        return ("inspect, generate, evaluate; run (SDD, ESD, UCE; no inner attack yet); attack (UnlearnDiffAtk without T5, "
+                "CCE); merge and LoRA export")
+    return ("inspect; generate, evaluate, run (SDD, ESD, UCE; no inner attack yet) and attack (CCE; UnlearnDiffAtk where no T5 "
+            "tower) with --text-encoders (a diffusers FLUX.1 folder); merge and LoRA export")
 
 
 def refusal(tf: TransformerFile) -> str:
     """The one line that commands other than inspect print for these files."""
-    takes = "generate, evaluate, run and merge take this family's single files" if tf.folder else "generate, evaluate, run and merge take it"
-    return (f"unsupported: {tf.label} ({tf.layout}); erase inspect reads it, {takes}; attack supports only Stable "
-            "Diffusion 1.x, 2.x and XL so far")
+    takes = ("generate, evaluate, run, attack and merge take this family's single files" if tf.folder
+             else "generate, evaluate, run, attack and merge take it")
+    return f"unsupported: {tf.label} ({tf.layout}); erase inspect reads it, {takes}"

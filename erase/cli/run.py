@@ -41,6 +41,7 @@ class Method(str, Enum):
 class TrainSet(str, Enum):
     xattn = "xattn"
     xattn_kv = "xattn-kv"
+    text_kv = "text-kv"
     attn = "attn"
     noxattn = "noxattn"
     full = "full"
@@ -191,7 +192,8 @@ def run(
     for name in sorted(given):
         owner = declared.get(name)
         if (owner and method.value not in owner.defaults) or (name in TRAINING_OPTIONS and closed_form):
-            raise UsageError(f"{owner.flag if owner else '--' + name.replace('_', '-')} does not apply to --method {method.value}")
+            flag = owner.flag.split("/")[0] if owner else "--" + name.replace("_", "-")  # a switch: its "--x" of "--x/--no-x"
+            raise UsageError(f"{flag} does not apply to --method {method.value}")
     if adversarial is False and given & {"adversarial_steps", "adversarial_lr"}:
         raise UsageError("--adversarial-steps and --adversarial-lr set the inner attack of --adversarial: not with --no-adversarial")
     # only what was given: the rest is the method's own default (target and expand follow --preserve: erase.run)

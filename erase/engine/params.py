@@ -13,6 +13,8 @@ TRAIN_SETS = {
              "stream's attention (add_q_proj, add_k_proj, add_v_proj, to_add_out)",
     "xattn-kv": "cross-attention keys and values only (attn2.to_k, attn2.to_v): the text-facing projections; SD3 / FLUX.1: the "
                 "text stream's (add_k_proj, add_v_proj)",
+    "text-kv": "SD3 / FLUX.1 only: the text stream's keys and values and the pooled text vector's embedder (its first layer, "
+               "which feeds every block's modulation): every way the prompt reaches the image",
     "attn": "every attention projection, self- and cross- (attn1, attn2: to_q, to_k, to_v, to_out.0); Concept Ablation's for nudity",
     "noxattn": "every UNet parameter except cross-attention (ESD-u, the ESD authors' choice for nudity and objects)",
     "full": "every UNet parameter (largest change, most memory)",

@@ -39,7 +39,9 @@ def verdict(metrics: dict, base: dict, anchor: str | None = None) -> dict:
     erased shape is held to its own bound: its presence on its own prompts at most the base's unconditional rate of it
     plus the margin (`presence_max`, by shape)."""
     targets = metrics["targets"]
-    kept = {s: v["accuracy"] / base["per_shape"][s]["accuracy"] for s, v in metrics["per_shape"].items() if s not in targets}
+    # a shape the base never draws on its own prompts (the shapes-world FLUX.1 draws squares as circles) has nothing to keep
+    kept = {s: v["accuracy"] / base["per_shape"][s]["accuracy"] for s, v in metrics["per_shape"].items()
+            if s not in targets and base["per_shape"][s]["accuracy"] > 0}
     colour = min(v["colour_fidelity"] for v in metrics["per_shape"].values())
     eps = 1e-9  # rates are counts over counts: 36/48 over 40/48 is 90 %, which floats make 0.8999...
     presence_max = {t: base["unconditional"][t] + PRESENCE_MARGIN for t in targets}

@@ -35,6 +35,10 @@ class ClosedFormMethod(abc.ABC):
     @abc.abstractmethod
     def edits(name: str, transformer: bool = False) -> bool: ...
 
+    def edited(self, names: list[str], transformer: bool = False) -> list[str]:
+        """The parameters among `names` that this edit changes (its options may add some to `edits`')."""
+        return [n for n in names if self.edits(n, transformer)]
+
     @abc.abstractmethod
     def solve(self, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]: ...
 

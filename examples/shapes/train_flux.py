@@ -39,9 +39,12 @@ from train import SEED, encode_all, log, reusable, save_model, stage_data
 HERE = Path(__file__).parent
 TEXT_LENGTH = 16
 FLUX = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
-            joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False, axes_dims_rope=(8, 12, 12))
+            joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False, axes_dims_rope=[8, 12, 12])
 SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}
 LR = "5e-4 AdamW wd 1e-2, 200 warm-up, cosine; EMA 0.998 exported"
+# stage 2: 5000 steps left squares and hearts drawn as circles (base accuracy 0.02 and 0.23 at 48 images each); the
+# same loss continues from stage 1's EMA at a lower rate, with a fresh EMA
+POLISH_LR = "2e-4 AdamW wd 1e-2, 50 warm-up, cosine; EMA 0.998 exported"
 
 
 def caption_tables(captions: list[str], text) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,12 +69,13 @@ def forward(model, x: torch.Tensor, sigma: torch.Tensor, seq: torch.Tensor, pool
     return flux_forward(lambda **kw: model(**kw), x, sigma * 1000, Conditioning(seq, pooled), model.config)
 
 
-def train(ckpt: Path, model, recipe: dict, latents, tables, *, steps: int, batch: int, scaling: float, seed: int):
+def train(ckpt: Path, model, recipe: dict, latents, tables, *, steps: int, batch: int, scaling: float, seed: int, lr: float = 5e-4,
+          warmup: int = 200):
     from erase.engine.trainer import EMA
 
     seq_table, pooled_table, which = tables
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     ema = EMA(dict(model.named_parameters()), 0.998)
     g = torch.Generator().manual_seed(seed)
     start = 0
@@ -184,6 +188,7 @@ def main() -> None:
     ap.add_argument("--folder", type=Path, default=HERE / "shapes-flux")
     ap.add_argument("--images", type=int, default=40000)
     ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--polish-steps", type=int, default=4000, help="stage 2, from stage 1's EMA at a lower rate; 0 exports stage 1")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--folder-only", action="store_true", help="only write --folder from --sd (seconds; the benchmarks call it)")
@@ -205,6 +210,12 @@ def main() -> None:
     torch.manual_seed(SEED)
     model = train(args.work / "flux_state.pt", FluxTransformer2DModel(**FLUX), recipe, latents, tables, steps=args.steps,
                   batch=args.batch, scaling=scaling, seed=SEED + 5)
+    if args.polish_steps:
+        log(f"stage 1 check: {check(model, vae, text, scaling)}")
+        polish = {"steps": args.polish_steps, "batch": args.batch, "lr": POLISH_LR, "from": f"stage 1's EMA after {args.steps} steps"}
+        model = train(args.work / "flux_polish.pt", model.train().requires_grad_(True), polish, latents, tables, steps=args.polish_steps,
+                      batch=args.batch, scaling=scaling, seed=SEED + 6, lr=2e-4, warmup=50)
+        recipe = recipe | {"polish": polish}
     metrics = check(model, vae, text, scaling)
     log(f"check: {metrics}")
     export_folder(args.folder, text, vae, scaling)

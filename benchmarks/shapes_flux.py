@@ -31,6 +31,7 @@ MODEL, FOLDER, CONFIGS = SHAPES / "shapes-flux.safetensors", SHAPES / "shapes-fl
 ROWS = [
     ("base", None),
     ("**SDD, erase run's defaults**: keys and values and the pooled embedder (`text-kv`), no inner attack", "sdd"),
+    ("SDD, the same with the shared inner attack (`--adversarial`)", "sdd-adversarial"),
     ("SDD, the text stream's keys and values alone (`--train xattn-kv`)", "sdd-kv"),
     ("SDD, the whole text-stream attention (`--train xattn`)", "sdd-xattn"),
     ("UCE reference (`--preserve none`), on the text and the pooled embedders", "uce-reference"),

@@ -3,7 +3,7 @@ or a diffusers folder of the family gives (`--text-encoders`), and the family's 
 loaders `erase generate`, `erase evaluate` and `erase run` use for a Stable Diffusion `Model` (erase.models).
 
 Not built yet, and refused by name where a command reaches it: FLUX.1-dev's negative prompts and SLD (they need the
-unconditional forward a guidance-distilled model does not make), the inner attack, CA and HFI in `erase run`, and
+unconditional forward a guidance-distilled model does not make), CA and HFI in `erase run`, and
 UnlearnDiffAtk through a T5 tower (its prefix is one distribution over CLIP's words). A FLUX.1 without a guidance
 embedder (schnell's layout, erase's shapes-world model) samples with classifier-free guidance above a scale of 1
 (erase.backbones.distilled)."""

@@ -85,10 +85,10 @@ def test_the_sdd_config_is_erase_runs_default_at_the_shapes_scale(monkeypatch, t
 FLUX_CONFIGS = sorted((ROOT / "examples" / "shapes" / "configs" / "flux").glob("*.toml"))
 
 
-def test_every_flux_row_has_its_config_and_the_flux_sdd_config_is_the_unets_but_the_inner_attack(monkeypatch, tmp_path):
+def test_every_flux_row_has_its_config_and_the_flux_sdd_config_is_the_unets_but_two_measured_defaults(monkeypatch, tmp_path):
     """benchmarks/shapes_flux.py's rows each run a config of examples/shapes/configs/flux/, and flux/sdd.toml is sdd.toml
-    (erase run's default at the shapes scale) with the inner attack off, which the transformer families lack, and the
-    transformer default's trainable set (text-kv, which erase run picks on SD3 / FLUX.1 when --train is not given)."""
+    (erase run's default at the shapes scale) but for what erase run picks on SD3 / FLUX.1 when not told: the trainable
+    set text-kv and no inner attack."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("shapes_flux_bench", ROOT / "benchmarks" / "shapes_flux.py")
     bench = importlib.util.module_from_spec(spec)

@@ -1,5 +1,7 @@
 """SD3 / FLUX.1 single files load into diffusers' transformers with the configuration their tensors imply."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -546,6 +548,19 @@ def test_run_erases_on_a_flux_file_with_its_folder_training_the_text_streams_key
     bare = CliRunner().invoke(app, ["run", str(path), "-c", "cat", "-o", str(tmp_path / "bare.safetensors")])
     assert bare.exit_code == 1 and "--text-encoders" in bare.output and "VAE" not in bare.output  # training needs no VAE
     assert not (tmp_path / "bare.safetensors").exists()
+    # the default under preservation: text-kv without the inner attack; asked for, its soft token is in CLIP's and T5's tables
+    default = CliRunner().invoke(app, ["run", str(path), "--text-encoders", str(tmp_path / "folder"), "-c", "cat", "--preserve", "dog",
+                                       "--no-expand", "--steps", "2", "--sample-steps", "4", "--resolution", "32", "--device", "cpu",
+                                       "--adversarial", "-o", str(tmp_path / "default.safetensors")])
+    assert default.exit_code == 0, default.output
+    report = json.loads((tmp_path / "default.report.json").read_text())
+    assert report["config"]["train_set"] == "text-kv" and report["config"]["adversarial"]["steps"] == 0
+    plain = CliRunner().invoke(app, ["run", str(path), "--text-encoders", str(tmp_path / "folder"), "-c", "cat", "--preserve", "dog",
+                                     "--steps", "1", "--sample-steps", "4", "--resolution", "32", "--device", "cpu", "-o", str(tmp_path / "p.safetensors")])
+    assert plain.exit_code == 0 and json.loads((tmp_path / "p.report.json").read_text())["config"]["adversarial"] is None
+    changed = {k for k in ckpt.tensors if not torch.equal(ckpt.get(k), open_checkpoint(tmp_path / "default.safetensors").get(k))}
+    assert "vector_in.in_layer.weight" in changed and all(k.endswith(".txt_attn.qkv.weight") or k.startswith("vector_in.in_layer.")
+                                                          or k.endswith(".txt_attn.qkv.bias") for k in changed)
 
 
 def test_uce_on_a_flux_file_edits_the_text_and_pooled_embedders_so_the_concept_enters_as_its_guide(tmp_path):

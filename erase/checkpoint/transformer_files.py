@@ -191,9 +191,9 @@ def support(tf: TransformerFile) -> str:
     if tf.folder:
         return "inspect only: generate, evaluate and run take this family's single files"
     if tf.family == "sd3":
-        return ("inspect, generate, evaluate; run (SDD, ESD, UCE; no inner attack yet); attack (UnlearnDiffAtk without T5, "
+        return ("inspect, generate, evaluate; run (SDD, ESD, UCE); attack (UnlearnDiffAtk without T5, "
                 "CCE); merge and LoRA export")
-    return ("inspect; generate, evaluate, run (SDD, ESD, UCE; no inner attack yet) and attack (CCE; UnlearnDiffAtk where no T5 "
+    return ("inspect; generate, evaluate, run (SDD, ESD, UCE) and attack (CCE; UnlearnDiffAtk where no T5 "
             "tower) with --text-encoders (a diffusers FLUX.1 folder); merge and LoRA export")
 
 

@@ -145,6 +145,10 @@ def test_verdict_holds_every_other_shape_to_ninety_percent_of_its_base_and_prese
     assert both["presence_max"] == pytest.approx({"circle": 0.15, "square": 0.25}) and both["met"]["presence"] is False
     pair["per_shape"]["square"]["accuracy"] = 0.25
     assert verdict(pair, base)["met"]["presence"] is True
+    # a shape the base never draws on its prompts (the shapes-world FLUX.1's squares) has nothing to keep: left out
+    weak = _metrics({"circle": 1.0, "square": 0.0, "star": 0.50})
+    judged = verdict(_metrics({"circle": 0.0, "square": 0.0, "star": 0.45}), weak)
+    assert judged["kept_worst"] == "star" and judged["kept_min"] == pytest.approx(0.9) and judged["met"]["kept"]
 
 
 def test_demo_table_names_the_target_it_misses():

@@ -70,7 +70,10 @@ def sd3_label(*, dual: bool, qk_norm: bool) -> str:
 
 def flux_label(*, in_channels: int, guided: bool) -> str:
     """FLUX.1 Fill and Depth take the image's own conditioning in extra input channels (diffusers tells them apart so);
-    dev is guidance-distilled (a guidance embedder), schnell is not."""
+    dev is guidance-distilled (a guidance embedder), schnell is not. Another input width is no release (erase's
+    shapes-world model packs a 4-channel VAE's latents: 16)."""
+    if in_channels not in (64, 128, 384):
+        return f"FLUX.1-architecture model ({'with' if guided else 'no'} guidance embedder)"
     return {384: "FLUX.1 Fill", 128: "FLUX.1 Depth"}.get(in_channels, "FLUX.1-dev" if guided else "FLUX.1-schnell")
 
 

@@ -120,6 +120,7 @@ GENERATORS = {
     # no record until a GPU has run `make gpu-check`: the table says so
     "gpu_check": lambda: script("gpu_check").table(record("gpu_check") if (BENCH / "gpu_check.json").exists() else {}),
     "transformer_memory": lambda: script("transformer_memory").table(record("transformer_memory")),
+    "transformer_run": lambda: script("transformer_run").table(record("transformer_run")),
     "flux_methods": lambda: script("shapes_flux").table(record("shapes_flux")),
     "flux_calibration": lambda: script("shapes_flux").calibration_table(record("shapes_flux")),
     "write_speed": lambda: "```\n" + script("write_speed").table(record("write_speed")) + "\n```",

@@ -65,8 +65,8 @@ class UCEConfig:
     robust_lambda: float = option(0.1, "RECE's ridge on that embedding, mu, relative to the layers' scale.")  # see adversarial_embeddings
     balance: int = option(0, "Re-weight the preserved concepts by how far the edit moved each, N rounds: the nearest "
                           "neighbour is held hardest (0: equal weights, reference).")
-    # measured on the shapes-world FLUX.1 (benchmarks/shapes_flux.py): the text embedder alone leaves circles at 0.92; with
-    # the pooled embedder too, 0.04
+    # measured on the shapes-world FLUX.1 (benchmarks/shapes_flux.py): the text embedder alone leaves circles at 0.94; with
+    # the pooled embedder too, 0.00 (RECE's rounds and --balance act on the token system only)
     pooled: bool | None = option(None, "SD3 / FLUX.1: also edit the pooled text vector's embedder in closed form (one vector "
                                  "per prompt; it feeds every block's modulation). Default: on there.", flag="--pooled/--no-pooled")
 

@@ -273,6 +273,26 @@ def caption_table(captions: list[str], text) -> tuple[torch.Tensor, torch.Tensor
     return table, torch.from_numpy(which.reshape(-1))
 
 
+def resume(ckpt: Path, recipe: dict, g: torch.Generator, **loaders) -> int:
+    """Continue a training stage from its checkpoint: each saved part handed to its loader (None: not kept), the sample
+    generator restored; the step to go on from (0 without a checkpoint). A checkpoint of another recipe stops the run."""
+    if not ckpt.exists():
+        return 0
+    st = torch.load(ckpt, weights_only=True)
+    reusable(ckpt, recipe, stored=json.loads(st["recipe"]))
+    for name, load in loaders.items():
+        if load is not None:
+            load(st[name])
+    g.set_state(st["gen"])
+    log(f"{ckpt.stem}: resumed at step {st['step']}")
+    return st["step"]
+
+
+def save_stage(ckpt: Path, recipe: dict, step: int, g: torch.Generator, **states) -> None:
+    """A training stage's checkpoint, as `resume` reads it."""
+    torch.save({**states, "gen": g.get_state(), "step": step, "recipe": json.dumps(recipe)}, ckpt)
+
+
 def train_unet(ckpt: Path, unet, recipe: dict, latents, captions: tuple, *, steps: int, batch: int, scaling: float,
                lr: float, warmup: int, seed: int, min_snr: float = 0.0, ema_decay: float = 0.0):
     """The diffusion loss on (latent, caption) pairs; resumable from `ckpt`. Returns the EMA when ema_decay > 0.
@@ -293,18 +313,8 @@ def train_unet(ckpt: Path, unet, recipe: dict, latents, captions: tuple, *, step
     params = dict(unet.named_parameters())
     ema = EMA(params, ema_decay) if ema_decay else None
     g = torch.Generator().manual_seed(seed)
-    start = 0
-    if ckpt.exists():
-        st = torch.load(ckpt, weights_only=True)
-        reusable(ckpt, recipe, stored=json.loads(st["recipe"]))
-        unet.load_state_dict(st["unet"])
-        if ema is not None:
-            ema.load(st["ema"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        g.set_state(st["gen"])
-        start = st["step"]
-        log(f"{ckpt.stem}: resumed at step {start}")
+    start = resume(ckpt, recipe, g, unet=unet.load_state_dict, ema=ema.load if ema is not None else None, opt=opt.load_state_dict,
+                   sched=sched.load_state_dict)
     mean, std = latents
     t0 = time.time()
     for step in range(start, steps):
@@ -325,8 +335,8 @@ def train_unet(ckpt: Path, unet, recipe: dict, latents, captions: tuple, *, step
         if step % 50 == 0:
             log(f"{ckpt.stem} step {step}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / (step - start + 1):.2f}s/step)")
         if (step + 1) % 250 == 0 or step + 1 == steps:
-            torch.save({"unet": unet.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": g.get_state(),
-                        "step": step + 1, "recipe": json.dumps(recipe)} | ({"ema": ema.shadow} if ema is not None else {}), ckpt)
+            save_stage(ckpt, recipe, step + 1, g, unet=unet.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                       **({"ema": ema.shadow} if ema is not None else {}))
     if ema is not None:
         unet.load_state_dict(ema.shadow)  # the EMA is the result
     return unet

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from train import SEED, encode_all, log, reusable, save_model, stage_data
+from train import SEED, encode_all, log, resume, save_model, save_stage, stage_data
 
 HERE = Path(__file__).parent
 TEXT_LENGTH = 16
@@ -78,17 +78,7 @@ def train(ckpt: Path, model, recipe: dict, latents, tables, *, steps: int, batch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     ema = EMA(dict(model.named_parameters()), 0.998)
     g = torch.Generator().manual_seed(seed)
-    start = 0
-    if ckpt.exists():
-        st = torch.load(ckpt, weights_only=True)
-        reusable(ckpt, recipe, stored=json.loads(st["recipe"]))
-        model.load_state_dict(st["model"])
-        ema.load(st["ema"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        g.set_state(st["gen"])
-        start = st["step"]
-        log(f"resumed at step {start}")
+    start = resume(ckpt, recipe, g, model=model.load_state_dict, ema=ema.load, opt=opt.load_state_dict, sched=sched.load_state_dict)
     mean, std = latents
     t0 = time.time()
     for step in range(start, steps):
@@ -108,8 +98,7 @@ def train(ckpt: Path, model, recipe: dict, latents, tables, *, steps: int, batch
         if step % 100 == 0:
             log(f"flux step {step}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / (step - start + 1):.2f}s/step)")
         if (step + 1) % 250 == 0 or step + 1 == steps:
-            torch.save({"model": model.state_dict(), "ema": ema.shadow, "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "gen": g.get_state(), "step": step + 1, "recipe": json.dumps(recipe)}, ckpt)
+            save_stage(ckpt, recipe, step + 1, g, model=model.state_dict(), ema=ema.shadow, opt=opt.state_dict(), sched=sched.state_dict())
     model.load_state_dict(ema.shadow)  # the EMA is the result
     return model.eval().requires_grad_(False)
 

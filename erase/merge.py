@@ -67,10 +67,10 @@ def parameter_deltas(target: Target, delta: dict[str, torch.Tensor]) -> dict[str
     """An SD3 / FLUX.1 delta under file names (fused qkv rows) as the transformer's parameters (diffusers names) that it
     changes: each assembled from its rows (erase.checkpoint.transformer_keymap), the unchanged ones (a fused tensor's
     query rows) left out."""
-    from erase.checkpoint.transformer_keymap import assemble, transformer_pieces
+    from erase.checkpoint.transformer_config import file_pieces
+    from erase.checkpoint.transformer_keymap import assemble
 
-    tf = target.transformer
-    pieces = transformer_pieces(tf.family, {n: tuple(target.ckpt.shape(n)) for n in tf.transformer}, tf.prefix, tf.width)
+    pieces = file_pieces(target.ckpt, target.transformer)
     names = {p.name for p in pieces if p.file in delta}
     zeros = lambda n: torch.zeros(target.ckpt.shape(n))  # noqa: E731
     params = assemble([p for p in pieces if p.name in names], lambda files: {f: delta[f] if f in delta else zeros(f) for f in files})

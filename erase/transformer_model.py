@@ -18,7 +18,7 @@ import torch
 
 from erase.checkpoint.formats import Checkpoint
 from erase.checkpoint.model_config import vae_config
-from erase.checkpoint.transformer_config import load_transformer, meta_transformer, transformer_config
+from erase.checkpoint.transformer_config import file_pieces, load_transformer, meta_transformer, transformer_config
 from erase.checkpoint.transformer_files import TransformerFile
 from erase.errors import EraseError, UsageError
 
@@ -95,20 +95,24 @@ class TransformerModel:
     def unet_param_names(self) -> list[str]:
         return [n for n, _ in self.meta_unet().named_parameters()]
 
+    @functools.cached_property
+    def pieces(self) -> list:
+        """The file's tensors as row ranges of diffusers parameters (erase.checkpoint.transformer_keymap)."""
+        return file_pieces(self.ckpt, self.tf)
+
     def read_parameters(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Transformer parameters by diffusers name, assembled from the file's (fused) tensors in the file's dtype."""
-        from erase.checkpoint.transformer_keymap import assemble, transformer_pieces
+        from erase.checkpoint.transformer_keymap import assemble
 
-        pieces = transformer_pieces(self.tf.family, {n: tuple(self.ckpt.shape(n)) for n in self.tf.transformer}, self.tf.prefix, self.tf.width)
-        return assemble([p for p in pieces if p.name in set(names)], self.ckpt.get_many)
+        wanted = set(names)
+        return assemble([p for p in self.pieces if p.name in wanted], self.ckpt.get_many)
 
     def file_replacements(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Trained parameters (diffusers names) as the file tensors that hold them: their rows spliced into the fused
         q/k/v tensors, every other row as it was (erase.checkpoint.transformer_keymap)."""
-        from erase.checkpoint.transformer_keymap import splice, transformer_pieces
+        from erase.checkpoint.transformer_keymap import splice
 
-        pieces = transformer_pieces(self.tf.family, {n: tuple(self.ckpt.shape(n)) for n in self.tf.transformer}, self.tf.prefix, self.tf.width)
-        return splice(pieces, weights, self.ckpt.get_many)
+        return splice(self.pieces, weights, self.ckpt.get_many)
 
     @functools.cached_property
     def vae_config(self) -> dict:

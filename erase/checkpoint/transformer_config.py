@@ -65,6 +65,11 @@ def transformer_config(ckpt: Checkpoint, tf: TransformerFile) -> dict:
     return cfg
 
 
+def file_pieces(ckpt: Checkpoint, tf: TransformerFile) -> list[Piece]:
+    """The key map of `tf`'s tensors in `ckpt` (erase.checkpoint.transformer_keymap), from their shapes alone."""
+    return transformer_pieces(tf.family, {n: tuple(ckpt.shape(n)) for n in tf.transformer}, tf.prefix, tf.width)
+
+
 def transformer_class(family: str):
     """diffusers' class for an SD3 / FLUX.1 transformer (erase.checkpoint.transformer_files.TRANSFORMER_CLASSES)."""
     import diffusers
@@ -84,7 +89,7 @@ def load_transformer(ckpt: Checkpoint, tf: TransformerFile, dtype: torch.dtype =
     (erase.checkpoint.transformer_keymap) that write trained parameters back. Built on the meta device and filled by
     assignment: no full-size random initialisation first (FLUX.1 would spend 48 GB on one). `fp32(name)`: parameters
     kept in fp32 from the file's own values whatever `dtype` (a trained subset's masters)."""
-    pieces: list[Piece] = transformer_pieces(tf.family, {n: tuple(ckpt.shape(n)) for n in tf.transformer}, tf.prefix, tf.width)
+    pieces = file_pieces(ckpt, tf)
     state = assemble(pieces, ckpt.get_many)
     model = meta_transformer(ckpt, tf)
     # each file tensor is dropped as soon as it is cast: holding the file's copy until every tensor was cast put the whole

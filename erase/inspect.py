@@ -11,7 +11,7 @@ from erase.checkpoint.families import detect_family
 from erase.checkpoint.formats import open_checkpoint
 from erase.checkpoint.keymap import is_attn2
 from erase.checkpoint.model_config import config_source
-from erase.checkpoint.transformer_files import TransformerFile, read_transformer_file, read_transformer_folder, refusal, support
+from erase.checkpoint.transformer_files import TransformerFile, read_transformer_file, refusal, support
 from erase.checkpoint.write import sha256_file
 
 EMA_POLICY = (
@@ -46,9 +46,6 @@ def _transformer_info(tf: TransformerFile) -> dict:
 def describe(path: str | os.PathLike, *, with_hash: bool = False, prediction_type: str | None = None) -> dict:
     path = Path(path)
     folder_size = lambda: sum(p.stat().st_size for p in path.rglob("*") if p.is_file())  # noqa: E731
-    if path.is_dir() and (folder := read_transformer_folder(path)) is not None:  # a pipeline the other commands refuse
-        return {"path": str(path), "format": "diffusers", "size_bytes": folder_size(), "tensor_count": len(folder.transformer),
-                "dtypes": dict(folder.dtypes), **_transformer_info(folder)}
     ckpt = open_checkpoint(path)  # first: a missing or unreadable path is its one-line error
     size = folder_size() if path.is_dir() else path.stat().st_size
     info: dict = {
@@ -62,7 +59,7 @@ def describe(path: str | os.PathLike, *, with_hash: bool = False, prediction_typ
     if kind in ("delta", "lora"):
         info["kind"] = kind
         info["parameters"] = sum(t.numel for t in ckpt.tensors.values())
-    elif ckpt.format != "diffusers" and (transformer := read_transformer_file(ckpt)) is not None:
+    elif (transformer := read_transformer_file(ckpt)) is not None:
         info.update(_transformer_info(transformer))
     else:
         from erase.models import Model

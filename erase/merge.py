@@ -6,7 +6,7 @@ A source is an erase delta file (`erase run --delta`: fp32 differences, self-des
 erased checkpoint (delta = SOURCE - BASE on the tensors that differ; BASE must be the model it
 was erased from, checked against the sha256 recorded in its `erase.*` metadata).
 Deltas are keyed by diffusers UNet parameter names internally, so a delta made on a single
-file applies to a diffusers folder of the same model and the other way round. SD3 / FLUX.1 single files are merged
+file applies to a diffusers folder of the same model and the other way round. SD3 / FLUX.1 files and folders are merged
 under their own tensor names (a trained text-stream key or value is rows of a fused qkv tensor, and so is its delta):
 their deltas apply to files of the same layout, and their LoRA is written in diffusers' layout (erase.lora).
 """
@@ -52,13 +52,12 @@ class Target:
 
 
 def open_target(path: Path) -> Target:
-    """A Stable Diffusion checkpoint (deltas by diffusers UNet names), or an SD3 / FLUX.1 single file (by its own names)."""
+    """A Stable Diffusion checkpoint (deltas by diffusers UNet names), or an SD3 / FLUX.1 single file or folder (by its own
+    tensors' names: a delta applies to the layout it was taken in)."""
     from erase.checkpoint.transformer_files import read_transformer_file
 
-    if not Path(path).is_dir():
-        ckpt = open_checkpoint(path)
-        if (tf := read_transformer_file(ckpt)) is not None:
-            return Target(ckpt, tf.family, tf.label, {k: k for k in tf.transformer}, lambda n: n, transformer=tf)
+    if (tf := read_transformer_file(ckpt := open_checkpoint(path))) is not None:
+        return Target(ckpt, tf.family, tf.label, {k: k for k in tf.transformer}, lambda n: n, transformer=tf)
     model = open_model(path)
     return Target(model.ckpt, model.family.name, model.family.label, _name_map(model), model.unet_file_key, model)
 

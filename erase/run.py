@@ -190,9 +190,7 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
                              f"{world.size}; resume it under the same launch")
 
     model = open_any_model(opts.model, opts.prediction_type, opts.text_encoders, drawing=False, command="run")
-    if model.transformer:
-        _check_transformer_run(opts, model)
-    elif opts.train_set == "text-kv":
+    if not model.transformer and opts.train_set == "text-kv":
         raise UsageError(f"--train text-kv is for SD3 / FLUX.1 files; on {model.family.label} use xattn-kv")
     out = check_output_path(opts.model, opts.out or default_output(opts.model), force=opts.force)
     if opts.delta:
@@ -513,12 +511,6 @@ def write_delta(model: Model, path: Path, shadow: dict[str, torch.Tensor], meta:
     save_file(delta, str(tmp), metadata=info)
     os.replace(tmp, path)
     return path
-
-
-def _check_transformer_run(opts: RunOptions, model) -> None:
-    """What `erase run` does not do on SD3 / FLUX.1 yet, as one line each."""
-    if opts.method not in ("sdd", "esd", "uce"):
-        raise UsageError(f"--method {opts.method}: on {model.family.label} only sdd, esd and uce are built so far")
 
 
 def _print_summary(console: Console, model: Model, opts: RunOptions, cfg: dict, n_trainable: int, n_unet: int,

@@ -2,8 +2,9 @@
 or a diffusers folder of the family gives (`--text-encoders`), and the family's flow-matching scheduler, behind the
 loaders `erase generate`, `erase evaluate` and `erase run` use for a Stable Diffusion `Model` (erase.models).
 
-Not built yet, and refused by name where a command reaches it: FLUX.1-dev's negative prompts and SLD (they need the
-unconditional forward a guidance-distilled model does not make), CA and HFI in `erase run`, and
+A diffusers folder of either family is its own --text-encoders folder. Not built yet, and refused by name where a command
+reaches it: FLUX.1-dev's negative prompts and SLD (they need the
+unconditional forward a guidance-distilled model does not make), and
 UnlearnDiffAtk through a T5 tower (its prefix is one distribution over CLIP's words). A FLUX.1 without a guidance
 embedder (schnell's layout, erase's shapes-world model) samples with classifier-free guidance above a scale of 1
 (erase.backbones.distilled)."""
@@ -47,6 +48,8 @@ class TransformerModel:
     notes: list[str] = field(default_factory=list)  # what loading left out, for the user (T5 without its tokenizer)
 
     def __post_init__(self) -> None:
+        if self.tf.folder and self.text_encoders is None:  # a pipeline folder brings its own text encoders, VAE and scheduler
+            self.text_encoders = self.ckpt.path
         if self.text_encoders is not None and not (self.text_encoders / "model_index.json").is_file():
             raise UsageError(f"--text-encoders {self.text_encoders}: not a diffusers pipeline folder (no model_index.json)")
 
@@ -224,7 +227,7 @@ def folder_text(folder: Path, family: str, joint_dim: int):
     needed = [*parts["clip"], *([parts["t5"]] if family == "flux" else [])]
     missing = [d for pair in needed for d in pair if not (folder / d).is_dir()]
     if missing:
-        raise EraseError(f"--text-encoders {folder}: no {', '.join(missing)} there (a {'FLUX.1' if family == 'flux' else 'SD3'} "
+        raise EraseError(f"{folder}: no {', '.join(missing)} there (a {'FLUX.1' if family == 'flux' else 'SD3'} "
                          "pipeline folder has them)")
     clip_cls = CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel
 
@@ -251,16 +254,16 @@ def folder_text(folder: Path, family: str, joint_dim: int):
 
 def open_any_model(path, prediction_type: str | None = None, text_encoders: Path | None = None, *, drawing: bool = True,
                    families: tuple[str, ...] = ("sd3", "flux"), command: str = "generate"):
-    """A Stable Diffusion `Model`, or an SD3 / SD3.5 or FLUX.1 single file as a TransformerModel (diffusers folders of
-    these families are refused in one line naming the release, as are the `families` `command` does not take).
-    `drawing`: the VAE is needed too (not to train)."""
+    """A Stable Diffusion `Model`, or an SD3 / SD3.5 or FLUX.1 single file or diffusers folder as a TransformerModel (the
+    `families` `command` does not take are refused in one line naming the release). `drawing`: the VAE is needed too
+    (not to train)."""
     from erase.checkpoint.formats import open_checkpoint
     from erase.checkpoint.transformer_files import read_transformer_file
     from erase.models import open_model
 
-    if Path(path).is_dir() or (tf := read_transformer_file(ckpt := open_checkpoint(path))) is None:
+    if (tf := read_transformer_file(ckpt := open_checkpoint(path))) is None:
         if text_encoders is not None:
-            raise UsageError("--text-encoders is for SD3 files, which may come without their text encoders")
+            raise UsageError("--text-encoders is for SD3 / FLUX.1 files, which may come without their text encoders")
         return open_model(path, prediction_type)
     if tf.family not in families:
         raise EraseError(f"unsupported: erase {command} on {tf.label} ({tf.layout}) is not built yet")

@@ -136,6 +136,30 @@ def test_diffusers_folder(tmp_path):
     _equal_state(model.load_unet().state_dict(), comps["unet"].state_dict())
 
 
+def test_a_sharded_unet_folder_loads_and_only_the_shard_holding_a_replaced_tensor_is_rewritten(tmp_path):
+    """A diffusers folder whose UNet is in shards (save_pretrained's max_shard_size): read as one UNet; writing a
+    replacement rewrites the shard that holds it, with the provenance an erased folder is then read with, and copies
+    every other file byte for byte."""
+    from erase.checkpoint.write import write_checkpoint
+
+    comps = tiny_components("sd1")
+    folder = tmp_path / "pipe"
+    for name, comp in comps.items():
+        comp.save_pretrained(folder / name, **({"max_shard_size": "100KB"} if name == "unet" else {}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert len(list((folder / "unet").glob("*.safetensors"))) > 2
+    model = open_model(folder)
+    _equal_state(model.load_unet().state_dict(), comps["unet"].state_dict())
+    name = next(n for n in model.unet_param_names() if ".attn2.to_k." in n)
+    value = torch.full(model.ckpt.shape("unet/" + name), 0.5)
+    out = write_checkpoint(model.ckpt, tmp_path / "out", {"unet/" + name: value}, metadata={"erase.concepts": '["cat"]'})
+    files = sorted(f.relative_to(folder) for f in folder.rglob("*") if f.is_file())
+    changed = [f for f in files if (folder / f).read_bytes() != (out / f).read_bytes()]
+    assert len(changed) == 1 and changed[0].parts[0] == "unet"
+    erased = open_model(out)
+    assert torch.equal(erased.ckpt.get("unet/" + name), value) and erased.ckpt.metadata == {"erase.concepts": '["cat"]'}
+
+
 def _unsupported(tmp_path, state, match):
     p = tmp_path / "x.safetensors"
     save_file(state, str(p))

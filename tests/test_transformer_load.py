@@ -405,6 +405,42 @@ def test_a_flux_file_without_guidance_embedder_draws_with_true_cfg_and_a_clip_se
         assert np.abs(np.asarray(Image.open(png)).astype(np.float64) - theirs).max() <= 1.0
 
 
+def test_hfi_collects_inverts_and_erases_a_learned_token_on_a_flux_file_through_every_text_tower(tmp_path):
+    """HFI on a FLUX.1 file with --text-encoders: collect draws and records the folder, invert learns the token through
+    both towers (one vector each) on the flow's forward process with the collection's folder, and run erases the token
+    from the file with the embedding loaded into both towers."""
+    from typer.testing import CliRunner
+
+    from erase.cli import app
+    from erase.embeddings import load_embedding
+    from erase.feedback.collect import read_collection
+    from erase.feedback.labels import append
+
+    path, folder, _ = _flux_with_clip_towers(tmp_path)
+    coll = tmp_path / "coll"
+    r = CliRunner().invoke(app, ["feedback", "collect", str(path), "--text-encoders", str(folder), "--concept", "cat", "--out", str(coll),
+                                 "--n", "2", "-p", "a cat", "--steps", "2", "--size", "32", "--guidance", "1", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    info, rows = read_collection(coll)
+    assert info["text_encoders"] == str(folder)
+    for row in rows:
+        append(coll, {"labeller": "ann", "kind": "binary", "image": row["image"], "harmful": True})
+    token = tmp_path / "tok.safetensors"
+    r = CliRunner().invoke(app, ["feedback", "invert", str(coll), str(path), "--out", str(token), "--token", "<flagged>", "--steps", "2",
+                                 "--lr", "0.05", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert f"--text-encoders{folder}" in "".join(r.output.split())  # the next command it suggests (as Rich wraps it)
+    learned = load_embedding(token)
+    assert [tuple(v.shape) for v in learned.vectors] == [(1, 16), (1, 16)]
+    assert json.loads(token.with_name("tok.report.json").read_text())["relative_change_from_init"][0] > 0
+    out = tmp_path / "erased.safetensors"
+    r = CliRunner().invoke(app, ["run", str(path), "--text-encoders", str(folder), "--embedding", str(token), "--concepts", "<flagged>",
+                                 "--method", "uce", "--preserve", "none", "--device", "cpu", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "erased.report.json").read_text())["config"]["embeddings"][0]["token"] == "<flagged>"
+    assert not torch.equal(open_checkpoint(path).get("txt_in.weight"), open_checkpoint(out).get("txt_in.weight"))
+
+
 def test_both_attacks_run_on_a_flux_file_through_every_text_tower(tmp_path, monkeypatch):
     """`erase attack` on a FLUX.1 file with --text-encoders: UnlearnDiffAtk's prefix enters both towers (CLIP's words in
     each), CCE's token is learned through both (one vector set per tower) on the flow-matching forward process, and the
@@ -440,9 +476,9 @@ def test_both_attacks_run_on_a_flux_file_through_every_text_tower(tmp_path, monk
 
 
 def test_run_erases_on_an_sd3_file_by_training_the_text_streams_keys_and_values_spliced_into_their_qkv_rows(tmp_path):
-    """`erase run` (SDD, the default) on an SD3 single file: the trained parameters are the joint blocks' text-stream keys and
-    values (add_k_proj, add_v_proj), written back into rows width..3*width of each context block's fused qkv; every other
-    tensor and row keeps its bytes; the output draws with `erase generate`."""
+    """`erase run` (SDD, the default; and CA) on an SD3 single file: the trained parameters are the joint blocks' text-stream
+    keys and values (add_k_proj, add_v_proj), written back into rows width..3*width of each context block's fused qkv; every
+    other tensor and row keeps its bytes; the output draws with `erase generate`."""
     from typer.testing import CliRunner
 
     from erase.cli import app
@@ -471,8 +507,13 @@ def test_run_erases_on_an_sd3_file_by_training_the_text_streams_keys_and_values_
     assert same[0] == same[1]  # the base with the delta in memory draws what the erased file draws
     delta = open_checkpoint(tmp_path / "cat.delta.safetensors")
     assert set(delta.tensors) == changed and all(torch.equal(src.get(k) + delta.get(k), dst.get(k)) for k in changed)  # fp32 here
-    refused = CliRunner().invoke(app, ["run", str(path), "-c", "cat", "--method", "ca", "-o", str(tmp_path / "u.safetensors")])
-    assert refused.exit_code == 2 and "only sdd, esd and uce" in refused.output
+    # Concept Ablation: its anchor samples from the family's Euler sampler, its loss on the flow's forward process
+    ablated = CliRunner().invoke(app, ["run", str(path), "-c", "cat", "--method", "ca", "--anchor", "dog", "--anchor-samples", "2",
+                                       "--sample-steps", "3", "--preserve", "none", "--steps", "2", "--lr", "1e-2", "--resolution", "32",
+                                       "--device", "cpu", "-o", str(tmp_path / "ca.safetensors")])
+    assert ablated.exit_code == 0, ablated.output
+    moved = {k for k in src.tensors if not torch.equal(src.get(k), open_checkpoint(tmp_path / "ca.safetensors").get(k))}
+    assert moved and all(k.endswith((".context_block.attn.qkv.weight", ".context_block.attn.qkv.bias")) for k in moved)
     # merge: a second erasure, both carried onto the base under the file's own (fused) tensor names
     other = tmp_path / "erased-dog.safetensors"
     r = CliRunner().invoke(app, ["run", str(path), "-c", "dog", "--preserve", "none", "--steps", "2", "--lr", "1e-2", "--sample-steps", "4",
@@ -626,3 +667,46 @@ def test_a_guidance_distilled_model_samples_with_one_forward_at_the_runs_single_
         guided, conditional = guided_parts(model, z, torch.tensor(500.0), uncond, cond, 7.0, 64, counter)
         alone = predict(model, z, torch.tensor(500.0), cond, 64)
     assert torch.equal(guided, conditional) and torch.allclose(conditional, alone, atol=1e-6) and counter.total == 2
+
+
+def test_run_generate_and_merge_take_a_sharded_flux_diffusers_folder_and_write_one_diffusers_loads(tmp_path):
+    """A diffusers FLUX.1 folder as the input itself (its transformer in shards, as the release ships it): `erase run`
+    writes a folder in which only the shards holding the trained keys and values change, and only those tensors; every
+    other component keeps its bytes; diffusers' FluxTransformer2DModel loads the output; generate draws from it, and
+    merge carries the erasure onto the input as a folder again."""
+    import hashlib
+
+    from diffusers import FluxTransformer2DModel
+    from typer.testing import CliRunner
+
+    from erase.cli import app
+
+    _flux_dev_with_folder(tmp_path, double=2)
+    folder = tmp_path / "folder"
+    FluxTransformer2DModel.from_pretrained(folder / "transformer").save_pretrained(folder / "transformer", max_shard_size="60KB")
+    (folder / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    shards = sorted((folder / "transformer").glob("*.safetensors"))
+    assert len(shards) > 2
+    info = json.loads(CliRunner().invoke(app, ["inspect", str(folder), "--json"]).output)
+    assert (info["layout"], info["family_label"]) == ("a diffusers folder", "FLUX.1-dev") and "--text-encoders" not in info["support"]
+    out = tmp_path / "erased"
+    r = CliRunner().invoke(app, ["run", str(folder), "-c", "cat", "--preserve", "none", "--steps", "2", "--lr", "1e-2",
+                                 "--sample-steps", "4", "--train", "xattn-kv", "--resolution", "32", "--device", "cpu", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    digest = lambda f: hashlib.sha256(f.read_bytes()).hexdigest()  # noqa: E731
+    files = sorted(f.relative_to(folder) for f in folder.rglob("*") if f.is_file())
+    assert files == sorted(f.relative_to(out) for f in out.rglob("*") if f.is_file())
+    changed = [f for f in files if digest(folder / f) != digest(out / f)]
+    assert changed and all(f.parts[0] == "transformer" and f.suffix == ".safetensors" for f in changed)
+    assert len(changed) < len(shards)  # the shards without a trained tensor are copied as they were
+    before = FluxTransformer2DModel.from_pretrained(folder / "transformer").state_dict()
+    after = FluxTransformer2DModel.from_pretrained(out / "transformer").state_dict()
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved and all(".attn.add_k_proj." in n or ".attn.add_v_proj." in n for n in moved)
+    drawn = CliRunner().invoke(app, ["generate", str(out), "-p", "a cat", "--steps", "2", "--size", "32", "--device", "cpu",
+                                     "-o", str(tmp_path / "img")])
+    assert drawn.exit_code == 0, drawn.output
+    merged = CliRunner().invoke(app, ["merge", str(folder), str(out), "--base", str(folder), "-o", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    again = FluxTransformer2DModel.from_pretrained(tmp_path / "merged" / "transformer").state_dict()
+    assert all(torch.allclose(again[n], after[n], atol=1e-6) for n in moved)

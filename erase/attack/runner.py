@@ -218,7 +218,7 @@ def _cce_token(opts: AttackOptions, erased_model, size: int, progress) -> tuple[
         if not (drawn / MANIFEST).exists():
             shutil.rmtree(drawn, ignore_errors=True)
             collect(opts.base, opts.concept, drawn, n=opts.cce.images, settings=opts.settings, seed=opts.cce.seed,
-                    vocabulary=opts.vocabulary, progress=None, text_encoders=opts.text_encoders, families=("sd3", "flux"))
+                    vocabulary=opts.vocabulary, progress=None, text_encoders=opts.text_encoders)
         _, rows = read_collection(drawn)
         images, prompts = [drawn / IMAGES / r["image"] for r in rows], [r["prompt"] for r in rows]
         source = f"BASE's images ({len(rows)}, seeds {opts.cce.seed}..{opts.cce.seed + len(rows) - 1})"

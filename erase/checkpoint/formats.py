@@ -5,7 +5,9 @@ through `torch.load(weights_only=True, mmap=True)`), validates it, and returns a
 `Checkpoint`: a name -> `TensorInfo` table plus `get(name)` that loads one tensor on demand.
 
 A diffusers folder is presented with component-prefixed names (`unet/<key>`, `vae/<key>`,
-`text_encoder/<key>`, `text_encoder_2/<key>`) so that every command sees one table.
+`text_encoder/<key>`, `text_encoder_2/<key>`) so that every command sees one table; an SD3 / FLUX.1 pipeline folder
+lists only its transformer's (`transformer/<key>`: its other components load through diffusers and transformers).
+A component's shards are read as one; the folder's metadata is the erase provenance its denoiser's files carry.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ TORCH_TO_SAFETENSORS = {dt: code for code, (dt, _) in SAFETENSORS_DTYPES.items()
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 
 DIFFUSERS_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+TRANSFORMER_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")  # SD3 / FLUX.1 pipelines
 
 
 @dataclass(frozen=True)
@@ -267,7 +270,9 @@ def _open_pickle(path: Path) -> Checkpoint:
     return Checkpoint(path=path, format="ckpt", tensors=tensors, _pickled=state)
 
 
-_WEIGHTS_FILE = re.compile(r"^(diffusion_pytorch_model|model|pytorch_model)(\.[A-Za-z0-9_-]+)?\.(safetensors|bin)$")
+# a component's weights: one file, or shards (`-00001-of-00003`, as diffusers' save_pretrained splits large models), each
+# possibly a variant (`.fp16`)
+_WEIGHTS_FILE = re.compile(r"^(diffusion_pytorch_model|model|pytorch_model)(-\d+-of-\d+)?(\.[A-Za-z0-9_-]+)?\.(safetensors|bin)$")
 
 
 def component_weight_files(folder: Path) -> list[Path]:
@@ -276,7 +281,35 @@ def component_weight_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     files = [f for f in folder.iterdir() if f.is_file() and _WEIGHTS_FILE.match(f.name)]
-    return sorted(files, key=lambda f: (f.suffix != ".safetensors", _WEIGHTS_FILE.match(f.name).group(2) is not None, f.name))
+    return sorted(files, key=lambda f: (f.suffix != ".safetensors", weights_variant(f) is not None, f.name))
+
+
+def weights_variant(file: Path) -> str | None:
+    """A component weights file's variant (`.fp16` -> "fp16"), None for the plain weights."""
+    variant = _WEIGHTS_FILE.match(file.name).group(3)
+    return variant[1:] if variant else None
+
+
+def component_weights(folder: Path) -> list[Path]:
+    """The files erase reads for one component: every shard of the first kind `component_weight_files` ranks."""
+    files = component_weight_files(folder)
+    kind = lambda f: (f.suffix, weights_variant(f))  # noqa: E731
+    return [f for f in files if kind(f) == kind(files[0])] if files else []
+
+
+def _component_tensors(folder: Path, comp: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """One component's tensors, named `comp/<key>`, from all of its shards, and the erase provenance its safetensors
+    files carry (`erase.*`: an erased folder's, written into the denoiser's patched files)."""
+    tensors: dict[str, TensorInfo] = {}
+    provenance: dict[str, str] = {}
+    for weights in component_weights(folder):
+        if weights.suffix == ".safetensors":
+            part, metadata, _ = read_safetensors_header(weights)
+            provenance.update({k: v for k, v in metadata.items() if k.startswith("erase.") and not k.startswith("erase.model.")})
+        else:
+            part = {k: TensorInfo(TORCH_TO_SAFETENSORS[t.dtype], tuple(t.shape), weights) for k, t in _load_pickle(weights).items()}
+        tensors.update({f"{comp}/{k}": v for k, v in part.items()})
+    return tensors, provenance
 
 
 def _open_diffusers_folder(path: Path) -> Checkpoint:
@@ -287,27 +320,33 @@ def _open_diffusers_folder(path: Path) -> Checkpoint:
         json.loads(index.read_text())
     except json.JSONDecodeError:
         raise EraseError(f"{index}: not valid JSON") from None
-    from erase.checkpoint.transformer_files import read_transformer_folder, refusal
+    transformer = path / "transformer" / "config.json"
+    components = TRANSFORMER_COMPONENTS if transformer.exists() else DIFFUSERS_COMPONENTS
+    listed = ("transformer",) if transformer.exists() else DIFFUSERS_COMPONENTS  # the components whose tensors erase reads
+    if transformer.exists():  # SD3 / SD3.5 or FLUX.1: the transformer's tensors; the rest loads by diffusers' from_pretrained
+        from erase.checkpoint.transformer_files import TRANSFORMER_CLASSES
 
-    if (transformer := read_transformer_folder(path)) is not None:  # SD3 / SD3.5 and FLUX.1: described by inspect only
-        raise EraseError(refusal(transformer))
+        name = json.loads(transformer.read_text()).get("_class_name", "an unknown transformer")
+        if name not in TRANSFORMER_CLASSES:
+            raise EraseError(f"unsupported: a diffusers folder of {name}; erase reads Stable Diffusion 1.x, 2.x and XL, SD3 / SD3.5 "
+                             "and FLUX.1")
     tensors: dict[str, TensorInfo] = {}
     configs: dict[str, dict] = {}
-    for comp in DIFFUSERS_COMPONENTS:
+    metadata: dict[str, str] = {}
+    for comp in components:
         folder = path / comp
-        files = component_weight_files(folder)
-        if not files:
+        if not component_weights(folder) or not (folder / "config.json").exists():
             continue
-        weights = files[0]
         configs[comp] = json.loads((folder / "config.json").read_text())
-        if weights.suffix == ".safetensors":
-            part, _, _ = read_safetensors_header(weights)
-        else:
-            part = {k: TensorInfo(TORCH_TO_SAFETENSORS[t.dtype], tuple(t.shape), weights) for k, t in _load_pickle(weights).items()}
-        tensors.update({f"{comp}/{k}": v for k, v in part.items()})
+        if comp in listed:
+            part, provenance = _component_tensors(folder, comp)
+            tensors.update(part)
+            if comp in ("unet", "transformer"):
+                metadata = provenance
     scheduler = path / "scheduler" / "scheduler_config.json"
     if scheduler.exists():
         configs["scheduler"] = json.loads(scheduler.read_text())
-    if not any(k.startswith("unet/") for k in tensors):
-        raise EraseError(f"{path}: diffusers folder without UNet weights (unet/diffusion_pytorch_model.safetensors)")
-    return Checkpoint(path=path, format="diffusers", tensors=tensors, component_configs=configs)
+    denoiser = "transformer" if transformer.exists() else "unet"
+    if not any(k.startswith(denoiser + "/") for k in tensors):
+        raise EraseError(f"{path}: diffusers folder without {denoiser} weights ({denoiser}/diffusion_pytorch_model*.safetensors)")
+    return Checkpoint(path=path, format="diffusers", tensors=tensors, metadata=metadata, component_configs=configs)

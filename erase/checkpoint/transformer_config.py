@@ -32,7 +32,10 @@ def flux_rope_axes(head_dim: int) -> tuple[int, int, int]:
 
 
 def transformer_config(ckpt: Checkpoint, tf: TransformerFile) -> dict:
-    """diffusers' `SD3Transformer2DModel` / `FluxTransformer2DModel` arguments for the transformer `tf` of `ckpt`."""
+    """diffusers' `SD3Transformer2DModel` / `FluxTransformer2DModel` arguments for the transformer `tf` of `ckpt`: a
+    folder's own config, or read from a single file's shapes."""
+    if tf.folder:
+        return {k: v for k, v in ckpt.component_configs["transformer"].items() if not k.startswith("_")}
     def shape(name: str) -> tuple[int, ...]:
         return tuple(ckpt.shape(tf.prefix + name))
 
@@ -66,7 +69,10 @@ def transformer_config(ckpt: Checkpoint, tf: TransformerFile) -> dict:
 
 
 def file_pieces(ckpt: Checkpoint, tf: TransformerFile) -> list[Piece]:
-    """The key map of `tf`'s tensors in `ckpt` (erase.checkpoint.transformer_keymap), from their shapes alone."""
+    """The key map of `tf`'s tensors in `ckpt` (erase.checkpoint.transformer_keymap), from their shapes alone; a folder's
+    tensors are its parameters, whole."""
+    if tf.folder:
+        return [Piece(n, None, n[len(tf.prefix):]) for n in tf.transformer]
     return transformer_pieces(tf.family, {n: tuple(ckpt.shape(n)) for n in tf.transformer}, tf.prefix, tf.width)
 
 

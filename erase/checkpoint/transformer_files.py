@@ -1,6 +1,5 @@
-"""What an SD3 / SD3.5 or FLUX.1 single file holds, read from its tensor names and shapes (`erase inspect`).
-
-These families are recognised, described and refused by name; erasure on them is not built yet. The layouts:
+"""What an SD3 / SD3.5 or FLUX.1 single file or diffusers folder holds, read from its tensor names and shapes (a folder: and
+its transformer's config). The single files' layouts:
   SD3 / SD3.5  Stability's: `model.diffusion_model.joint_blocks.N.{x_block,context_block}.*` (q, k and v fused in
                `attn.qkv`), text encoders under `text_encoders.{clip_l,clip_g,t5xxl}.*` where the file carries them,
                the VAE under `first_stage_model.*`. SD3.5 adds q/k RMS norms (`attn.ln_q`); SD3.5 medium also an
@@ -10,18 +9,15 @@ These families are recognised, described and refused by name; erasure on them is
                ComfyUI's `model.diffusion_model.` prefix; dev has a guidance embedder (`guidance_in`), schnell none.
 The text stream is what carries the prompt into the image: SD3's `context_embedder` and `context_block`s, FLUX's
 `txt_in` and the double blocks' `txt_*`; its keys and values are rows width..3*width of each fused `qkv`.
+A diffusers folder names its transformer's tensors as diffusers does (listed as `transformer/<name>`), nothing fused.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from erase.checkpoint.formats import Checkpoint
-from erase.errors import EraseError
 
 PREFIX = "model.diffusion_model."
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5xxl")
@@ -43,8 +39,7 @@ class TransformerFile:
     has_vae: bool
     transformer_parameters: int
     text_stream_parameters: int
-    folder: bool = False  # a diffusers folder (names are diffusers', nothing fused)
-    dtypes: tuple[tuple[str, int], ...] = ()  # a folder's transformer: (safetensors dtype, tensor count)
+    folder: bool = False  # a diffusers folder (names are diffusers' under `transformer/`, nothing fused)
 
     @property
     def layout(self) -> str:
@@ -96,7 +91,9 @@ def _kv_parameters(ckpt: Checkpoint, fused: list[str], width: int) -> int:
 
 
 def read_transformer_file(ckpt: Checkpoint) -> TransformerFile | None:
-    """The SD3 / SD3.5 or FLUX.1 transformer this single file holds, or None when it holds neither."""
+    """The SD3 / SD3.5 or FLUX.1 transformer this single file or diffusers folder holds, or None when it holds neither."""
+    if ckpt.format == "diffusers":
+        return _folder(ckpt) if "transformer" in ckpt.component_configs else None
     keys = list(ckpt.tensors)
     prefix = PREFIX if any(k.startswith((PREFIX + "joint_blocks.", PREFIX + "double_blocks.")) for k in keys) else ""
     local = [k[len(prefix):] for k in keys if k.startswith(prefix) and not k.startswith(OTHER_COMPONENTS)]  # the transformer's
@@ -150,58 +147,37 @@ def is_text_stream(name: str) -> bool:
 
 
 TRANSFORMER_CLASSES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
-_SHARD = re.compile(r"^diffusion_pytorch_model(-\d+-of-\d+)?(\.[A-Za-z0-9_-]+)?\.safetensors$")
 FOLDER_TEXT_ENCODERS = {"sd3": ("clip_l", "clip_g", "t5xxl"), "flux": ("clip_l", "t5xxl")}  # text_encoder, _2, _3 in order
+FOLDER_PREFIX = "transformer/"  # a diffusers folder's transformer tensors, as erase.checkpoint.formats lists them
 
 
-def read_transformer_folder(path: Path) -> TransformerFile | None:
-    """The SD3 / SD3.5 or FLUX.1 pipeline a diffusers folder holds (its transformer's config and its weights' headers),
-    None when the folder has no transformer; another transformer family is refused by its class."""
-    from erase.checkpoint.formats import read_safetensors_header
-
-    config_file = path / "transformer" / "config.json"
-    if not config_file.exists():
-        return None
-    config = json.loads(config_file.read_text())
-    family = TRANSFORMER_CLASSES.get(config.get("_class_name", ""))
-    if family is None:
-        raise EraseError(f"unsupported: a diffusers folder of {config.get('_class_name', 'an unknown transformer')}; erase reads "
-                         "Stable Diffusion 1.x, 2.x and XL, and describes SD3 / SD3.5 and FLUX.1")
-    shards = sorted(f for f in (path / "transformer").iterdir() if _SHARD.match(f.name))
-    plain = [f for f in shards if _SHARD.match(f.name).group(2) is None]  # a variant (fp16) only when there is nothing else
-    shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, int] = {}
-    for f in plain or shards:
-        for n, t in read_safetensors_header(f)[0].items():
-            shapes[n], dtypes[t.dtype] = t.shape, dtypes.get(t.dtype, 0) + 1
-    if not shapes:
-        raise EraseError(f"{path / 'transformer'}: no safetensors weights (diffusion_pytorch_model*.safetensors)")
-    numel = lambda names: sum(math.prod(shapes[n]) for n in names)  # noqa: E731
-    text = [n for n in shapes if is_text_stream(n)]
+def _folder(ckpt: Checkpoint) -> TransformerFile:
+    """The SD3 / SD3.5 or FLUX.1 pipeline of a diffusers folder (erase.checkpoint.formats read its transformer's shards and
+    its components' configs): diffusers' names, nothing fused."""
+    config = ckpt.component_configs["transformer"]
+    family = TRANSFORMER_CLASSES[config["_class_name"]]
+    names = [n for n in ckpt.tensors if n.startswith(FOLDER_PREFIX)]
+    text = [n for n in names if is_text_stream(n[len(FOLDER_PREFIX):])]
     label = (sd3_label(dual=bool(config.get("dual_attention_layers")), qk_norm=bool(config.get("qk_norm"))) if family == "sd3"
              else flux_label(in_channels=config.get("in_channels", 64), guided=bool(config.get("guidance_embeds"))))
-    has = lambda component: any(f.suffix in (".safetensors", ".bin") for f in (path / component).glob("*"))  # noqa: E731
-    encoders = [e for e, folder in zip(FOLDER_TEXT_ENCODERS[family], ("text_encoder", "text_encoder_2", "text_encoder_3")) if has(folder)]
+    encoders = [e for e, component in zip(FOLDER_TEXT_ENCODERS[family], ("text_encoder", "text_encoder_2", "text_encoder_3"))
+                if component in ckpt.component_configs]
+    numel = lambda group: sum(ckpt.tensors[n].numel for n in group)  # noqa: E731
     return TransformerFile(
-        family=family, label=label, prefix="", width=config["num_attention_heads"] * config["attention_head_dim"],
-        blocks=config["num_layers"], single_blocks=config.get("num_single_layers", 0), transformer=list(shapes), text_stream=text,
-        text_kv_parameters=numel([n for n in shapes if is_text_kv(n)]), text_encoders=tuple(encoders), has_vae=has("vae"),
-        transformer_parameters=numel(shapes), text_stream_parameters=numel(text), folder=True, dtypes=tuple(dtypes.items()))
+        family=family, label=label, prefix=FOLDER_PREFIX, width=config["num_attention_heads"] * config["attention_head_dim"],
+        blocks=config["num_layers"], single_blocks=config.get("num_single_layers", 0), transformer=names, text_stream=text,
+        text_kv_parameters=numel([n for n in names if is_text_kv(n)]), text_encoders=tuple(encoders),
+        has_vae="vae" in ckpt.component_configs, transformer_parameters=numel(names), text_stream_parameters=numel(text), folder=True)
 
 
 def support(tf: TransformerFile) -> str:
     """What erase does with this file or folder, for `erase inspect`."""
-    if tf.folder:
-        return "inspect only: generate, evaluate and run take this family's single files"
-    if tf.family == "sd3":
-        return ("inspect, generate, evaluate; run (SDD, ESD, UCE); attack (UnlearnDiffAtk without T5, "
-                "CCE); merge and LoRA export")
-    return ("inspect; generate, evaluate, run (SDD, ESD, UCE) and attack (CCE; UnlearnDiffAtk where no T5 "
-            "tower) with --text-encoders (a diffusers FLUX.1 folder); merge and LoRA export")
+    attack = "UnlearnDiffAtk without T5, CCE" if tf.family == "sd3" else "CCE; UnlearnDiffAtk where no T5 tower"
+    needs = " with --text-encoders (a diffusers FLUX.1 folder)" if tf.family == "flux" and not tf.folder else ""
+    return (f"inspect; generate, evaluate, run (SDD, ESD, UCE, CA), feedback (HFI) and attack ({attack}){needs}; merge and LoRA "
+            "export; not FLUX.1-dev's negative prompts or SLD")
 
 
 def refusal(tf: TransformerFile) -> str:
-    """The one line that commands other than inspect print for these files."""
-    takes = ("generate, evaluate, run, attack and merge take this family's single files" if tf.folder
-             else "generate, evaluate, run, attack and merge take it")
-    return f"unsupported: {tf.label} ({tf.layout}); erase inspect reads it, {takes}"
+    """The one line that commands other than these print for these files."""
+    return f"unsupported: {tf.label} ({tf.layout}); erase inspect reads it, generate, evaluate, run, attack and merge take it"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from erase.checkpoint.formats import SAFETENSORS_DTYPES, Checkpoint, component_weight_files, open_checkpoint
+from erase.checkpoint.formats import SAFETENSORS_DTYPES, Checkpoint, component_weight_files, open_checkpoint, weights_variant
 from erase.errors import EraseError, UsageError
 
 CHUNK = 16 * 1024 * 1024
@@ -187,29 +187,39 @@ def _copy_range(src, out, start: int, length: int) -> None:
 
 
 def write_diffusers_folder(ckpt: Checkpoint, dst: str | os.PathLike, replacements: dict[str, torch.Tensor], *, metadata: dict[str, str]) -> Path:
-    """Copy a diffusers folder and patch its UNet weights (names `unet/<key>`).
+    """Copy a diffusers folder and patch its denoiser's weights (names `unet/<key>` or `transformer/<key>`).
 
-    Every UNet safetensors file is patched, variants included (`diffusion_pytorch_model.fp16.safetensors`), so
-    that no loading option picks up un-erased weights; UNet pickles (`.bin`), which cannot be patched in place,
-    are left out of the copy and named in the metadata.
+    Every safetensors file of the component that holds a replaced tensor is patched, variants included
+    (`diffusion_pytorch_model.fp16.safetensors`), so that no loading option picks up un-erased weights; a shard that holds
+    none is copied as it is. Pickles (`.bin`), which cannot be patched in place, are left out of the copy and named in
+    the metadata.
     """
     dst = Path(dst)
-    unet_dir = next(info.file for n, info in ckpt.tensors.items() if n.startswith("unet/")).parent
-    files = component_weight_files(unet_dir)
+    component = "transformer" if "transformer" in ckpt.component_configs else "unet"
+    component_dir = ckpt.path / component
+    files = component_weight_files(component_dir)
     patch = [f for f in files if f.suffix == ".safetensors"]
     if not patch:
-        raise EraseError(f"{unet_dir}: writing needs the UNet as .safetensors, not a pickle")
+        raise EraseError(f"{component_dir}: writing needs the {component} as .safetensors, not a pickle")
     left_out = [f.name for f in files if f not in patch]
     if left_out:
-        metadata = {**metadata, "erase.dropped": f"unet/{', unet/'.join(left_out)} (pickled UNet weights, not patchable: "
-                                                 "they would keep the un-erased model)"}
-    skip = {f.name for f in files}
+        metadata = {**metadata, "erase.dropped": f"{component}/{f', {component}/'.join(left_out)} (pickled {component} weights, not "
+                                                 "patchable: they would keep the un-erased model)"}
+    patched = {k[len(component) + 1:]: v for k, v in replacements.items()}
+    shards = {f: open_checkpoint(f) for f in patch}
+    patch = [f for f in patch if any(k in shards[f].tensors for k in patched)]  # a shard holding nothing trained is copied
+    for variant in {weights_variant(f) for f in shards}:
+        held = {k for f in patch if weights_variant(f) == variant for k in shards[f].tensors}
+        if missing := sorted(set(patched) - held):
+            raise EraseError(f"cannot replace '{component}/{missing[0]}': no {variant or 'plain'} weights file of {component_dir} holds it")
+    skip = {f.name for f in files if f not in shards or f in patch}
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        shutil.copytree(ckpt.path, tmp, dirs_exist_ok=True, ignore=lambda d, names: [n for n in names if n in skip] if Path(d) == unet_dir else [])
-        patched = {k[len("unet/"):]: v for k, v in replacements.items()}
+        shutil.copytree(ckpt.path, tmp, dirs_exist_ok=True,
+                        ignore=lambda d, names: [n for n in names if n in skip] if Path(d) == component_dir else [])
         for f in patch:
-            write_safetensors(open_checkpoint(f), tmp / f.relative_to(ckpt.path), patched, metadata=metadata)
+            mine = {k: v for k, v in patched.items() if k in shards[f].tensors}
+            write_safetensors(shards[f], tmp / f.relative_to(ckpt.path), mine, metadata=metadata)
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)

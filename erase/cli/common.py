@@ -13,7 +13,7 @@ from erase.cli.app import err_console
 ModelPath = Annotated[Path, typer.Argument(help="Checkpoint: .safetensors / .ckpt single file, or a diffusers folder.", show_default=False)]
 TextEncodersOption = Annotated[Optional[Path], typer.Option(
     "--text-encoders", help="SD3 / FLUX.1: a diffusers folder of the family whose text encoders (T5 with its tokenizer), VAE and "
-    "scheduler are used instead of the file's (FLUX.1 files need one).")]
+    "scheduler are used instead of the file's or folder's own (FLUX.1 files need one).")]
 PredictionType = Annotated[Optional[str], typer.Option("--prediction-type", help="Override the detected prediction type: epsilon or v_prediction.")]
 
 ENGINE = "Engine"

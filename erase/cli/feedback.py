@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from erase.cli.app import App, Device, Precision, Scheduler, console, err_console
+from erase.cli.common import TextEncodersOption
 
 feedback_app = App(
     name="feedback",
@@ -37,6 +38,7 @@ def collect(
     batch: Annotated[int, typer.Option(help="Images per UNet batch.")] = 4,
     device: Annotated[Device, typer.Option(help="auto picks CUDA when available.")] = Device.auto,
     precision: Annotated[Precision, typer.Option(help="auto = bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU.")] = Precision.auto,
+    text_encoders: TextEncodersOption = None,
 ) -> None:
     """Draw images of a concept with the model to be cleaned, with a manifest that regenerates each one."""
     from rich.progress import Progress
@@ -55,7 +57,7 @@ def collect(
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("drawing", total=n)
         info = run_collect(model, concept, out, n=n, settings=settings, seed=seed, prompts=texts or None, vocabulary=vocabulary,
-                           progress=lambda: bar.advance(task))
+                           progress=lambda: bar.advance(task), text_encoders=text_encoders)
     console.print(f"[bold green]wrote[/] {info['images']} images of {len(info['prompts'])} prompts to {out} "
                   f"(manifest.jsonl); next: erase feedback label {out}")
 
@@ -139,6 +141,9 @@ def invert(
                                                         "the labels and score the unlabelled images too (HFI's reward model).",
                                                         show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT.")] = False,
+    text_encoders: Annotated[Optional[Path], typer.Option(
+        "--text-encoders", help="SD3 / FLUX.1 files: a diffusers folder of the family (default: the one the collection was drawn "
+        "with).")] = None,
 ) -> None:
     """Condense the labels into one learned token (reward-weighted textual inversion); erase it with `erase run --embedding`."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -152,7 +157,8 @@ def invert(
     columns = [TextColumn("[bold]inverting"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("invert", total=steps, loss="-")
-        report = run_invert(folder, model, out, cfg, force=force, progress=lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.4g}"))
+        report = run_invert(folder, model, out, cfg, force=force, progress=lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.4g}"),
+                            text_encoders=text_encoders)
     if not report["same_model_as_collection"]:
         err_console.print("[yellow]note:[/] this is not the model that drew the collection; the token is learned on its images anyway")
     console.print(f"[bold green]wrote[/] {report['output']}: token {report['token']} from {report['images_used']} images "
@@ -161,4 +167,5 @@ def invert(
         r = report["reward"]
         console.print(f"reward model {r['source']}: fitted to {r['labelled']} labelled images (agreement {r['train_agreement']:.2f}), "
                       f"flagged {r['flagged_by_head']} of {r['scored']} unlabelled ones")
-    console.print(f"next: erase run {model} --embedding {report['output']} --concepts \"{report['token']}\"")
+    folder_text = f" --text-encoders {report['text_encoders']}" if report["text_encoders"] else ""
+    console.print(f"next: erase run {model}{folder_text} --embedding {report['output']} --concepts \"{report['token']}\"")

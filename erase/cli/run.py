@@ -163,8 +163,8 @@ def run(
     **method_values,  # every method's own options (erase.methods.options), added to the signature by `with_method_options`
 ) -> None:
     """Erase concepts from a checkpoint: SDD, ESD or CA fine-tune the UNet (cross-attention by default), UCE edits its keys and values in closed form.
-    SD3 / SD3.5 and FLUX.1 single files: SDD or ESD on the text stream (SDD's default adds the pooled text embedder),
-    UCE on the text and pooled embedders (FLUX.1 with --text-encoders).
+    SD3 / SD3.5 and FLUX.1 single files and diffusers folders: SDD or ESD on the text stream (SDD's default adds the pooled
+    text embedder), UCE on the text and pooled embedders (FLUX.1 files with --text-encoders).
 
     Writes <stem>-erased.safetensors: the input with only the changed tensors replaced, plus
     <stem>-erased.report.json. Example: erase run model.safetensors --concepts "nudity, violence"

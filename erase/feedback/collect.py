@@ -33,10 +33,9 @@ def collection_prompts(concept: str, prompts: list[str] | None, vocabulary: str 
 
 def collect(model_path: Path, concept: str, out: Path, *, n: int, settings: GenSettings, seed: int = 0,
             prompts: list[str] | None = None, vocabulary: str | None = None, prediction_type: str | None = None, progress=None,
-            text_encoders: Path | None = None, families: tuple[str, ...] = ()) -> dict:
+            text_encoders: Path | None = None) -> dict:
     """Draw `n` images, cycling through the prompts with seeds seed, seed+1, ...; write them and the manifest.
-    `families`: the transformer families the caller takes (HFI none yet; the CCE attack SD3 / FLUX.1, with
-    `text_encoders` an SD3 / FLUX.1 file's diffusers folder, erase.transformer_model)."""
+    `text_encoders`: an SD3 / FLUX.1 file's diffusers folder (erase.transformer_model), recorded for regenerate and invert."""
     from erase.checkpoint.write import sha256_file
     from erase.transformer_model import open_any_model
 
@@ -47,7 +46,7 @@ def collect(model_path: Path, concept: str, out: Path, *, n: int, settings: GenS
     if (out / MANIFEST).exists():
         raise UsageError(f"{out} already holds a collection ({MANIFEST}); choose another --out")
     settings.validate()
-    model = open_any_model(model_path, prediction_type, text_encoders, families=families, command="feedback collect")
+    model = open_any_model(model_path, prediction_type, text_encoders, command="feedback collect")
     texts = collection_prompts(concept, prompts, vocabulary, model.ckpt.metadata)
     jobs = [Job(texts[i % len(texts)], seed + i, settings.guidance, settings.negative) for i in range(n)]
     gen = ImageGenerator(model, settings)
@@ -97,8 +96,7 @@ def regenerate(folder: Path, names: list[str], model_path: Path | None = None, d
                            negative=info["negative"], batch=info["batch"], device=device, precision=info["precision"],
                            embeddings=tuple(Path(p) for p in info["embeddings"]))
     folder_text = Path(info["text_encoders"]) if info.get("text_encoders") else None
-    gen = ImageGenerator(open_any_model(model_path or Path(info["model"]), text_encoders=folder_text, command="feedback",
-                                        families=("sd3", "flux") if folder_text else ()), settings)
+    gen = ImageGenerator(open_any_model(model_path or Path(info["model"]), text_encoders=folder_text, command="feedback"), settings)
     drawn = {}
     for b in sorted({index[n] // settings.batch for n in names}):
         batch = rows[b * settings.batch : (b + 1) * settings.batch]

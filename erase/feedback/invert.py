@@ -199,10 +199,12 @@ def learn_token(model, images: list[Path], prompts: list[str], weights: list[flo
                         device=str(device), precision=precision, dtype=dtype, unet_evals=cfg.steps * cfg.batch)
 
 
-def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, force: bool = False, progress=None) -> dict:
-    """Learn the token from `folder`'s labels on `model_path`; write `out` (A1111 / diffusers embedding) and a report."""
+def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, force: bool = False, progress=None,
+           text_encoders: Path | None = None) -> dict:
+    """Learn the token from `folder`'s labels on `model_path`; write `out` (A1111 / diffusers embedding) and a report.
+    `text_encoders`: an SD3 / FLUX.1 file's diffusers folder (default: the one the collection was drawn with)."""
     from erase.checkpoint.write import report_path, sha256_file
-    from erase.models import open_model
+    from erase.transformer_model import open_any_model
 
     cfg.validate()
     if out.exists() and not force:
@@ -214,7 +216,8 @@ def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, forc
     token = cfg.token or f"<{slug(concept)}>"
     init = cfg.init or concept
     images, kind, reward_record = weighted_images(folder, cfg)
-    model = open_model(model_path)
+    text_encoders = text_encoders or (Path(info["text_encoders"]) if info.get("text_encoders") else None)
+    model = open_any_model(model_path, text_encoders=text_encoders, command="feedback invert")
     model_sha = sha256_file(model_path)
     prompts = [training_prompt(r["prompt"], concept, token, cfg.template) for r in images]
     rewards = [r["reward"] for r in images]
@@ -229,6 +232,7 @@ def invert(folder: Path, model_path: Path, out: Path, cfg: InvertConfig, *, forc
     save_embedding(Embedding(token, learned.vectors), out, meta)
     report = {"output": str(out), "token": token, "init": init, "concept": concept, "collection": str(folder), "labels": kind,
               "labels_sha256": labels_sha, "reward": reward_record, "model": str(model_path), "model_sha256": model_sha,
+              "text_encoders": str(text_encoders) if text_encoders else None,
               "same_model_as_collection": model_sha == info.get("model_sha256"), "images_used": len(images),
               "images_in_collection": info.get("images"), "reward_sum": float(sum(rewards)),
               "top_images": [{"image": r["image"], "prompt": r["prompt"], "reward": r["reward"]} for r in images[:10]],

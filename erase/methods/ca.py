@@ -17,6 +17,9 @@ Loss of one step (model-based variant, the default):
      uses the sampled eps instead).
   3. with prior preservation (`prior_weight` > 0): + prior_weight * || eps_theta(x_t', t', c) - eps' ||^2 on an
      anchor sample, the ordinary denoising loss (weight 1.0 in the authors' diffusers script, 0.2 in CompVis).
+On SD3 / FLUX.1 the same loss in flow-matching terms: x_t on the flow's forward process, velocities as predictions and
+the sampled velocity as the prior's target, each error weighted by (1 - sigma)^2 as the eps error it stands for
+(erase.engine.noise.prediction_mse); the anchor samples from the family's Euler sampler.
 Anchor samples are generated once per run by the input model (DDIM `sample_steps`, CFG `guidance`), counted in
 the run's UNet evaluations and kept in the resume state. The authors train attn2 keys and values (`--train
 xattn-kv`) for objects and styles; `concept_type` presets set their learning rate, steps and trained set.
@@ -28,9 +31,8 @@ import itertools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from erase.engine.noise import forward_process
+from erase.engine.noise import forward_process, prediction_mse
 from erase.engine.sampling import ddim_trajectory, guided, predict
 from erase.errors import UsageError
 from erase.methods.base import TrainedMethod
@@ -163,13 +165,13 @@ class CA(TrainedMethod):
             want = truth
         got = predict(self.unet, x_t, t, self.embeddings[target], self.resolution, self.counter)
         self.counter.backward(1)
-        loss = F.mse_loss(got.float(), want)
+        loss = prediction_mse(got, want, t, self.scheduler)  # a flow model's velocity error weighted as the eps error it is
         if self.cfg.prior_weight:
             x0p, jp = self.anchors[int(torch.randint(len(self.anchors), (1,), generator=self.generator))]
             xp, tp, truthp = self._noised(x0p)
             prior = predict(self.unet, xp, tp, self.embeddings[self.pairs[jp][0]], self.resolution, self.counter)
             self.counter.backward(1)
-            loss = loss + self.cfg.prior_weight * F.mse_loss(prior.float(), truthp)
+            loss = loss + self.cfg.prior_weight * prediction_mse(prior, truthp, tp, self.scheduler)
         return loss, {"t": t, "c": anchor, "c*": target}  # t as a tensor: no host sync per step
 
     def state_dict(self) -> dict:

@@ -16,6 +16,7 @@ SLD (Safe Latent Diffusion, Schramowski et al., CVPR 2023, arXiv 2211.05105), no
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ class Job:
 @dataclass
 class GenSettings:
     steps: int = 25
-    guidance: float = 7.5
+    guidance: float | None = None  # None: the family default (`for_model`)
     size: int | None = None  # None: the family default
     scheduler: str = "ddim"
     negative: str = ""
@@ -89,6 +90,11 @@ class GenSettings:
     sld: SLDConfig | None = field(default=None, repr=False)  # explicit SLD settings (tests); overrides `safety`
     embeddings: tuple[Path, ...] = ()  # textual-inversion files (erase.embeddings) whose tokens prompts may use
     xformers: bool = False  # xformers attention in the UNet (CUDA, when installed; erase.engine.device.configure_attention)
+
+    def for_model(self, model) -> "GenSettings":
+        """These settings with the guidance scale the model's family draws with where none was given (7.5 on Stable
+        Diffusion, SD3 7.0, FLUX.1-dev 3.5, a FLUX.1 without a guidance embedder such as schnell 1)."""
+        return self if self.guidance is not None else dataclasses.replace(self, guidance=model.default_guidance)
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -131,6 +137,7 @@ class ImageGenerator:
 
     def __init__(self, model: Model, settings: GenSettings, *, delta: Path | None = None) -> None:
         settings.validate()
+        settings = settings.for_model(model)
         self.model, self.settings = model, settings
         self.device = resolve_device(settings.device)
         dtype, autocast_dtype, _ = resolve_precision(settings.precision, self.device)
@@ -390,6 +397,7 @@ def run_generate(models: list[Path], specs, settings: GenSettings, *, out: Path,
     from erase.transformer_model import open_any_model
 
     opened = [open_any_model(path, prediction_type, text_encoders) for path in models]  # headers only: a refused file leaves no folder behind
+    settings = settings.for_model(opened[0])  # every model draws the same jobs: MODEL's family says the default scale
     out.mkdir(parents=True, exist_ok=True)
     jobs = jobs_for(specs, settings, n=n, seed=seed)
     labels = _labels(models)

@@ -212,6 +212,8 @@ class Model:
             self._unet_config = unet_config(self.ckpt, self.family)
         return self._unet_config
 
+    default_guidance = 7.5  # the CFG scale erase has always drawn Stable Diffusion files with (diffusers' SD 1.x / 2.x default)
+
     @property
     def default_resolution(self) -> int:
         """Native image size: the UNet's sample size times the VAE's downscale factor

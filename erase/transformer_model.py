@@ -139,6 +139,14 @@ class TransformerModel:
         return self._from_folder("vae") is not None or "first_stage_model.encoder.conv_in.weight" in self.ckpt
 
     @property
+    def default_guidance(self) -> float:
+        """The scale the family's diffusers pipeline draws with when not told: SD3's CFG 7.0, FLUX.1-dev's guidance input
+        3.5; a FLUX.1 without a guidance embedder (schnell) 1, one forward per step (FluxPipeline's true CFG is off)."""
+        if self.tf.family == "sd3":
+            return 7.0
+        return 3.5 if self.config.get("guidance_embeds") else 1.0
+
+    @property
     def default_resolution(self) -> int:
         """SD3: its sample size in pixels. FLUX.1's configuration has none: its VAE's sample size where a VAE is known (the
         release's says 1024, FluxPipeline's default; the shapes-world model's 32), else 128 latent rows (1024 pixels at

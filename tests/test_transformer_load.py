@@ -403,6 +403,13 @@ def test_a_flux_file_without_guidance_embedder_draws_with_true_cfg_and_a_clip_se
         theirs = pipe("a red circle", num_inference_steps=3, height=32, width=32, output_type="np", max_sequence_length=16,
                       generator=torch.Generator().manual_seed(7), **theirs_kwargs).images[0] * 255
         assert np.abs(np.asarray(Image.open(png)).astype(np.float64) - theirs).max() <= 1.0
+    # without --guidance such a model draws as FluxPipeline does by default: one forward a step (scale 1), not SD's CFG 7.5
+    r = CliRunner().invoke(app, ["generate", str(path), "-p", "a red circle", "--steps", "3", "--seed", "7", "--size", "32", "--device",
+                                 "cpu", "--text-encoders", str(folder), "-o", str(tmp_path / "default")])
+    assert r.exit_code == 0, r.output
+    png, = (tmp_path / "default").rglob("*.png")
+    assert "CFG scale: 1," in Image.open(png).text["parameters"]
+    assert Image.open(png).tobytes() == Image.open(next((tmp_path / "out1").rglob("*.png"))).tobytes()
 
 
 def test_hfi_collects_inverts_and_erases_a_learned_token_on_a_flux_file_through_every_text_tower(tmp_path):

@@ -250,9 +250,10 @@ def run_attack(opts: AttackOptions, progress=None) -> dict:
     detector = _detector(opts)
     source, category = _prompt_source(opts)
     specs = load_prompts(source, category=category, limit=opts.limit)
-    jobs = jobs_for(specs, opts.settings, n=opts.n, seed=opts.seed)
     # headers only, before anything is written: a refused file leaves no folder
     erased_model = open_any_model(opts.erased, text_encoders=opts.text_encoders, command="attack")
+    opts.settings = opts.settings.for_model(erased_model)
+    jobs = jobs_for(specs, opts.settings, n=opts.n, seed=opts.seed)
     base_model = open_any_model(opts.base, text_encoders=opts.text_encoders, command="attack") if opts.base is not None else None
     erased_sha = sha256_file(opts.erased)
     done = _open_state(opts, _fingerprint(opts, jobs, erased_sha))

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from erase.cli.app import Device, Precision, Scheduler, console, err_console
-from erase.cli.common import TextEncodersOption, XformersOption
+from erase.cli.common import GUIDANCE_DEFAULTS, TextEncodersOption, XformersOption
 
 PROMPTS, SAMPLING, ATTACK, ENGINE = "Prompts", "Sampling", "Attacks", "Engine"
 
@@ -60,7 +60,8 @@ def attack(
     n: Annotated[int, typer.Option("--n", help="Seeds per prompt; each (prompt, seed) is one attacked case.", rich_help_panel=SAMPLING)] = 1,
     seed: Annotated[int, typer.Option(help="First seed (a CSV's evaluation_seed column wins).", rich_help_panel=SAMPLING)] = 0,
     sample_steps: Annotated[int, typer.Option(help="Denoising steps of every image.", rich_help_panel=SAMPLING)] = 25,
-    guidance: Annotated[float, typer.Option(help="CFG scale (a CSV's evaluation_guidance column wins).", rich_help_panel=SAMPLING)] = 7.5,
+    guidance: Annotated[Optional[float], typer.Option(help=f"CFG scale (a CSV's evaluation_guidance column wins; {GUIDANCE_DEFAULTS}).",
+                                                      rich_help_panel=SAMPLING, show_default=False)] = None,
     size: Annotated[Optional[int], typer.Option(help="Image size (default by family).", rich_help_panel=SAMPLING)] = None,
     scheduler: Annotated[Scheduler, typer.Option(help="Sampler.", rich_help_panel=SAMPLING)] = Scheduler.ddim,
     batch: Annotated[int, typer.Option(help="Images per UNet batch.", rich_help_panel=SAMPLING)] = 4,

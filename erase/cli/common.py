@@ -14,6 +14,7 @@ ModelPath = Annotated[Path, typer.Argument(help="Checkpoint: .safetensors / .ckp
 TextEncodersOption = Annotated[Optional[Path], typer.Option(
     "--text-encoders", help="SD3 / FLUX.1: a diffusers folder of the family whose text encoders (T5 with its tokenizer), VAE and "
     "scheduler are used instead of the file's or folder's own (FLUX.1 files need one).")]
+GUIDANCE_DEFAULTS = "default by family: 7.5 on Stable Diffusion, 7 on SD3, 3.5 on FLUX.1-dev, 1 on FLUX.1-schnell"
 PredictionType = Annotated[Optional[str], typer.Option("--prediction-type", help="Override the detected prediction type: epsilon or v_prediction.")]
 
 ENGINE = "Engine"

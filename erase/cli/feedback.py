@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from erase.cli.app import App, Device, Precision, Scheduler, console, err_console
-from erase.cli.common import TextEncodersOption
+from erase.cli.common import GUIDANCE_DEFAULTS, TextEncodersOption
 
 feedback_app = App(
     name="feedback",
@@ -31,7 +31,7 @@ def collect(
     vocabulary: Annotated[Optional[str], typer.Option(help="Templates for the default prompts: builtin:general, builtin:shapes or a TOML file.")] = None,
     seed: Annotated[int, typer.Option(help="First seed.")] = 0,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
-    guidance: Annotated[float, typer.Option(help="CFG scale.")] = 7.5,
+    guidance: Annotated[Optional[float], typer.Option(help=f"CFG scale ({GUIDANCE_DEFAULTS}).", show_default=False)] = None,
     size: Annotated[Optional[int], typer.Option(help="Image size (default by family).")] = None,
     scheduler: Annotated[Scheduler, typer.Option(help="Sampler.")] = Scheduler.ddim,
     negative: Annotated[str, typer.Option(help="Negative prompt.")] = "",

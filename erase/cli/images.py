@@ -11,7 +11,20 @@ import typer
 from rich.table import Table
 
 from erase.cli.app import Device, Precision, Scheduler, console, err_console
-from erase.cli.common import ENGINE, PROMPTS, SAMPLING, ModelPath, PredictionType, Safety, TextEncodersOption, XformersOption, gen_settings, prompt_specs, warn_truncated
+from erase.cli.common import (
+    ENGINE,
+    GUIDANCE_DEFAULTS,
+    PROMPTS,
+    SAMPLING,
+    ModelPath,
+    PredictionType,
+    Safety,
+    TextEncodersOption,
+    XformersOption,
+    gen_settings,
+    prompt_specs,
+    warn_truncated,
+)
 
 
 def generate(
@@ -25,9 +38,10 @@ def generate(
     n: Annotated[int, typer.Option("--n", help="Images per prompt (seeds seed, seed+1, ...).", rich_help_panel=SAMPLING)] = 1,
     seed: Annotated[int, typer.Option(help="First seed (a CSV's evaluation_seed/sd_seed column wins).", rich_help_panel=SAMPLING)] = 0,
     steps: Annotated[int, typer.Option(help="Denoising steps.", rich_help_panel=SAMPLING)] = 25,
-    guidance: Annotated[float, typer.Option(help="CFG scale (a CSV's guidance column wins). FLUX.1-dev: the model's guidance input "
-                                            "(one forward); FLUX.1-schnell: 1 samples with one forward as FluxPipeline does.",
-                                            rich_help_panel=SAMPLING)] = 7.5,
+    guidance: Annotated[Optional[float], typer.Option(help=f"CFG scale (a CSV's guidance column wins; {GUIDANCE_DEFAULTS}). FLUX.1-dev: "
+                                                      "the model's guidance input (one forward); a FLUX.1 without a guidance embedder "
+                                                      "(schnell): 1 or less samples with one forward as FluxPipeline does.",
+                                                      rich_help_panel=SAMPLING, show_default=False)] = None,
     size: Annotated[Optional[int], typer.Option(help="Image size in pixels, multiple of 8 (default by family).", rich_help_panel=SAMPLING)] = None,
     scheduler: Annotated[Scheduler, typer.Option(help="Sampler (SD3 / FLUX.1: flow-matching Euler, for ddim or euler).", rich_help_panel=SAMPLING)] = Scheduler.ddim,
     batch: Annotated[int, typer.Option(help="Images per UNet batch.", rich_help_panel=SAMPLING)] = 4,
@@ -80,9 +94,10 @@ def evaluate(
     n: Annotated[int, typer.Option("--n", help="Images per prompt.", rich_help_panel=SAMPLING)] = 1,
     seed: Annotated[int, typer.Option(help="First seed (a CSV's seed column wins).", rich_help_panel=SAMPLING)] = 0,
     steps: Annotated[int, typer.Option(help="Denoising steps.", rich_help_panel=SAMPLING)] = 25,
-    guidance: Annotated[float, typer.Option(help="CFG scale (a CSV's guidance column wins). FLUX.1-dev: the model's guidance input "
-                                            "(one forward); FLUX.1-schnell: 1 samples with one forward as FluxPipeline does.",
-                                            rich_help_panel=SAMPLING)] = 7.5,
+    guidance: Annotated[Optional[float], typer.Option(help=f"CFG scale (a CSV's guidance column wins; {GUIDANCE_DEFAULTS}). FLUX.1-dev: "
+                                                      "the model's guidance input (one forward); a FLUX.1 without a guidance embedder "
+                                                      "(schnell): 1 or less samples with one forward as FluxPipeline does.",
+                                                      rich_help_panel=SAMPLING, show_default=False)] = None,
     size: Annotated[Optional[int], typer.Option(help="Image size (default by family).", rich_help_panel=SAMPLING)] = None,
     scheduler: Annotated[Scheduler, typer.Option(help="Sampler.", rich_help_panel=SAMPLING)] = Scheduler.ddim,
     batch: Annotated[int, typer.Option(help="Images per UNet batch.", rich_help_panel=SAMPLING)] = 4,

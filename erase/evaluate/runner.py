@@ -106,8 +106,9 @@ def evaluate(opts: EvalOptions, progress=None) -> dict:
 
     opts.settings.validate()
     specs = load_prompts(opts.prompts, category=opts.category, limit=opts.limit)
-    jobs = jobs_for(specs, opts.settings, n=opts.n, seed=opts.seed)
     model = open_any_model(opts.model, opts.prediction_type, opts.text_encoders)
+    opts.settings = opts.settings.for_model(model)  # the base, if any, draws the same jobs
+    jobs = jobs_for(specs, opts.settings, n=opts.n, seed=opts.seed)
     long = truncated_prompts(model.family, job_prompts(jobs, opts.settings))
     targets = opts.targets or json.loads(model.ckpt.metadata.get("erase.concepts", "[]")) or None
     det_opts = {"targets": targets}

@@ -47,6 +47,7 @@ def collect(model_path: Path, concept: str, out: Path, *, n: int, settings: GenS
         raise UsageError(f"{out} already holds a collection ({MANIFEST}); choose another --out")
     settings.validate()
     model = open_any_model(model_path, prediction_type, text_encoders, command="feedback collect")
+    settings = settings.for_model(model)
     texts = collection_prompts(concept, prompts, vocabulary, model.ckpt.metadata)
     jobs = [Job(texts[i % len(texts)], seed + i, settings.guidance, settings.negative) for i in range(n)]
     gen = ImageGenerator(model, settings)

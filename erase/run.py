@@ -395,6 +395,10 @@ class Training(_Run):
                                  generators=streams)
         encoded = encoded.to(device, frozen_dtype)
         method.embeddings = {p: encoded[i : i + 1] for i, p in enumerate(prompts)}
+        if getattr(self.method_cfg, "eta_spare", False):  # each erased concept's nearest preserved neighbour (--preserve auto)
+            if not record["auto_chosen"]:
+                raise UsageError("--eta-spare needs --preserve auto: it spares the nearest neighbour auto chooses")
+            method.neighbours = {t: near[0][0] for t, near in record["auto_chosen"].items() if near}
         frozen = method.frozen  # the input's trainable subset, when the method keeps a copy
         if (opts.adversarial is not None or kept) and frozen is None:
             frozen = frozen_copy(method.trainable)  # one copy, shared by the inner attack and the retain term

@@ -217,6 +217,37 @@ def test_eta_pushes_the_target_away_from_the_concept_by_the_input_models_predict
     assert (d.target - e_w).abs().max() > 1e-3  # the push is there
 
 
+def test_the_spared_push_loses_only_the_part_it_shares_with_the_neighbours_direction():
+    """Per sample: a push along the neighbour keeps nothing of that part, an orthogonal part stays whole, and a push
+    against the neighbour is left as it is (only a shared part is removed)."""
+    from erase.engine.sampling import spared
+
+    n = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]])
+    push = torch.tensor([[[3.0, 2.0]], [[-3.0, 2.0]]])
+    out = spared(push, n)
+    assert torch.allclose(out[0], torch.tensor([[0.0, 2.0]])) and torch.equal(out[1], push[1])
+    assert (out[0] * n[0]).sum() == 0
+
+
+def test_eta_spare_pushes_the_target_away_from_what_the_concept_does_not_share_with_its_neighbour(tiny_sd1):
+    """--eta-spare: target = eps(z, w) - eta * spared(eps(z, c) - eps(z, w), eps(z, n) - eps(z, w)), n the erased prompt
+    naming the nearest neighbour ("a red dog" for "a red cat"), all the input model's, for one more evaluation a step."""
+    from erase.engine.sampling import spared
+    from erase.errors import UsageError
+    from erase.methods.sdd import SDDConfig
+
+    sdd, params, unet = _sdd(tiny_sd1, sample_on="own", trajectories="frozen", eta=1.0, eta_spare=True)
+    sdd.neighbours = {"cat": "dog"}
+    d = sdd.draw(1, None)
+    assert d.prompt == "a red cat" and sdd.spared_prompt(d.prompt) == "a red dog"
+    with torch.no_grad():
+        e_w, e_c, e_n = (predict(unet, d.z, d.t, sdd.embeddings[p], 16) for p in ("a red", "a red cat", "a red dog"))
+    assert torch.allclose(d.target, e_w - spared(e_c - e_w, e_n - e_w), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(d.target, e_w - (e_c - e_w), rtol=1e-4, atol=1e-5)  # the neighbour's part is gone
+    with pytest.raises(UsageError, match="--eta above 0"):
+        SDDConfig(eta_spare=True, target="frozen").validate()
+
+
 def test_eta_needs_the_input_models_target():
     from erase.errors import UsageError
     from erase.methods.sdd import SDDConfig

@@ -91,15 +91,28 @@ def guided(unet, z: torch.Tensor, t, uncond: Conditioning, cond: Conditioning, s
 
 def negative_guided(unet, z: torch.Tensor, t: torch.Tensor, without: Conditioning, concept: Conditioning, eta: float,
                     resolution: int, counter: EvalCounter | None = None, weights: Weights = None,
-                    concept_eps: torch.Tensor | None = None) -> torch.Tensor:
+                    concept_eps: torch.Tensor | None = None, spare: Conditioning | None = None) -> torch.Tensor:
     """ESD's target, eps(z, w) - eta * (eps(z, c) - eps(z, w)), in fp32: the prediction without the concept, pushed away
-    from it. `concept_eps`: eps(z, c) already at hand (a trajectory's conditional half); otherwise both in one call."""
-    if concept_eps is not None:
-        e_w, e_c = predict(unet, z, t, without, resolution, counter, weights).float(), concept_eps.float()
-    else:
-        both = predict(unet, torch.cat([z, z]), torch.cat([t, t]), Conditioning.cat([without, concept]), resolution, counter, weights)
-        e_w, e_c = both.float().chunk(2)
-    return e_w - eta * (e_c - e_w)
+    from it. `concept_eps`: eps(z, c) already at hand (a trajectory's conditional half); otherwise in the same call.
+    `spare`: a neighbour's prompt n; the push loses, per sample, its component along n's own direction eps(z, n) - eps(z, w)
+    where the two point the same way (`spared`): what the concept shares with its neighbour is not pushed away."""
+    asked = [without] + ([concept] if concept_eps is None else []) + ([spare] if spare is not None else [])
+    n = len(asked)
+    out = predict(unet, torch.cat([z] * n), torch.cat([t] * n), Conditioning.cat(asked), resolution, counter, weights).float().chunk(n)
+    e_w, e_c = out[0], (out[1] if concept_eps is None else concept_eps.float())
+    push = e_c - e_w
+    if spare is not None:
+        push = spared(push, out[-1] - e_w)
+    return e_w - eta * push
+
+
+def spared(push: torch.Tensor, neighbour: torch.Tensor) -> torch.Tensor:
+    """`push` without its component along `neighbour`, per sample, where their inner product is positive (as PCGrad
+    removes a conflicting component): push - max(0, <push, n>) / ||n||^2 * n."""
+    dims = tuple(range(1, push.dim()))
+    dot = (push * neighbour).sum(dims, keepdim=True)
+    norm = neighbour.pow(2).sum(dims, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return push - dot.clamp_min(0) / norm * neighbour
 
 
 @torch.no_grad()

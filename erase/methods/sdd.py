@@ -83,6 +83,12 @@ class SDDConfig:
     eta: float = option(0.0, "Negative guidance of the target: eps(z, w) - eta * (eps(z, c) - eps(z, w)), w the prompt without the "
                         "concept ('' unless --expand), all the input model's. SDD: 0 = the reference, above 0 with --target "
                         "frozen; ESD: the reference's 1.0 (the authors' newer script 2.0).", summary=True)
+    # measured on the shapes model (issue 36): pushing a square away with --eta pushed circles, its nearest neighbour, away
+    # too (circles at 50% of base at eta 0.5); the part of the push a concept shares with its neighbour is what carries over
+    eta_spare: bool = option(False, "With --eta: remove from the push, per sample, its component along the nearest preserved "
+                             "neighbour's own direction (eps(z, n) - eps(z, w), n the erased prompt naming the neighbour: 'a red "
+                             "circle' for 'a red square'), so that what the two share is not pushed away. One more UNet "
+                             "evaluation per step; needs --preserve auto.")
     sample_on: str = option("joined", "The prompt the latents are drawn on: joined = all concepts joined with ', ' (reference; the "
                             "default with --preserve none); own = each step's own student prompt (with --expand: 'a red circle', "
                             "whose target is 'a red'; the default otherwise).", choices=SAMPLE_ON, summary=True)
@@ -104,6 +110,8 @@ class SDDConfig:
             raise UsageError(f"--trajectories must be one of {', '.join(TRAJECTORIES)}")
         if self.eta < 0:
             raise UsageError("--eta must be >= 0")
+        if self.eta_spare and self.eta == 0:
+            raise UsageError("--eta-spare spares a neighbour from the --eta push: give --eta above 0")
         if self.eta > 0 and self.target != "frozen":
             raise UsageError("--eta needs --target frozen: the direction it pushes away from is the input model's")
         if self.sample_on not in SAMPLE_ON:
@@ -122,6 +130,7 @@ class SDD(TrainedMethod):
         self.pairs, self.vocab = self.student_pairs(cfg, concepts, vocab), vocab
         self.target_prompt = ", ".join(concepts)
         self.embeddings: dict[str, Conditioning] = {}
+        self.neighbours: dict[str, str] = {}  # erased concept -> its nearest preserved concept (set by the run: --eta-spare)
         # per stream, per trajectory prompt (c_p for the teacher, each c_s for the input model): (z_t, k) not yet trained on
         self.pending: list[dict[str, list[tuple[torch.Tensor, int]]]] = [{} for _ in self.generators]
         self.frozen = frozen_copy(self.trainable) if self.keeps_input_copy(cfg) else None  # the input's: built before any step
@@ -225,9 +234,21 @@ class SDD(TrainedMethod):
                 target = predict(self.unet, z_t, t, self.embeddings[without_concept].repeat(b), self.resolution, self.counter,
                                  weights=self.frozen)
             else:
+                spare = self.spared_prompt(c_s) if self.cfg.eta_spare else None
                 target = negative_guided(self.unet, z_t, t, self.embeddings[without_concept].repeat(b), self.embeddings[c_s].repeat(b),
-                                         self.cfg.eta, self.resolution, self.counter, weights=self.frozen, concept_eps=concept_eps)
+                                         self.cfg.eta, self.resolution, self.counter, weights=self.frozen, concept_eps=concept_eps,
+                                         spare=self.embeddings[spare].repeat(b) if spare else None)
         return Draw(z_t, t, c_s, target, {"k": k, "t": t, "c_s": c_s})  # tensors: read only if anyone asks (no host sync)
+
+    def spared_prompt(self, prompt: str) -> str | None:
+        """The student prompt naming its concept's nearest neighbour ("a red square" -> "a red circle"), when it is encoded."""
+        from erase.engine.preserve import swap_concept
+
+        concept = self.erased_prompts().get(prompt)
+        if concept is None or concept not in self.neighbours:
+            return None
+        spare = swap_concept(prompt, concept, self.neighbours[concept])
+        return spare if spare in self.embeddings else None
 
     def state_dict(self) -> dict:
         return {"pending": queues_state(self.pending)}

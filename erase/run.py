@@ -561,9 +561,10 @@ def expected_evals_per_step(k: int, reuse: int, *, retain_slots: int = 0, retain
     the last latent's target. Each loss term: its target's forward (free for the retain term on the input model's
     latents), the student's forward and backward (3). `concept_eps` (SDD's --eta): the erasure's target also needs the
     input model's eps(z, c), "free" from its trajectory (whose last latent then costs one more guided step) or one more
-    "forward"."""
+    "forward"; "+spare" (--eta-spare): and eps(z, n) of the neighbour, one more forward."""
     last = reuse * (k + 1) / (reuse + 1) - 1
-    erase = 2 * last / reuse + 1 + 3 + {None: 0, "free": 2 / reuse, "forward": 1}[concept_eps]
+    eps_cost, _, spare = (concept_eps or "").partition("+")
+    erase = 2 * last / reuse + 1 + 3 + {"": 0, "free": 2 / reuse, "forward": 1}[eps_cost] + (spare == "spare")
     retain = (2 * (last + 1) / reuse + 3) if retain_frozen else (2 * last / reuse + 1 + 3)
     attack = 0 if adversarial_steps is None else (6 if adversarial_steps == 0 else 1 + 3 * adversarial_steps + 3)
     return erase + retain_slots * retain + 4 * paired + attack
@@ -574,7 +575,7 @@ def concept_eps_cost(method_config: dict) -> str | None:
     if not method_config.get("eta"):
         return None
     own_input = method_config.get("trajectories") == "frozen" and method_config.get("sample_on") == "own"
-    return "free" if own_input else "forward"
+    return ("free" if own_input else "forward") + ("+spare" if method_config.get("eta_spare") else "")
 
 
 def _train_with_progress(trainer: Trainer, console: Console, progress: bool) -> None:

@@ -246,6 +246,10 @@ def test_eta_spare_pushes_the_target_away_from_what_the_concept_does_not_share_w
     assert not torch.allclose(d.target, e_w - (e_c - e_w), rtol=1e-4, atol=1e-5)  # the neighbour's part is gone
     with pytest.raises(UsageError, match="--eta above 0"):
         SDDConfig(eta_spare=True, target="frozen").validate()
+    from erase.run import concept_eps_cost, expected_evals_per_step
+
+    cost = {spare: concept_eps_cost({"eta": 1.0, "eta_spare": spare, "trajectories": "frozen", "sample_on": "own"}) for spare in (False, True)}
+    assert expected_evals_per_step(50, 25, concept_eps=cost[True]) - expected_evals_per_step(50, 25, concept_eps=cost[False]) == 1
 
 
 def test_eta_needs_the_input_models_target():

@@ -37,6 +37,7 @@ ROWS = [
     ("UCE reference (`--preserve none`), on the text and the pooled embedders", "uce-reference"),
     ("**UCE, default preservation**, on the text and the pooled embedders", "uce"),
     ("UCE, default preservation, on the text embedder alone (`--no-pooled`)", "uce-text"),
+    ("Concept Ablation, circle -> star, default preservation, prior term, `text-kv`", "ca"),
 ]
 
 

@@ -317,13 +317,31 @@ class _Run:
 class ClosedForm(_Run):
     """A method that solves for the new weights (UCE): the text encoder and the edited tensors, never the UNet."""
 
+    def _embedders(self, text):
+        """(prompts -> token embeddings, prompts -> pooled vectors), one text-encoder pass per prompt for both: the pooled
+        vector of every prompt the first encoded is kept (a vector each; on FLUX.1 a T5-XXL pass is the solve's main cost)."""
+        pooled: dict[str, torch.Tensor] = {}
+
+        def encode(prompts, length=MAX_TOKENS):
+            cond = text.encode(prompts, device=self.device, length=length)
+            if cond.pooled is not None:
+                pooled.update({p: cond.pooled[i : i + 1] for i, p in enumerate(prompts)})
+            return cond.embeds
+
+        def encode_pooled(prompts):
+            if missing := list(dict.fromkeys(p for p in prompts if p not in pooled)):
+                encode(missing)
+            return torch.cat([pooled[p] for p in prompts])
+
+        return encode, encode_pooled
+
     def erase(self) -> Erasure:
         t0 = time.perf_counter()
         text = self.model.load_text_encoder(self.opts.embeddings)
         preserve, record = self._preserve(text)
+        encode, encode_pooled = self._embedders(text)
         method = self.method_cls(self.method_cfg, self.opts.concepts, preserve=preserve, vocab=self.vocab,
-                                 tokenizer=text.tokenizers[0], encode=self._embedder(text),
-                                 encode_pooled=lambda prompts: text.encode(prompts, device=self.device).pooled)
+                                 tokenizer=text.tokenizers[0], encode=encode, encode_pooled=encode_pooled)
         long = self._warn_truncated([p for pair in method.pairs() for p in pair[:2]] + method.preserved_prompts())
         names = method.edited(self.model.unet_param_names(), self.model.transformer)
         weights = self.model.read_parameters(names)

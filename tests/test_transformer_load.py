@@ -611,13 +611,15 @@ def test_run_erases_on_a_flux_file_with_its_folder_training_the_text_streams_key
                                                           or k.endswith(".txt_attn.qkv.bias") for k in changed)
 
 
-def test_uce_on_a_flux_file_edits_the_text_and_pooled_embedders_so_the_concept_enters_as_its_guide(tmp_path):
+def test_uce_on_a_flux_file_edits_the_text_and_pooled_embedders_so_the_concept_enters_as_its_guide(tmp_path, monkeypatch):
     """UCE's closed form on FLUX.1: the one matrix that reads the text encoder's tokens as they are is the text embedder
     (`txt_in`, diffusers' context_embedder), and by default the pooled vector's embedder (`vector_in.in_layer`) gets
     its own; every other tensor keeps its bytes, and the concept's tokens and pooled vector now enter nearer where the
-    guide prompt's went than before. `--no-pooled` edits the text embedder alone."""
+    guide prompt's went than before. Each prompt passes the text encoders once for both. `--no-pooled` edits the text
+    embedder alone."""
     from typer.testing import CliRunner
 
+    from erase.backbones.text import TransformerText
     from erase.cli import app
     from erase.transformer_model import TransformerModel
     from erase.vocabulary import token_span
@@ -625,9 +627,12 @@ def test_uce_on_a_flux_file_edits_the_text_and_pooled_embedders_so_the_concept_e
     path = _flux_dev_with_folder(tmp_path, double=1)
     ckpt = open_checkpoint(path)
     out = tmp_path / "erased.safetensors"
+    encoded, real = [], TransformerText.encode
+    monkeypatch.setattr(TransformerText, "encode", lambda self, prompts, *a, **k: (encoded.extend(prompts), real(self, prompts, *a, **k))[1])
     r = CliRunner().invoke(app, ["run", str(path), "--text-encoders", str(tmp_path / "folder"), "-c", "cat", "--method", "uce",
                                  "--preserve", "dog", "--no-expand", "--device", "cpu", "-o", str(out)])
     assert r.exit_code == 0, r.output
+    with_pooled = sorted(encoded)
     erased = open_checkpoint(out)
     assert {k for k in ckpt.tensors if not torch.equal(ckpt.get(k), erased.get(k))} == {"txt_in.weight", "vector_in.in_layer.weight"}
     text = TransformerModel(ckpt, read_transformer_file(ckpt), tmp_path / "folder").load_text_encoder()
@@ -638,9 +643,11 @@ def test_uce_on_a_flux_file_edits_the_text_and_pooled_embedders_so_the_concept_e
         w, w_new = ckpt.get(key).float(), erased.get(key).float()
         before, after = ((x @ m.T - y @ w.T).norm() for m in (w, w_new))
         assert after < 0.5 * before, key
+    encoded.clear()
     text_only = CliRunner().invoke(app, ["run", str(path), "--text-encoders", str(tmp_path / "folder"), "-c", "cat", "--method", "uce",
                                          "--preserve", "dog", "--no-expand", "--no-pooled", "--device", "cpu", "-o", str(tmp_path / "t.safetensors")])
     assert text_only.exit_code == 0, text_only.output
+    assert with_pooled == sorted(encoded)  # the pooled vectors came with the token embeddings: no prompt encoded again
     edited = open_checkpoint(tmp_path / "t.safetensors")
     assert {k for k in ckpt.tensors if not torch.equal(ckpt.get(k), edited.get(k))} == {"txt_in.weight"}
 

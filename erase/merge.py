@@ -7,8 +7,9 @@ erased checkpoint (delta = SOURCE - BASE on the tensors that differ; BASE must b
 was erased from, checked against the sha256 recorded in its `erase.*` metadata).
 Deltas are keyed by diffusers UNet parameter names internally, so a delta made on a single
 file applies to a diffusers folder of the same model and the other way round. SD3 / FLUX.1 files and folders are merged
-under their own tensor names (a trained text-stream key or value is rows of a fused qkv tensor, and so is its delta):
-their deltas apply to files of the same layout, and their LoRA is written in diffusers' layout (erase.lora).
+under their own tensor names (a trained text-stream key or value is rows of a fused qkv tensor, and so is its delta); a
+delta taken in another layout of the same model (a release file, with or without ComfyUI's prefix, or a diffusers folder)
+is carried over through diffusers' parameter names, and their LoRA is written in diffusers' layout (erase.lora).
 """
 
 from __future__ import annotations
@@ -76,6 +77,24 @@ def parameter_deltas(target: Target, delta: dict[str, torch.Tensor]) -> dict[str
     return {n: d for n, d in params.items() if d.abs().max() > 0}
 
 
+def in_target_layout(target: Target, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An SD3 / FLUX.1 delta taken in another layout of the same model (a release file's fused rows with or without
+    ComfyUI's prefix, or a diffusers folder's parameters) as deltas of the target's own tensors: through diffusers'
+    parameter names, each row written where the target keeps it (zero elsewhere: a fused tensor's untouched rows)."""
+    from erase.checkpoint.transformer_config import file_pieces
+    from erase.checkpoint.transformer_files import FOLDER_PREFIX, PREFIX
+    from erase.checkpoint.transformer_keymap import Piece, assemble, splice, transformer_pieces
+
+    tf = target.transformer
+    if all(k.startswith(FOLDER_PREFIX) for k in tensors):
+        pieces = [Piece(k, None, k[len(FOLDER_PREFIX):]) for k in tensors]
+    else:
+        prefix = PREFIX if all(k.startswith(PREFIX) for k in tensors) else ""
+        pieces = transformer_pieces(tf.family, {k: tuple(v.shape) for k, v in tensors.items()}, prefix, tf.width)
+    params = assemble(pieces, lambda files: {f: tensors[f] for f in files})
+    return splice(file_pieces(target.ckpt, tf), params, lambda files: {f: torch.zeros(target.ckpt.shape(f)) for f in files})
+
+
 def _name_map(model: Model) -> dict[str, str]:
     """Every way a UNet tensor may be keyed (LDM single file, diffusers folder) -> diffusers name."""
     out = {}
@@ -92,7 +111,7 @@ def _concepts(meta: dict[str, str]) -> list[str]:
         return []
 
 
-def load_delta(source: Path, *, base: Target | None, base_sha: str | None, names: dict[str, str], force: bool) -> Delta:
+def load_delta(source: Path, *, base: Target | None, base_sha: str | None, target: Target, force: bool) -> Delta:
     ckpt = open_checkpoint(source)
     recorded = ckpt.metadata.get("erase.input_sha256")
     if ckpt.metadata.get("erase.kind") == "delta":
@@ -109,6 +128,9 @@ def load_delta(source: Path, *, base: Target | None, base_sha: str | None, names
                          "pass --force to merge anyway")
     if base_sha is not None and not recorded and not force and ckpt.metadata.get("erase.kind") != "delta":
         raise EraseError(f"{source} has no erase provenance (erase.input_sha256); pass --force if it really derives from --base")
+    names = target.names
+    if target.transformer is not None and any(k not in names for k in tensors):  # taken in another layout of the model
+        tensors = in_target_layout(target, tensors)
     unknown = [k for k in tensors if k not in names]
     if unknown:
         raise EraseError(f"{source}: {len(unknown)} changed tensors are not UNet parameters of the target (e.g. {unknown[0]})")
@@ -152,10 +174,9 @@ def merge(target_path: Path, sources: list[Path], out: Path, *, base_path: Path 
     base_sha = sha256_file(base_path) if base_path else None
     if base is not None and base.family != target.family:
         raise EraseError(f"--base is {base.label}, the target {target.label}: refusing to mix families")
-    names = target.names
     deltas = []
     for src, w in zip(sources, weights):
-        d = load_delta(src, base=base, base_sha=base_sha, names=names, force=force)
+        d = load_delta(src, base=base, base_sha=base_sha, target=target, force=force)
         if d.family and d.family != target.family:
             raise EraseError(f"{src} is a {d.family} erasure; the target is {target.family}")
         d.weight = w

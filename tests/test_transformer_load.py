@@ -687,7 +687,8 @@ def test_run_generate_and_merge_take_a_sharded_flux_diffusers_folder_and_write_o
     """A diffusers FLUX.1 folder as the input itself (its transformer in shards, as the release ships it): `erase run`
     writes a folder in which only the shards holding the trained keys and values change, and only those tensors; every
     other component keeps its bytes; diffusers' FluxTransformer2DModel loads the output; generate draws from it, and
-    merge carries the erasure onto the input as a folder again."""
+    merge carries the erasure onto the input as a folder again, onto the same model's single file (fused rows), and a
+    single file's delta back onto the folder."""
     import hashlib
 
     from diffusers import FluxTransformer2DModel
@@ -724,3 +725,21 @@ def test_run_generate_and_merge_take_a_sharded_flux_diffusers_folder_and_write_o
     assert merged.exit_code == 0, merged.output
     again = FluxTransformer2DModel.from_pretrained(tmp_path / "merged" / "transformer").state_dict()
     assert all(torch.allclose(again[n], after[n], atol=1e-6) for n in moved)
+    # the folder's erasure carried onto the same model's single file (Black Forest Labs' fused layout) and back
+    file = tmp_path / "flux1-dev.safetensors"
+    onto_file = CliRunner().invoke(app, ["merge", str(file), str(out), "--base", str(folder), "-o", str(tmp_path / "f.safetensors")])
+    assert onto_file.exit_code == 0, onto_file.output
+    f_ckpt = open_checkpoint(tmp_path / "f.safetensors")
+    carried = load_transformer(f_ckpt, read_transformer_file(f_ckpt))[0].state_dict()
+    assert all(torch.allclose(carried[n], after[n], atol=1e-6) for n in before)
+    delta = tmp_path / "f.delta.safetensors"
+    r = CliRunner().invoke(app, ["run", str(file), "--text-encoders", str(folder), "-c", "cat", "--preserve", "none", "--steps", "1",
+                                 "--sample-steps", "4", "--train", "xattn-kv", "--resolution", "32", "--device", "cpu",
+                                 "-o", str(tmp_path / "e.safetensors"), "--delta", str(delta)])
+    assert r.exit_code == 0, r.output
+    back = CliRunner().invoke(app, ["merge", str(folder), str(delta), "-o", str(tmp_path / "back")])
+    assert back.exit_code == 0, back.output
+    e_ckpt = open_checkpoint(tmp_path / "e.safetensors")
+    file_erased = load_transformer(e_ckpt, read_transformer_file(e_ckpt))[0].state_dict()
+    in_folder = FluxTransformer2DModel.from_pretrained(tmp_path / "back" / "transformer").state_dict()
+    assert all(torch.allclose(in_folder[n], file_erased[n], atol=1e-6) for n in before)

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from erase.backbones import distilled
+from erase.backbones import distilled, one_forward, set_sampling_timesteps
 from erase.engine.device import check_xformers, configure_attention, resolve_device, resolve_precision
 from erase.engine.sampling import predict
 from erase.errors import EraseError, UsageError
@@ -144,8 +144,8 @@ class ImageGenerator:
         self.dtype, self.autocast_dtype = dtype, autocast_dtype  # autocast: for the attacks that back-propagate through the UNet
         self.flow = model.family.prediction_type == "flow"  # SD3 / FLUX.1: a flow-matching transformer (erase.transformer_model)
         # FLUX.1-dev is guidance-distilled: one forward per step, the guidance scale an input of the model (FluxPipeline's way)
-        self.distilled = model.transformer and distilled(model.family.name, model.config)
-        self.flux = model.family.name == "flux"  # sigmas as FluxPipeline sets them, guided or not
+        self.config = model.config if model.transformer else {}
+        self.distilled = distilled(model.family.name, self.config)
         if self.distilled and (settings.negative or settings.safety):
             raise UsageError(f"{'--negative' if settings.negative else '--safety'}: {model.family.label} samples without a second "
                              "(unconditional) forward, which negative prompts and SLD need; not built for it")
@@ -207,12 +207,12 @@ class ImageGenerator:
         shape = (self.vae.config.latent_channels if self.flow else self.unet.config.in_channels, h, h)
         # each image's noise comes from its own seed, so batching changes an image only by float reduction order (a few pixels)
         x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(j.seed)) for j in jobs])
-        self._set_timesteps(h)
+        set_sampling_timesteps(self.model.family.name, sched, s.steps, h)
         # latents stay fp32 between steps; only the UNet's input is cast (a flow's noise is unscaled)
         x = (x * getattr(sched, "init_noise_sigma", 1.0)).to(self.device)
         b = len(jobs)
         # FLUX.1-dev always, and a FLUX.1 without a guidance embedder at a scale of 1 or less (FluxPipeline's schnell)
-        if self.distilled or (self.flux and sld is None and all(j.guidance <= 1 for j in jobs)):
+        if one_forward(self.model.family.name, self.config, [j.guidance for j in jobs], sld is not None):
             return self._one_forward_latents(x, jobs)
         conds = [self._encode([j.negative for j in jobs]), self._encode([j.prompt for j in jobs])]
         if sld is not None:
@@ -230,20 +230,6 @@ class ImageGenerator:
             extra = {"generator": gen} if "generator" in sched.step.__code__.co_varnames else {}
             x = sched.step(pred, t, x, **extra).prev_sample
         return x
-
-    def _set_timesteps(self, h: int) -> None:
-        """The sampler's timesteps; FLUX.1's as FluxPipeline sets them: sigmas evenly from 1 to 1/steps, shifted by the
-        image's token count where the scheduler shifts by resolution."""
-        sched, steps = self.scheduler, self.settings.steps
-        if not self.flux:
-            sched.set_timesteps(steps)
-            return
-        import numpy as np
-
-        from erase.backbones.flux import mu
-
-        shift = mu((h // 2) ** 2, sched.config) if sched.config.get("use_dynamic_shifting") else None
-        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=shift)
 
     def _one_forward_latents(self, x: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
         """FLUX.1: each step one forward on the prompt, the job's guidance scale the model's input where it has a guidance

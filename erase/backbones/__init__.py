@@ -2,7 +2,8 @@
 
 Built so far: the one forward of the transformer families (SD3 / SD3.5, FLUX.1), which `erase.engine.sampling.predict`
 calls in place of the UNet's; the trainable sets' rules per family (unet.py, mmdit.py); which families are
-guidance-distilled; the matrices a closed-form edit (UCE) changes. SD 1.x / 2.x / SDXL still load through `erase.models`:
+guidance-distilled, and how each family's sampler sets its timesteps and when it needs no unconditional half
+(erase.generate asks these, not the family's name); the matrices a closed-form edit (UCE) changes. SD 1.x / 2.x / SDXL still load through `erase.models`:
 the next pieces to move here.
 """
 
@@ -35,3 +36,20 @@ def transformer_forward(model) -> Callable | None:
     if family is None:
         return None
     return importlib.import_module(f"erase.backbones.{family}").forward
+
+
+def one_forward(family: str, config, guidances: list[float], safety: bool) -> bool:
+    """Whether sampling makes one forward per step on the prompt alone (no unconditional half): a guidance-distilled
+    model always; a FLUX.1 without a guidance embedder (schnell) when every scale is 1 or less and no SLD asks for the
+    unconditional branch, as FluxPipeline samples it. Every other model: classifier-free guidance."""
+    return distilled(family, config) or (family in DISTILLED and not safety and all(g <= 1 for g in guidances))
+
+
+def set_sampling_timesteps(family: str, scheduler, steps: int, latent_rows: int) -> None:
+    """The sampler's `steps` timesteps for an image of `latent_rows` latent rows, as the family's diffusers pipeline sets
+    them (FLUX.1: its own sigma schedule; the rest: the scheduler's)."""
+    module = importlib.import_module(f"erase.backbones.{family}") if family in TRANSFORMER_CLASSES.values() else None
+    if module is not None and hasattr(module, "set_timesteps"):
+        module.set_timesteps(scheduler, steps, latent_rows)
+    else:
+        scheduler.set_timesteps(steps)

@@ -39,6 +39,15 @@ def mu(image_tokens: int, cfg) -> float:
     return image_tokens * m + cfg["base_shift"] - m * cfg["base_image_seq_len"]
 
 
+def set_timesteps(scheduler, steps: int, latent_rows: int) -> None:
+    """The sampler's timesteps as FluxPipeline sets them: sigmas evenly from 1 to 1/steps, shifted by the image's packed
+    token count where the scheduler shifts by resolution (dev)."""
+    import numpy as np
+
+    shift = mu((latent_rows // 2) ** 2, scheduler.config) if scheduler.config.get("use_dynamic_shifting") else None
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=shift)
+
+
 def forward(call, z: torch.Tensor, t: torch.Tensor, cond, config, guidance: torch.Tensor | float | None = None) -> torch.Tensor:
     """The velocity for latents `z` (B, C, H, W) at timestep(s) `t` on the 0..1000 scale; `call(**inputs)` runs the
     model. `guidance` (a scale, or one per sample; None: FluxPipeline's 3.5) is used only by a guidance-distilled model

@@ -84,7 +84,8 @@ class SDDConfig:
                         "concept ('' unless --expand), all the input model's. SDD: 0 = the reference, above 0 with --target "
                         "frozen; ESD: the reference's 1.0 (the authors' newer script 2.0).", summary=True)
     # measured on the shapes model (issue 36): pushing a square away with --eta pushed circles, its nearest neighbour, away
-    # too (circles at 50% of base at eta 0.5); the part of the push a concept shares with its neighbour is what carries over
+    # too (circles at 50% of base at eta 0.5). Sparing the neighbour's direction did not keep them (44%): the neighbour is
+    # lost through the keys and values the prompts share, not through the target's direction (benchmarks/README.md)
     eta_spare: bool = option(False, "With --eta: remove from the push, per sample, its component along the nearest preserved "
                              "neighbour's own direction (eps(z, n) - eps(z, w), n the erased prompt naming the neighbour: 'a red "
                              "circle' for 'a red square'), so that what the two share is not pushed away. One more UNet "

@@ -132,6 +132,7 @@ class SDD(TrainedMethod):
         self.target_prompt = ", ".join(concepts)
         self.embeddings: dict[str, Conditioning] = {}
         self.neighbours: dict[str, str] = {}  # erased concept -> its nearest preserved concept (set by the run: --eta-spare)
+        self.erased = self.erased_prompts()  # once: --eta-spare looks the step's prompt up at every step
         # per stream, per trajectory prompt (c_p for the teacher, each c_s for the input model): (z_t, k) not yet trained on
         self.pending: list[dict[str, list[tuple[torch.Tensor, int]]]] = [{} for _ in self.generators]
         self.frozen = frozen_copy(self.trainable) if self.keeps_input_copy(cfg) else None  # the input's: built before any step
@@ -245,7 +246,7 @@ class SDD(TrainedMethod):
         """The student prompt naming its concept's nearest neighbour ("a red square" -> "a red circle"), when it is encoded."""
         from erase.engine.preserve import swap_concept
 
-        concept = self.erased_prompts().get(prompt)
+        concept = self.erased.get(prompt)
         if concept is None or concept not in self.neighbours:
             return None
         spare = swap_concept(prompt, concept, self.neighbours[concept])

@@ -4,8 +4,8 @@ loaders `erase generate`, `erase evaluate` and `erase run` use for a Stable Diff
 
 A diffusers folder of either family is its own --text-encoders folder. Not built yet, and refused by name where a command
 reaches it: FLUX.1-dev's negative prompts and SLD (they need the
-unconditional forward a guidance-distilled model does not make), and
-UnlearnDiffAtk through a T5 tower (its prefix is one distribution over CLIP's words). A FLUX.1 without a guidance
+unconditional forward a guidance-distilled model does not make). UnlearnDiffAtk's prefix is one distribution over
+CLIP's words: a T5 tower reads it as text (erase.attack.prefix). A FLUX.1 without a guidance
 embedder (schnell's layout, erase's shapes-world model) samples with classifier-free guidance above a scale of 1
 (erase.backbones.distilled)."""
 

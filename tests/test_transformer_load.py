@@ -451,7 +451,8 @@ def test_hfi_collects_inverts_and_erases_a_learned_token_on_a_flux_file_through_
 def test_both_attacks_run_on_a_flux_file_through_every_text_tower(tmp_path, monkeypatch):
     """`erase attack` on a FLUX.1 file with --text-encoders: UnlearnDiffAtk's prefix enters both towers (CLIP's words in
     each), CCE's token is learned through both (one vector set per tower) on the flow-matching forward process, and the
-    report counts both; a real FLUX.1's T5 (its own vocabulary) is refused for the prefix in one line."""
+    report counts both; a real FLUX.1's T5 (its own vocabulary) reads the prefix as the CLIP words it currently is, while
+    the prefix's gradient comes through CLIP-L's pooled vector."""
     import json
 
     from typer.testing import CliRunner
@@ -478,8 +479,18 @@ def test_both_attacks_run_on_a_flux_file_through_every_text_tower(tmp_path, monk
     assert [tuple(v.shape) for v in token.vectors] == [(1, 16), (1, 16)]  # CLIP-L's tower, then the sequence tower
     enc = text_encoders("flux")
     t5_text = TransformerText("flux", enc["clip"], enc["t5"], 16)
-    with pytest.raises(UsageError, match="its own vocabulary"):
-        install_prefix(t5_text, 3)
+    prefix, prefix_text = install_prefix(t5_text, 3)
+    cond = t5_text.forward([f"{prefix_text} a cat"])
+    cond.pooled.sum().backward()
+    assert prefix.dist.grad.abs().sum() > 0  # through CLIP-L
+    words = enc["clip"][0][0].decode(prefix.ids()).strip()
+    assert torch.allclose(cond.embeds, t5_text.encode([f"{words} a cat"]).embeds, atol=1e-4)  # T5 read the words (grad mode: other kernels)
+    prefix.hard = [300, 301, 302]
+    hard_words = enc["clip"][0][0].decode(prefix.hard).strip()
+    assert torch.equal(t5_text.encode([f"{prefix_text} a cat"]).embeds, t5_text.encode([f"{hard_words} a cat"]).embeds)
+    assert not torch.equal(t5_text.encode([f"{prefix_text} a cat"]).embeds, t5_text.encode(["a cat"]).embeds)
+    with pytest.raises(UsageError, match="no CLIP text tower"):
+        install_prefix(TransformerText("flux", [], enc["t5"], 16), 3)
 
 
 def test_run_erases_on_an_sd3_file_by_training_the_text_streams_keys_and_values_spliced_into_their_qkv_rows(tmp_path):

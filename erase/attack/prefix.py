@@ -69,20 +69,29 @@ class PrefixTokens(TrainableTokens):
 
 
 def install_prefix(text, k: int) -> tuple[Prefix, str]:
-    """Add k stand-in tokens to every text encoder of `text` (erase.models.TextEncoder, or an SD3 / FLUX.1
+    """Add k stand-in tokens to every CLIP tower of `text` (erase.models.TextEncoder, or an SD3 / FLUX.1
     TransformerText), their rows read from one `Prefix`; returns it and the text to put before a prompt
-    ("<erase-adv0> <erase-adv1> ..."). The prefix is one distribution over CLIP's words, so every tower must read them:
-    a T5 tower (its own vocabulary) is refused in one line."""
+    ("<erase-adv0> <erase-adv1> ..."). The prefix is one distribution over CLIP's words; a T5 tower (its own
+    vocabulary) reads the prefix as the words it currently is (the argmax, or the hard ids), re-tokenised with T5's own
+    tokenizer at every encoding: the words are the attack's, the gradient reaches the prefix through the CLIP towers
+    only (on FLUX.1 that is CLIP-L's pooled vector)."""
     from erase.errors import UsageError
     from erase.models import VOCAB_SIZE
 
-    other = [type(enc).__name__ for tok, enc in text.towers if tok.vocab_size != VOCAB_SIZE]
-    if other:
-        raise UsageError(f"UnlearnDiffAtk: its prefix is one distribution over CLIP's {VOCAB_SIZE} words, and this model's "
-                         f"{other[0]} has its own vocabulary; not built (use --attack cce)")
     tokens = [STAND_IN.format(i) for i in range(k)]
     prefix = Prefix(k, VOCAB_SIZE - 2)  # the tokenizer's words: BOS (49406) and EOS (49407) would restart or end the prompt
-    for tok, enc in text.towers:
+    clip = [(tok, enc) for tok, enc in text.towers if tok.vocab_size == VOCAB_SIZE]
+    if not clip:
+        raise UsageError(f"UnlearnDiffAtk: its prefix is one distribution over CLIP's {VOCAB_SIZE} words, and this model has "
+                         "no CLIP text tower (use --attack cce)")
+    if len(clip) < len(text.towers):
+        words = clip[0][0]
+
+        def plain(prompt: str) -> str:
+            return prompt.replace(" ".join(tokens), words.decode(prefix.hard or prefix.ids()).strip())
+
+        text.plain_words = plain  # what the other vocabularies read (erase.backbones.text.TransformerText)
+    for tok, enc in clip:
         if tok.add_tokens(tokens) != k:
             raise RuntimeError("the adversarial stand-in tokens are already in this tokenizer")
         enc.resize_token_embeddings(len(tok), mean_resizing=False)

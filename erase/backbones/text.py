@@ -8,6 +8,7 @@ vector; FLUX.1 has no meaning without T5. The token lengths are fixed per run (t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,9 @@ class TransformerText:
     t5_length: int | None = None  # None: the pipeline's default
     clip_length: int = MAX_TOKENS
     spellings: dict[str, str] = field(default_factory=dict)  # multi-vector embedding token -> "tok tok_1 ..." (erase.embeddings)
+    # how T5 reads a prompt written in CLIP's added tokens (UnlearnDiffAtk's prefix stand-ins as the words they are now:
+    # erase.attack.prefix); None: as written
+    plain_words: Callable[[str], str] | None = None
 
     def __post_init__(self) -> None:
         if self.family == "flux" and self.t5 is None:
@@ -54,6 +58,8 @@ class TransformerText:
         if self.t5 is None:
             return torch.zeros(len(prompts), self.t5_length, self.joint_dim, device=device)
         tok, enc = self.t5
+        if self.plain_words is not None:
+            prompts = [self.plain_words(p) for p in prompts]
         ids = tok(prompts, padding="max_length", max_length=self.t5_length, truncation=True, add_special_tokens=True,
                   return_tensors="pt").input_ids
         return enc(ids.to(device))[0].float()

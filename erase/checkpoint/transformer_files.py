@@ -172,7 +172,7 @@ def _folder(ckpt: Checkpoint) -> TransformerFile:
 
 def support(tf: TransformerFile) -> str:
     """What erase does with this file or folder, for `erase inspect`."""
-    attack = "UnlearnDiffAtk without T5, CCE" if tf.family == "sd3" else "CCE; UnlearnDiffAtk where no T5 tower"
+    attack = "CCE, UnlearnDiffAtk (its prefix's gradient through the CLIP towers)"
     needs = " with --text-encoders (a diffusers FLUX.1 folder)" if tf.family == "flux" and not tf.folder else ""
     return (f"inspect; generate, evaluate, run (SDD, ESD, UCE, CA), feedback (HFI) and attack ({attack}){needs}; merge and LoRA "
             "export; not FLUX.1-dev's negative prompts or SLD")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from erase import __version__
+from erase import __version__, backbones
 from erase.checkpoint.extras import ema_drop
 from erase.checkpoint.write import check_output_path, provenance, report_path, sha256_file, write_checkpoint
 from erase.engine.adversarial import Adversarial, AdversarialConfig, SoftPrefixAttack
@@ -190,8 +190,9 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
                              f"{world.size}; resume it under the same launch")
 
     model = open_any_model(opts.model, opts.prediction_type, opts.text_encoders, drawing=False, command="run")
-    if not model.transformer and opts.train_set == "text-kv":
-        raise UsageError(f"--train text-kv is for SD3 / FLUX.1 files; on {model.family.label} use xattn-kv")
+    family_rules = backbones.rules(model.transformer)
+    if opts.train_set in family_rules.REFUSED_TRAIN:
+        raise UsageError(family_rules.REFUSED_TRAIN[opts.train_set].format(label=model.family.label))
     out = check_output_path(opts.model, opts.out or default_output(opts.model), force=opts.force)
     if opts.delta:
         check_output_path(opts.model, opts.delta, force=opts.force)
@@ -202,13 +203,9 @@ def erase_concepts(opts: RunOptions, console: Console, *, progress: bool = True)
     method_cfg = method_cfg_cls(**{**preserving_defaults(method_cfg_cls, spec, method_cls, opts.method_config), **opts.method_config})
     asked_train, asked_adversarial = opts.train_set, opts.adversarial
     resolve_run_defaults(opts, method_cls, spec)
-    if model.transformer and asked_train is None and opts.train_set == "xattn-kv":
-        # measured on the shapes-world FLUX.1 (benchmarks/shapes_flux.py): the text stream's keys and values alone leave
-        # circles at 0.85; with the pooled vector's embedder, which reaches every block's modulation, 0.00
-        opts.train_set = "text-kv"
-    if model.transformer and asked_adversarial is AUTO:
-        # measured there too: with the shared inner attack circles stay at 0.46 after the default's steps, and it does not
-        # hold (UnlearnDiffAtk 0.58, CCE 0.92 of 12 cases); off by default on these families, --adversarial runs it
+    if asked_train is None:  # the family's own set where the method's default names another's (erase.backbones)
+        opts.train_set = family_rules.DEFAULT_TRAIN.get(opts.train_set, opts.train_set)
+    if asked_adversarial is AUTO and not family_rules.INNER_ATTACK_BY_DEFAULT:
         opts.adversarial = None
     method_cfg.validate()
     opts.vocabulary = opts.vocabulary or default_vocabulary(model.ckpt.metadata)

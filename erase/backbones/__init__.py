@@ -1,10 +1,11 @@
 """What differs between model families, one file per family (DESIGN.md §2: the backbone interface, built piece by piece).
 
-Built so far: the one forward of the transformer families (SD3 / SD3.5, FLUX.1), which `erase.engine.sampling.predict`
-calls in place of the UNet's; the trainable sets' rules per family (unet.py, mmdit.py); which families are
-guidance-distilled, and how each family's sampler sets its timesteps and when it needs no unconditional half
-(erase.generate asks these, not the family's name); the matrices a closed-form edit (UCE) changes. SD 1.x / 2.x / SDXL still load through `erase.models`:
-the next pieces to move here.
+Here: the one forward of the transformer families (SD3 / SD3.5, FLUX.1), which `erase.engine.sampling.predict` calls in
+place of the UNet's; the trainable sets' rules, the closed-form edits' matrices and the run defaults per kind of
+denoiser (unet.py, mmdit.py: `rules`); which families are guidance-distilled, and how each family's sampler sets its
+timesteps and when it needs no unconditional half (erase.generate asks these, not the family's name); the transformer
+families' text encoding (text.py). Loading is the two model classes' job, one per kind of denoiser with the same
+methods: erase.models.Model (SD 1.x / 2.x / SDXL single files and folders) and erase.transformer_model.TransformerModel.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def guidance_distilled(model) -> bool:
     """`distilled` for a loaded diffusers transformer (False for a UNet)."""
     family = TRANSFORMER_CLASSES.get(type(model).__name__)
     return family is not None and distilled(family, model.config)
+
+
+def rules(transformer: bool):
+    """The trainable sets' rules and run defaults of a UNet family (unet.py) or a transformer family (mmdit.py)."""
+    return importlib.import_module(f"erase.backbones.{'mmdit' if transformer else 'unet'}")
 
 
 def transformer_forward(model) -> Callable | None:

@@ -16,6 +16,13 @@ CLOSED_FORM = ("context_embedder.weight",)
 # prompt and feeds every block's modulation; UCE edits it only when asked (--pooled)
 POOLED = "time_text_embed.text_embedder.linear_1.weight"
 TEXT_ATTENTION = (".attn.add_q_proj.", ".attn.add_k_proj.", ".attn.add_v_proj.", ".attn.to_add_out.")
+# run defaults (erase.run), measured on the shapes-world FLUX.1 (benchmarks/shapes_flux.py): where a method's default
+# names the text stream's keys and values, the pooled vector's embedder trains too (text-kv: circles 0.00; the keys and
+# values alone leave them at 0.85, the pooled vector reaching every block's modulation); SDD's shared inner attack is
+# off unless --adversarial asks (with it circles stay at 0.46 and it does not hold: UnlearnDiffAtk 0.58, CCE 0.92)
+DEFAULT_TRAIN = {"xattn-kv": "text-kv"}
+INNER_ATTACK_BY_DEFAULT = False
+REFUSED_TRAIN: dict[str, str] = {}
 
 
 def selects(name: str, which: str) -> bool:

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 # the closed-form edits' matrices (UCE): the only weights that read the text encoder's tokens, each W c for a token c
 CLOSED_FORM = (".attn2.to_k.weight", ".attn2.to_v.weight")
+# run defaults (erase.run): the trainable set the methods' defaults name stays as named, SDD's shared inner attack is on
+# by default (measured on the shapes-world SD: benchmarks/sweeps.json), and the sets this family has no meaning for
+DEFAULT_TRAIN: dict[str, str] = {}
+INNER_ATTACK_BY_DEFAULT = True
+REFUSED_TRAIN = {"text-kv": "--train text-kv is for SD3 / FLUX.1 files; on {label} use xattn-kv"}
 
 
 def selects(name: str, which: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from erase.backbones import mmdit, unet
+from erase.backbones import rules
 from erase.checkpoint.transformer_files import TRANSFORMER_CLASSES
 from erase.errors import UsageError
 
@@ -24,13 +24,13 @@ def selects(name: str, which: str, transformer: bool = False) -> bool:
     transformer (`transformer`): each family's rules are its backbone's (erase.backbones)."""
     if which == "full":
         return True
-    return (mmdit if transformer else unet).selects(name, which)
+    return rules(transformer).selects(name, which)
 
 
 def closed_form_edits(name: str, transformer: bool = False) -> bool:
     """Whether a closed-form edit (UCE) changes parameter `name` of a UNet or an SD3 / FLUX.1 transformer: the weights
     that map the text encoder's tokens (erase.backbones)."""
-    return name.endswith((mmdit if transformer else unet).CLOSED_FORM)
+    return name.endswith(rules(transformer).CLOSED_FORM)
 
 
 def is_transformer(model: torch.nn.Module) -> bool:

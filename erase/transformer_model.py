@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from erase.backbones.interface import DenoiserModel
 from erase.checkpoint.formats import Checkpoint
 from erase.checkpoint.model_config import vae_config
 from erase.checkpoint.transformer_config import file_pieces, load_transformer, meta_transformer, transformer_config
@@ -261,7 +262,7 @@ def folder_text(folder: Path, family: str, joint_dim: int):
 
 
 def open_any_model(path, prediction_type: str | None = None, text_encoders: Path | None = None, *, drawing: bool = True,
-                   families: tuple[str, ...] = ("sd3", "flux"), command: str = "generate"):
+                   families: tuple[str, ...] = ("sd3", "flux"), command: str = "generate") -> DenoiserModel:
     """A Stable Diffusion `Model`, or an SD3 / SD3.5 or FLUX.1 single file or diffusers folder as a TransformerModel (the
     `families` `command` does not take are refused in one line naming the release). `drawing`: the VAE is needed too
     (not to train)."""

@@ -754,3 +754,21 @@ def test_run_generate_and_merge_take_a_sharded_flux_diffusers_folder_and_write_o
     file_erased = load_transformer(e_ckpt, read_transformer_file(e_ckpt))[0].state_dict()
     in_folder = FluxTransformer2DModel.from_pretrained(tmp_path / "back" / "transformer").state_dict()
     assert all(torch.allclose(in_folder[n], file_erased[n], atol=1e-6) for n in before)
+
+
+def test_every_model_class_gives_the_commands_the_same_interface(tmp_path, tiny_sd1):
+    """The Stable Diffusion model and the SD3 / FLUX.1 transformer model both implement erase.backbones.interface: every
+    member is there, and every method takes the interface's arguments by the same names."""
+    import inspect
+
+    from erase.backbones.interface import DenoiserModel, members
+    from erase.transformer_model import open_any_model
+
+    models = [open_any_model(tiny_sd1), open_any_model(_flux_dev_with_folder(tmp_path, 1), text_encoders=tmp_path / "folder")]
+    for model in models:
+        assert isinstance(model, DenoiserModel), type(model).__name__
+        for name, spec in members().items():
+            if callable(spec):
+                theirs = inspect.signature(getattr(type(model), name)).parameters
+                assert list(inspect.signature(spec).parameters) == list(theirs), (type(model).__name__, name)
+    assert [m.transformer for m in models] == [False, True]

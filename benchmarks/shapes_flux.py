@@ -1,6 +1,6 @@
 """The shapes-world FLUX.1-architecture model: its calibration and the methods table, on the UNet table's protocol.
 
-    python benchmarks/shapes_flux.py [--seeds 8] [--only uce] [--work DIR] [--attack]
+    python benchmarks/shapes_flux.py [--seeds 8] [--only uce] [--work DIR] [--attack] [--model distilled]
 
 The model is examples/shapes/shapes-flux.safetensors (Black Forest Labs' layout, transformer only) with its diffusers
 folder examples/shapes/shapes-flux/ as `--text-encoders` (built from the shapes SD file by `examples/shapes/train_flux.py
@@ -9,6 +9,11 @@ examples/shapes/configs/flux/NAME.toml`, run through the CLI itself, then measur
 (erase.evaluate.shapes_world.measure: 8 seeds x 6 colours per shape, 20 Euler steps, CFG 5) and judged against the same
 targets (the base's unconditional circle rate + 0.05; every other shape at 90 % of its base accuracy; colour 0.95).
 Writes benchmarks/shapes_flux.json; `python benchmarks/tables.py` puts its tables in the README.
+
+`--model distilled` measures the same rows on examples/shapes/shapes-flux-dev.safetensors, the model's FLUX.1-dev-like
+student (a guidance embedder, one forward per step: `examples/shapes/train_flux.py --distill`), drawn at the same scale 5
+as its input, and first what "unconditional" means there (`agreement`): the student's velocity for "" and for a caption
+at each scale against the teacher's unconditional and guided velocities. Writes benchmarks/shapes_flux_dev.json.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # shapes.py's calibrat
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ROOT / "examples" / "shapes"
 MODEL, FOLDER, CONFIGS = SHAPES / "shapes-flux.safetensors", SHAPES / "shapes-flux", SHAPES / "configs" / "flux"
+# --model: the file measured and its record; "distilled" is MODEL's guidance-distilled student
+MODELS = {"cfg": (MODEL, ROOT / "benchmarks" / "shapes_flux.json"),
+          "distilled": (SHAPES / "shapes-flux-dev.safetensors", ROOT / "benchmarks" / "shapes_flux_dev.json")}
+SCALES = (1.0, 3.5, 5.0, 7.0)  # the agreement's guidance scales (FluxPipeline's dev default 3.5, the tables' 5)
+SIGMAS = (0.25, 0.5, 0.75)
 
 # (row, config name or None for the base model); the configs say what each row is
 ROWS = [
@@ -47,15 +57,68 @@ def ensure_folder() -> None:
         subprocess.run([sys.executable, str(SHAPES / "train_flux.py"), "--folder-only"], check=True)
 
 
-def erase(config: str, work: Path) -> tuple[Path, dict]:
-    """`erase run` on the model with the row's config, in a subprocess as a user runs it; the output and its run report."""
+def erase(model: Path, config: str, work: Path) -> tuple[Path, dict]:
+    """`erase run` on `model` with the row's config, in a subprocess as a user runs it; the output and its run report."""
     from erase.checkpoint.write import report_path
 
-    out = work / f"flux-{config}.safetensors"
+    out = work / f"{model.stem}-{config}.safetensors"
     if not (out.exists() and report_path(out).exists()):
-        subprocess.run([sys.executable, "-m", "erase", "run", str(MODEL), "--text-encoders", str(FOLDER), "--config",
+        subprocess.run([sys.executable, "-m", "erase", "run", str(model), "--text-encoders", str(FOLDER), "--config",
                         str(CONFIGS / f"{config}.toml"), "-o", str(out), "--force"], check=True)
     return out, json.loads(report_path(out).read_text())
+
+
+def agreement(student_path: Path, images: int = 96, seed: int = 4242) -> dict:
+    """What "unconditional" means on the distilled student: on fresh renders' latents noised at each of SIGMAS, the
+    relative squared error ||a - b||^2 / ||b||^2 (mean over renders and sigmas) of the student's velocity at each scale g
+    of SCALES, for "" against the teacher's unconditional velocity v_u (what SDD's target is on the teacher), and for the
+    render's caption against the teacher's guided v_u + g (v_c - v_u) (what it was distilled to). `gap`: the same error
+    of the teacher's own v_c against v_u, the size of the difference a caption makes."""
+    import torch
+
+    from erase.engine.sampling import predict
+    from erase.feedback.invert import encode_images
+    from erase.shapes import sample_world
+    from erase.transformer_model import open_any_model
+
+    teacher_model = open_any_model(MODEL, text_encoders=FOLDER)
+    teacher, student = teacher_model.load_unet(), open_any_model(student_path, text_encoders=FOLDER).load_unet()
+    text, vae = teacher_model.load_text_encoder(), teacher_model.load_vae()
+    arr, samples = sample_world(images, seed, empty_fraction=0.0)
+    with tempfile.TemporaryDirectory() as tmp:  # encode_images reads files, as the feedback images are
+        from PIL import Image
+
+        paths = [Path(tmp) / f"{i}.png" for i in range(images)]
+        for a, p in zip(arr, paths):
+            Image.fromarray(a).save(p)
+        x0 = encode_images(vae, paths, "cpu", batch=32)
+    cond, empty = text.encode([s.caption for s in samples]), text.encode([""] * images)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+
+    def rel(a, b):
+        return float(((a - b) ** 2).flatten(1).sum(1).div((b ** 2).flatten(1).sum(1)).mean())
+
+    err = {"uncond": {g: [] for g in SCALES}, "guided": {g: [] for g in SCALES}, "gap": []}
+    for sigma in SIGMAS:
+        z, t = (1 - sigma) * x0 + sigma * noise, torch.tensor(sigma * 1000)
+        with torch.no_grad():
+            v_u, v_c = predict(teacher, z, t, empty, 0), predict(teacher, z, t, cond, 0)
+            err["gap"].append(rel(v_c, v_u))
+            for g in SCALES:
+                err["uncond"][g].append(rel(predict(student, z, t, empty, 0, guidance=g), v_u))
+                err["guided"][g].append(rel(predict(student, z, t, cond, 0, guidance=g), v_u + g * (v_c - v_u)))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"images": images, "sigmas": list(SIGMAS), "gap": mean(err["gap"]),
+            "by_scale": [{"guidance": g, "uncond": mean(err["uncond"][g]), "guided": mean(err["guided"][g])} for g in SCALES]}
+
+
+def agreement_table(record: dict) -> str:
+    a = record["unconditional"]
+    lines = ['| guidance input | student("") vs the teacher\'s unconditional | student(caption) vs the teacher\'s guided velocity |',
+             "|---|---|---|"]
+    lines += [f"| {r['guidance']:g} | {r['uncond']:.3f} | {r['guided']:.3f} |" for r in a["by_scale"]]
+    lines.append(f"| (the teacher's conditional vs its unconditional) | {a['gap']:.3f} | |")
+    return "\n".join(lines)
 
 
 def table(record: dict) -> str:
@@ -117,7 +180,9 @@ def merge(into: Path, others: list[Path]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "shapes_flux.json")
+    ap.add_argument("--model", choices=sorted(MODELS), default="cfg", help="cfg: the shapes-world FLUX.1 (classifier-free "
+                    "guidance); distilled: its guidance-distilled student (FLUX.1-dev's sampling), and the agreement first")
+    ap.add_argument("--json", type=Path, help="the record (default: the model's, benchmarks/shapes_flux[_dev].json)")
     ap.add_argument("--seeds", type=int, default=8, help="seeds per (shape, colour) prompt")
     ap.add_argument("--only", action="append", default=[], help="run only the row of this config (or 'base'); others keep their "
                     "recorded results")
@@ -127,6 +192,8 @@ def main() -> None:
     ap.add_argument("--attack", action="store_true", help="also attack each erased row measured (benchmarks/attack.py's 12 cases: "
                     "UnlearnDiffAtk and CCE on 'a <colour> circle' x 2 seeds)")
     args = ap.parse_args()
+    model, default_json = MODELS[args.model]
+    args.json = args.json or default_json
     if args.merge:
         merge(args.json, args.merge)
         return
@@ -142,7 +209,12 @@ def main() -> None:
     protocol = Protocol(seeds=args.seeds)
     work = args.work or Path(tempfile.mkdtemp(prefix="erase-shapes-flux-"))
     work.mkdir(parents=True, exist_ok=True)
-    recorded = {r["row"]: r for r in json.loads(args.json.read_text())["rows"]} if args.json.exists() else {}
+    previous = json.loads(args.json.read_text()) if args.json.exists() else {}
+    recorded = {r["row"]: r for r in previous.get("rows", [])}
+    extra = {"unconditional": previous["unconditional"]} if "unconditional" in previous else {}
+    if args.model == "distilled" and (not args.only or "agreement" in args.only):
+        extra = {"unconditional": agreement(model)}
+        print(agreement_table(extra))
     if recorded and json.loads(args.json.read_text())["protocol"]["seeds"] != args.seeds:
         raise SystemExit(f"--seeds {args.seeds}: {args.json} was measured with another protocol; its rows must match")
     rows = []
@@ -151,7 +223,7 @@ def main() -> None:
             if name in recorded:
                 rows.append(recorded[name])
             continue
-        path, report = (MODEL, None) if config is None else erase(config, work)
+        path, report = (model, None) if config is None else erase(model, config, work)
         t = time.perf_counter()
         m = measure(path, ["circle"], protocol, text_encoders=FOLDER)
         m.pop("samples")
@@ -161,17 +233,18 @@ def main() -> None:
         if args.attack and config is not None:
             from attack import attack
 
-            row["attack"] = attack(path, MODEL, work, text_encoders=FOLDER)
+            row["attack"] = attack(path, model, work, text_encoders=FOLDER)
         rows.append(row)
         print(f"done: {name}", flush=True)
         done = {r["row"] for r in rows}  # after every row, with the recorded rows still to come: a stopped run keeps both
         later = [recorded[n] for n, _ in ROWS if n in recorded and n not in done]
-        args.json.write_text(json.dumps({"protocol": vars(protocol), "model": MODEL.name, "rows": rows + later}, indent=2))
-    record = {"protocol": vars(protocol), "model": MODEL.name, "rows": rows}
+        args.json.write_text(json.dumps({"protocol": vars(protocol), "model": model.name, "rows": rows + later} | extra, indent=2))
+    record = {"protocol": vars(protocol), "model": model.name, "rows": rows} | extra
     args.json.write_text(json.dumps(record, indent=2))
-    print(calibration_table(record))
-    print()
-    print(table(record))
+    if record["rows"]:
+        print(calibration_table(record))
+        print()
+        print(table(record))
 
 
 if __name__ == "__main__":

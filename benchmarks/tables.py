@@ -123,6 +123,9 @@ GENERATORS = {
     "transformer_run": lambda: script("transformer_run").table(record("transformer_run")),
     "flux_methods": lambda: script("shapes_flux").table(record("shapes_flux")),
     "flux_calibration": lambda: script("shapes_flux").calibration_table(record("shapes_flux")),
+    "flux_dev_agreement": lambda: script("shapes_flux").agreement_table(record("shapes_flux_dev")),
+    "flux_dev_calibration": lambda: script("shapes_flux").calibration_table(record("shapes_flux_dev")),
+    "flux_dev_methods": lambda: script("shapes_flux").table(record("shapes_flux_dev")),
     "write_speed": lambda: "```\n" + script("write_speed").table(record("write_speed")) + "\n```",
 }
 

@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 
 from erase import __version__, backbones
+from erase.backbones.flux import DEV_GUIDANCE
 from erase.checkpoint.extras import ema_drop
 from erase.checkpoint.write import check_output_path, provenance, report_path, sha256_file, write_checkpoint
 from erase.engine.adversarial import Adversarial, AdversarialConfig, SoftPrefixAttack
@@ -551,13 +552,15 @@ def _print_summary(console: Console, model: Model, opts: RunOptions, cfg: dict, 
     console.print(f"  steps           {t.steps} (from {start_step}), lr {t.lr:g}, EMA {t.ema_decay}, seed {t.seed}, "
                   f"resolution {cfg['resolution']}")
     if "reuse" in m:
+        distilled = model.transformer and backbones.distilled(model.family.name, model.config)
         evals = expected_evals_per_step(m["sample_steps"], m["reuse"], retain_slots=cfg["preserve_per_step"] if held else 0,
                                         retain_frozen=m.get("trajectories") == "frozen", paired=bool(cfg["preserve_paired"] and held),
                                         adversarial_steps=None if cfg["adversarial"] is None else cfg["adversarial"]["steps"],
-                                        concept_eps=concept_eps_cost(m))
+                                        concept_eps=concept_eps_cost(m), guided_cost=1 if distilled else 2)
         who = "the input model" if m.get("trajectories") == "frozen" or opts.method == "esd" else "the EMA teacher"
         sampler = "flow-matching Euler" if model.transformer else "DDIM"
-        console.print(f"  trajectories    {who}, {m['sample_steps']} {sampler} steps, CFG {m['guidance']}, reuse {m['reuse']}; "
+        guidance = f"guidance input {DEV_GUIDANCE} (guidance-distilled: one forward a step)" if distilled else f"CFG {m['guidance']}"
+        console.print(f"  trajectories    {who}, {m['sample_steps']} {sampler} steps, {guidance}, reuse {m['reuse']}; "
                       f"expected ~{evals * opts.batch_size:.1f} UNet evals/step" + (" per process" if cfg["world_size"] > 1 else ""))
     if cfg["adversarial"] is not None:
         a = cfg["adversarial"]
@@ -569,18 +572,19 @@ def _print_summary(console: Console, model: Model, opts: RunOptions, cfg: dict, 
 
 
 def expected_evals_per_step(k: int, reuse: int, *, retain_slots: int = 0, retain_frozen: bool = False, paired: bool = False,
-                            adversarial_steps: int | None = None, concept_eps: str | None = None) -> float:
+                            adversarial_steps: int | None = None, concept_eps: str | None = None, guided_cost: int = 2) -> float:
     """UNet evaluations per step on average (one sample), as erase.engine.sampling.EvalCounter counts them. A trajectory
     stops at the last of its `reuse` latents, drawn without repeats from the K steps: E[last] = reuse (K + 1) / (reuse + 1)
-    - 1 guided steps (2 evaluations each), shared by `reuse` steps; one more when the input model's trajectory also brings
+    - 1 guided steps (`guided_cost` evaluations each: 2, or 1 on a guidance-distilled model), shared by `reuse` steps; one more when the input model's trajectory also brings
     the last latent's target. Each loss term: its target's forward (free for the retain term on the input model's
     latents), the student's forward and backward (3). `concept_eps` (SDD's --eta): the erasure's target also needs the
     input model's eps(z, c), "free" from its trajectory (whose last latent then costs one more guided step) or one more
     "forward"; "+spare" (--eta-spare): and eps(z, n) of the neighbour, one more forward."""
     last = reuse * (k + 1) / (reuse + 1) - 1
     eps_cost, _, spare = (concept_eps or "").partition("+")
-    erase = 2 * last / reuse + 1 + 3 + {"": 0, "free": 2 / reuse, "forward": 1}[eps_cost] + (spare == "spare")
-    retain = (2 * (last + 1) / reuse + 3) if retain_frozen else (2 * last / reuse + 1 + 3)
+    g = guided_cost
+    erase = g * last / reuse + 1 + 3 + {"": 0, "free": g / reuse, "forward": 1}[eps_cost] + (spare == "spare")
+    retain = (g * (last + 1) / reuse + 3) if retain_frozen else (g * last / reuse + 1 + 3)
     attack = 0 if adversarial_steps is None else (6 if adversarial_steps == 0 else 1 + 3 * adversarial_steps + 3)
     return erase + retain_slots * retain + 4 * paired + attack
 

@@ -612,6 +612,7 @@ def test_run_erases_on_a_flux_file_with_its_folder_training_the_text_streams_key
                                        "--no-expand", "--steps", "2", "--sample-steps", "4", "--resolution", "32", "--device", "cpu",
                                        "--adversarial", "-o", str(tmp_path / "default.safetensors")])
     assert default.exit_code == 0, default.output
+    assert "guidance input 3.5 (guidance-distilled" in " ".join(default.output.split())  # not "CFG 3.0": no CFG is made
     report = json.loads((tmp_path / "default.report.json").read_text())
     assert report["config"]["train_set"] == "text-kv" and report["config"]["adversarial"]["steps"] == 0
     plain = CliRunner().invoke(app, ["run", str(path), "--text-encoders", str(tmp_path / "folder"), "-c", "cat", "--preserve", "dog",

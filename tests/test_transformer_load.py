@@ -773,3 +773,27 @@ def test_every_model_class_gives_the_commands_the_same_interface(tmp_path, tiny_
                 theirs = inspect.signature(getattr(type(model), name)).parameters
                 assert list(inspect.signature(spec).parameters) == list(theirs), (type(model).__name__, name)
     assert [m.transformer for m in models] == [False, True]
+
+
+def test_both_attacks_run_on_a_flux_dev_file_whose_sequence_tower_is_t5(tmp_path, monkeypatch):
+    """`erase attack` on a FLUX.1-dev file whose folder has a T5 tower: UnlearnDiffAtk's prefix is searched through CLIP-L
+    and read by T5 as words (the report's adversarial prompt is plain text); both attacks noise on dev's forward process,
+    its resolution-dependent shift fixed for the image size (it was refused: "needs the latent size's mu")."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from erase.cli import app
+    from erase.evaluate import detectors
+    from tests.test_attack import FAST, _prompts, _Stub
+
+    path = _flux_dev_with_folder(tmp_path, 1)
+    monkeypatch.setitem(detectors.DETECTORS, "shapes", _Stub)
+    out = tmp_path / "a"
+    r = CliRunner().invoke(app, ["attack", str(path), "--text-encoders", str(tmp_path / "folder"), "--concept", "cat", "--detector",
+                                 "shapes", "--base", str(path), "--prompts", str(_prompts(tmp_path)), "--attack", "all",
+                                 *FAST, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["results"]) == {"unlearndiffatk", "cce", "any"}
+    assert len(report["cases"]) == 2 and all("<erase-adv" not in c["unlearndiffatk"]["adversarial_prompt"] for c in report["cases"])

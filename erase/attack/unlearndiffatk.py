@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from erase.engine.noise import forward_process
+from erase.engine.noise import forward_process, noise_scheduler
 from erase.engine.sampling import predict
 from erase.errors import UsageError
 from erase.generate import Job
@@ -52,7 +52,7 @@ def attack_prompt(gen, prefix, prefix_text: str, job: Job, z_target: torch.Tenso
     """Run the attack on one prompt. `gen` is the erased model's ImageGenerator (its text encoder carries the prefix's
     stand-in tokens), `flagged(image) -> bool` scores an image. Returns the record of the attack."""
     device, dtype = gen.device, gen.dtype
-    scheduler = gen.model.scheduler("DDPMScheduler")
+    scheduler = noise_scheduler(gen.model, gen.size)
     noising = forward_process(scheduler)
     schedule = cfg.timesteps(scheduler.config.num_train_timesteps)
     with torch.no_grad():

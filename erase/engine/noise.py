@@ -84,6 +84,15 @@ def prediction_mse(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, sc
     return (w * (pred.float() - target.float()).pow(2)).mean()
 
 
+def noise_scheduler(model, resolution: int):
+    """The scheduler whose forward process noises `model`'s latents at `resolution` (textual inversion, UnlearnDiffAtk):
+    DDPM's on the diffusion families; the family's flow-matching scheduler on SD3 / FLUX.1, with FLUX.1-dev's
+    resolution-dependent shift fixed for that size (the training scheduler's)."""
+    if model.family.prediction_type == "flow":
+        return model.training_scheduler(resolution)
+    return model.scheduler("DDPMScheduler")
+
+
 def forward_process(scheduler, mu: float | None = None) -> DiffusionNoise | FlowMatchNoise:
     """The forward process of the model `scheduler` was built for: flow matching for a flow-matching scheduler."""
     if is_flow(scheduler):

@@ -29,7 +29,7 @@ from PIL import Image
 
 from erase.embeddings import Embedding, check_token, save_embedding, trainable_tokens
 from erase.engine.device import resolve_device, resolve_precision
-from erase.engine.noise import forward_process
+from erase.engine.noise import forward_process, noise_scheduler
 from erase.engine.sampling import beta_weights, predict
 from erase.errors import UsageError
 from erase.feedback.collect import IMAGES, read_collection
@@ -186,7 +186,7 @@ def learn_token(model, images: list[Path], prompts: list[str], weights: list[flo
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()
-    loss = TokenLoss(unet, model.scheduler("DDPMScheduler"), text, z0, prompts, weights, batch=cfg.batch,
+    loss = TokenLoss(unet, noise_scheduler(model, resolution), text, z0, prompts, weights, batch=cfg.batch,
                      timesteps=cfg.timesteps, resolution=resolution,
                      device=device, dtype=dtype, generator=torch.Generator().manual_seed(cfg.seed))
     train = TrainConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=0.0, grad_clip=math.inf, ema_decay=0.0, seed=cfg.seed, log_every=1)

@@ -575,8 +575,8 @@ def expected_evals_per_step(k: int, reuse: int, *, retain_slots: int = 0, retain
                             adversarial_steps: int | None = None, concept_eps: str | None = None, guided_cost: int = 2) -> float:
     """UNet evaluations per step on average (one sample), as erase.engine.sampling.EvalCounter counts them. A trajectory
     stops at the last of its `reuse` latents, drawn without repeats from the K steps: E[last] = reuse (K + 1) / (reuse + 1)
-    - 1 guided steps (`guided_cost` evaluations each: 2, or 1 on a guidance-distilled model), shared by `reuse` steps; one more when the input model's trajectory also brings
-    the last latent's target. Each loss term: its target's forward (free for the retain term on the input model's
+    - 1 guided steps (`guided_cost` evaluations each: 2, or 1 on a guidance-distilled model), shared by `reuse` steps;
+    one more when the input model's trajectory also brings the last latent's target. Each loss term: its target's forward (free for the retain term on the input model's
     latents), the student's forward and backward (3). `concept_eps` (SDD's --eta): the erasure's target also needs the
     input model's eps(z, c), "free" from its trajectory (whose last latent then costs one more guided step) or one more
     "forward"; "+spare" (--eta-spare): and eps(z, n) of the neighbour, one more forward."""

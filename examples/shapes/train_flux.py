@@ -125,8 +125,9 @@ def train(ckpt: Path, model, recipe: dict, latents, tables, *, steps: int, batch
 
 @torch.no_grad()
 def check(model, vae, text, scaling: float, seeds: int = 4, guidance: float = 5.0, steps: int = 20) -> dict:
-    """Shape and colour accuracy of "a {colour} {shape}" at CFG `guidance` (a distilled model: one forward at that scale;
-    flow-matching Euler, shift 1), read by the shapes detector: the quick look the export records; benchmarks/shapes.py measures the model properly."""
+    """Shape and colour accuracy of "a {colour} {shape}" at CFG `guidance` (a distilled model: one forward at that
+    scale; flow-matching Euler, shift 1), read by the shapes detector: the quick look the export records;
+    benchmarks/shapes.py measures the model properly."""
     from erase.shapes import COLOURS, SHAPES, ShapesDetector
 
     pairs = [(s, c) for s in SHAPES for c in COLOURS for _ in range(seeds)]
@@ -207,6 +208,8 @@ def distill_main(args, latents, tables, captions: list[str], vae, text, scaling:
     """--distill: the exported model (--out) as the teacher, the student written to --distill."""
     from erase.transformer_model import open_any_model
 
+    if not (args.folder / "model_index.json").is_file():  # the teacher's text encoders, VAE and scheduler
+        export_folder(args.folder, text, vae, scaling)
     teacher = open_any_model(args.out, text_encoders=args.folder).load_unet().eval().requires_grad_(False)
     recipe = {"steps": args.distill_steps, "batch": args.batch, "lr": DISTILL_LR, "guidance_range": GUIDANCE_RANGE,
               "objective": "guidance distillation: the teacher's CFG velocity v_u + g (v_c - v_u), g given as input",

@@ -77,7 +77,7 @@ def agreement(student_path: Path, images: int = 96, seed: int = 4242) -> dict:
     import torch
 
     from erase.engine.sampling import predict
-    from erase.feedback.invert import encode_images
+    from erase.feedback.invert import encode_pixels
     from erase.shapes import sample_world
     from erase.transformer_model import open_any_model
 
@@ -85,13 +85,8 @@ def agreement(student_path: Path, images: int = 96, seed: int = 4242) -> dict:
     teacher, student = teacher_model.load_unet(), open_any_model(student_path, text_encoders=FOLDER).load_unet()
     text, vae = teacher_model.load_text_encoder(), teacher_model.load_vae()
     arr, samples = sample_world(images, seed, empty_fraction=0.0)
-    with tempfile.TemporaryDirectory() as tmp:  # encode_images reads files, as the feedback images are
-        from PIL import Image
-
-        paths = [Path(tmp) / f"{i}.png" for i in range(images)]
-        for a, p in zip(arr, paths):
-            Image.fromarray(a).save(p)
-        x0 = encode_images(vae, paths, "cpu", batch=32)
+    with torch.no_grad():
+        x0 = torch.cat([encode_pixels(vae, arr[i : i + 32], "cpu") for i in range(0, images, 32)])
     cond, empty = text.encode([s.caption for s in samples]), text.encode([""] * images)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
 

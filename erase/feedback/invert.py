@@ -99,14 +99,16 @@ def weighted_images(folder: Path, cfg: InvertConfig) -> tuple[list[dict], str, d
 
 
 @torch.no_grad()
+def encode_pixels(vae, pixels: np.ndarray, device) -> torch.Tensor:
+    """The latents (means) of uint8 RGB images (B, H, W, 3), shifted and scaled as the denoiser reads them."""
+    x = torch.from_numpy(pixels.astype(np.float32)).permute(0, 3, 1, 2).to(device) / 127.5 - 1
+    shift = vae.config.get("shift_factor") or 0.0  # SD3's and FLUX.1's latents are shifted as well as scaled
+    return (vae.encode(x).latent_dist.mean - shift) * vae.config.scaling_factor
+
+
 def encode_images(vae, paths: list[Path], device, batch: int = 8) -> torch.Tensor:
-    latents = []
-    for i in range(0, len(paths), batch):
-        arr = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) for p in paths[i : i + batch]])
-        x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(device) / 127.5 - 1
-        shift = vae.config.get("shift_factor") or 0.0  # SD3's and FLUX.1's latents are shifted as well as scaled
-        latents.append((vae.encode(x).latent_dist.mean - shift) * vae.config.scaling_factor)
-    return torch.cat(latents)
+    return torch.cat([encode_pixels(vae, np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths[i : i + batch]]), device)
+                      for i in range(0, len(paths), batch)])
 
 
 class TokenLoss:
